@@ -1,0 +1,1 @@
+"""Device profiles (TOML data files), shipped in the wheel as ``edge_tl.profiles``."""

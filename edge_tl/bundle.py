@@ -1,0 +1,125 @@
+"""Write, read and verify bundles: one folder with ``manifest.json``, the artifact and the head.
+
+Torch-free. Writes are atomic: everything goes to a temporary folder beside the
+destination, which is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from edge_tl.errors import EdgeTLError
+from edge_tl.spec import Manifest
+
+MANIFEST = "manifest.json"
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_files(folder: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` (relative POSIX paths), except ``exclude``."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and rel not in exclude:
+            out[rel] = sha256(p)
+    return out
+
+
+def check_destination(out: Path, force: bool, what: str = "bundle") -> None:
+    """Refuse to overwrite an existing path unless ``force``; fail early, before any work."""
+    if out.exists() and not force:
+        raise EdgeTLError(
+            f"{out} already exists; choose another --out or pass --force to replace it"
+        )
+    if not out.parent.exists():
+        raise EdgeTLError(f"the parent folder of {out} does not exist; create it first")
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on success rename it to ``out``, on error remove it.
+
+    With ``force`` an existing ``out`` is replaced only after the new folder is complete,
+    so a failed write leaves the old one intact.
+
+    Example:
+        >>> with atomic_folder("/tmp/my_bundle", force=True) as tmp:  # doctest: +SKIP
+        ...     (tmp / "manifest.json").write_text("{}")
+    """
+    out = Path(out)
+    check_destination(out, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Write ``manifest.json``; ``manifest.files`` must already hold the hashes."""
+    (folder / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+
+
+def read_manifest(bundle: str | os.PathLike, verify: bool = True) -> Manifest:
+    """Read a bundle's manifest and (by default) check every file's SHA-256.
+
+    Raises:
+        EdgeTLError: not a bundle, unsupported version, missing or altered file.
+    """
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    if not path.is_file():
+        raise EdgeTLError(
+            f"{bundle} is not a bundle (no {MANIFEST}); pass a folder written by `edge-tl export`"
+        )
+    try:
+        manifest = Manifest.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise EdgeTLError(f"{path} is not valid JSON ({e}); re-export the bundle") from None
+    if verify:
+        verify_files(bundle, manifest.files)
+    return manifest
+
+
+def verify_files(bundle: Path, files: dict[str, str]) -> None:
+    """Raise if a listed file is missing or its SHA-256 differs."""
+    for rel, digest in files.items():
+        p = bundle / rel
+        if not p.is_file():
+            raise EdgeTLError(f"bundle {bundle}: {rel} is missing; re-copy or re-export the bundle")
+        if sha256(p) != digest:
+            raise EdgeTLError(
+                f"bundle {bundle}: {rel} does not match its SHA-256 in manifest.json "
+                "(corrupted or modified); re-copy or re-export the bundle"
+            )

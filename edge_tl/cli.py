@@ -1,0 +1,281 @@
+"""``edge-tl``: each subcommand is a thin call into the library.
+
+Bad input ends in one line ``edge-tl: error: <problem>; <fix>`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edge_tl import __version__
+from edge_tl.errors import EdgeTLError
+
+EPILOG = "Docs and examples: README.md. Every command exits 2 with a one-line error on bad input."
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except EdgeTLError as e:
+        print(f"edge-tl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edge-tl: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edge-tl",
+        description="Transfer learning that ends on a device: train on a workstation, export "
+        "to ONNX Runtime / OpenVINO (FP32 or INT8), run and evaluate without PyTorch.",
+        epilog=EPILOG,
+    )
+    p.add_argument("--version", action="version", version=f"edge_tl {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train a classifier on an ImageFolder (or 'elpv') and write a run folder",
+        description="Train on DATA (an ImageFolder <class>/<image>, or 'elpv' for the ELPV "
+        "solar-cell package). linear-probe: embeddings computed once, a softmax head on them. "
+        "finetune (default): the last --train-stages stages + head, on activations cached at "
+        "the freeze boundary.",
+    )
+    t.add_argument("data", help="ImageFolder path, or 'elpv'")
+    t.add_argument("--out", required=True, type=Path, help="run folder to create")
+    t.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        help="efficientnet_lite0 (default), efficientnet_lite1, efficientnet_lite2",
+    )
+    t.add_argument("--strategy", default="finetune", help="finetune (default) or linear-probe")
+    t.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs (default 8)")
+    t.add_argument(
+        "--train-stages",
+        type=int,
+        default=2,
+        help="finetune: how many final stages to train (default 2)",
+    )
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr-head", type=float, default=1e-3)
+    t.add_argument("--lr-backbone", type=float, default=1e-4)
+    t.add_argument("--test-frac", type=float, default=0.2, help="held-out test share (default 0.2)")
+    t.add_argument("--val-frac", type=float, default=0.1, help="validation share (default 0.1)")
+    t.add_argument("--seed", type=int, default=0, help="split and training seed (default 0)")
+    t.add_argument(
+        "--no-onnx-cache",
+        action="store_true",
+        help="cache boundary activations with PyTorch instead of ONNX Runtime",
+    )
+    t.add_argument("--force", action="store_true", help="replace an existing --out")
+    t.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser(
+        "export",
+        help="export a run (or a pretrained backbone) into a checked bundle",
+        description="Export RUN (from `edge-tl train`) or --backbone NAME (ImageNet features "
+        "and classifier) with a recipe: onnx-fp32, ort-int8, openvino-fp32, openvino-fp16, "
+        "openvino-int8, or a path to a recipe .toml. The ONNX graph is checked against "
+        "PyTorch on real images; INT8 is calibrated on real images; the bundle is written "
+        "to a temporary folder and renamed into place.",
+    )
+    e.add_argument("run", nargs="?", help="run folder from `edge-tl train`")
+    e.add_argument("--backbone", help="export a pretrained backbone instead of a run")
+    e.add_argument("--recipe", default="onnx-fp32", help="recipe name or .toml path")
+    e.add_argument(
+        "--calib",
+        help="calibration images (ImageFolder or flat folder); default: the run's training split",
+    )
+    e.add_argument("--out", required=True, type=Path, help="bundle folder to create")
+    e.add_argument(
+        "--head-fit",
+        default="artifact",
+        choices=["artifact", "source"],
+        help="artifact (default): refit the head on this artifact's own embeddings "
+        "of the training split; source: keep the head trained in PyTorch",
+    )
+    e.add_argument("--force", action="store_true", help="replace an existing bundle")
+    e.add_argument("--json", action="store_true", help="print the checks as JSON")
+    e.set_defaults(func=_export)
+
+    pr = sub.add_parser("predict", help="classify images with a bundle (torch-free)")
+    pr.add_argument("bundle", type=Path)
+    pr.add_argument("images", nargs="+", type=Path)
+    pr.add_argument("--top-k", type=int, default=1)
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=_predict)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="accuracy of a bundle on a labelled data set (torch-free)",
+        description="Evaluate BUNDLE on DATA (ImageFolder, or 'elpv'). --split test uses the "
+        "held-out split the bundle's run was trained with.",
+    )
+    ev.add_argument("bundle", type=Path)
+    ev.add_argument("data")
+    ev.add_argument("--split", default="all", choices=["all", "train", "val", "test"])
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=_evaluate)
+
+    ins = sub.add_parser("inspect", help="print a bundle's manifest and verify its hashes")
+    ins.add_argument("bundle", type=Path)
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=_inspect)
+
+    d = sub.add_parser(
+        "demo",
+        help="the whole story on ELPV: train, export FP32/INT8, evaluate, compare",
+        description="Train on ELPV (75/25 split, seed 0), export ONNX FP32, ORT INT8 and "
+        "OpenVINO INT8, evaluate each on the held-out split and print accuracy, size and "
+        "latency per artifact.",
+    )
+    d.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo-output"),
+        help="folder for the run and bundles (default ./demo-output)",
+    )
+    d.add_argument("--strategy", default="finetune")
+    d.add_argument("--epochs", type=int, default=6)
+    d.add_argument("--train-stages", type=int, default=1)
+    d.set_defaults(func=_demo)
+    return p
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def _train(args) -> int:
+    from edge_tl.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        backbone=args.backbone,
+        strategy=args.strategy,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr_head=args.lr_head,
+        lr_backbone=args.lr_backbone,
+        train_stages=args.train_stages,
+        test_frac=args.test_frac,
+        val_frac=args.val_frac,
+        seed=args.seed,
+        onnx_cache=not args.no_onnx_cache,
+    )
+    metrics = train(args.data, args.out, cfg, force=args.force)
+    if args.json:
+        _print_json(metrics)
+    else:
+        print(
+            f"trained {cfg.strategy} on {args.data}: test accuracy "
+            f"{metrics['test_accuracy']:.4f} (n={metrics['n_test']}) -> {args.out}"
+        )
+    return 0
+
+
+def _export(args) -> int:
+    from edge_tl.pipeline import export_bundle
+
+    m = export_bundle(
+        args.out,
+        args.recipe,
+        run=args.run,
+        backbone=args.backbone,
+        calib=args.calib,
+        head_fit=args.head_fit,
+        force=args.force,
+    )
+    if args.json:
+        _print_json(m.metrics)
+        return 0
+    mt = m.metrics
+    cos = mt["embedding_cosine_vs_fp32"]
+    line = (
+        f"exported {m.artifact.recipe} -> {args.out}: parity max abs diff "
+        f"{mt['parity_max_abs_diff']['embedding']:.1e}, embedding cosine vs FP32 "
+        f"{cos['mean']:.4f} (min {cos['min']:.4f})"
+    )
+    if "test_accuracy" in mt:
+        line += f", held-out accuracy {mt['test_accuracy']:.4f} (n={mt['test_n']})"
+    print(line)
+    return 0
+
+
+def _predict(args) -> int:
+    from edge_tl.runtime import Model
+
+    results = Model(args.bundle).predict([str(p) for p in args.images], top_k=args.top_k)
+    if args.json:
+        _print_json(results)
+    else:
+        for r in results:
+            print(f"{r['image']}\t{r['label']}\t{r['score']:.3f}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from edge_tl.data import open_dataset, stratified_split
+    from edge_tl.runtime import Model
+
+    model = Model(args.bundle)
+    ds = open_dataset(args.data)
+    if args.split != "all":
+        split = model.manifest.source.get("split")
+        if not split:
+            raise EdgeTLError(f"bundle {args.bundle} records no training split; use --split all")
+        ds = ds.subset(
+            stratified_split(ds.labels, split["test_frac"], split["val_frac"], split["seed"])[
+                args.split
+            ]
+        )
+    res = model.evaluate(ds)
+    if args.json:
+        _print_json(res)
+    else:
+        print(f"accuracy {res['accuracy']:.4f} on {res['n']} images ({res['artifact']})")
+        for name, pc in res["per_class"].items():
+            print(f"  {name:<24} {pc['accuracy']:.4f}  (n={pc['n']})")
+    return 0
+
+
+def _inspect(args) -> int:
+    from edge_tl.bundle import read_manifest
+
+    m = read_manifest(args.bundle, verify=True)
+    if args.json:
+        _print_json({**m.to_dict(), "hashes_verified": True})
+        return 0
+    a = m.artifact
+    print(f"bundle {args.bundle}: {m.backbone}, {a.format} {a.precision} (recipe {a.recipe})")
+    print(
+        f"  input {m.input_name} {m.preprocess.size}x{m.preprocess.size} {m.preprocess.colour}, "
+        f"mean {m.preprocess.mean}, std {m.preprocess.std}"
+    )
+    print(f"  outputs: {', '.join(f'{k} {v}' for k, v in m.outputs.items())}")
+    print(
+        f"  labels ({len(m.labels)}): {', '.join(m.labels[:8])}"
+        + (" ..." if len(m.labels) > 8 else "")
+    )
+    for k, v in m.metrics.items():
+        print(f"  {k}: {v}")
+    for f, h in m.files.items():
+        print(f"  verified {f} sha256 {h[:16]}...")
+    return 0
+
+
+def _demo(args) -> int:
+    from edge_tl.demo import run_demo
+
+    run_demo(args.out, strategy=args.strategy, epochs=args.epochs, train_stages=args.train_stages)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

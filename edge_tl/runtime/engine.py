@@ -1,0 +1,86 @@
+"""Inference engines behind one call: ONNX Runtime and OpenVINO, imported lazily."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from edge_tl.errors import EdgeTLError, require
+from edge_tl.spec import EMBEDDING, INPUT_NAME, Artifact
+
+
+class Engine(Protocol):
+    """Runs the backbone: ``float32[N,3,H,W]`` -> named outputs."""
+
+    def run(
+        self, x: np.ndarray, outputs: Sequence[str] = (EMBEDDING,)
+    ) -> dict[str, np.ndarray]: ...
+
+
+class OrtEngine:
+    """ONNX Runtime CPU (or another execution provider) session over an ``.onnx`` file."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        options: dict[str, str] | None = None,
+        threads: int = 0,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+    ) -> None:
+        ort = require("onnxruntime", "ort")
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        for key, value in (options or {}).items():
+            so.add_session_config_entry(key, str(value))
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=list(providers))
+        except Exception as e:  # ORT raises its own exception types
+            raise EdgeTLError(f"ONNX Runtime cannot load {path}: {e}") from None
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, x: np.ndarray, outputs: Sequence[str] = (EMBEDDING,)) -> dict[str, np.ndarray]:
+        res = self.session.run(list(outputs), {INPUT_NAME: x})
+        return dict(zip(outputs, res, strict=True))
+
+
+class OpenVinoEngine:
+    """OpenVINO compiled model over an IR ``.xml`` (+ ``.bin``)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        options: dict[str, str] | None = None,
+        threads: int = 0,
+        device: str = "CPU",
+    ) -> None:
+        ov = require("openvino", "openvino")
+        core = ov.Core()
+        config = dict(options or {})
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = str(threads)
+        try:
+            self.compiled = core.compile_model(core.read_model(str(path)), device, config)
+        except Exception as e:  # OpenVINO raises RuntimeError subclasses
+            raise EdgeTLError(f"OpenVINO cannot load {path}: {e}") from None
+        self.request = self.compiled.create_infer_request()
+        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+
+    def run(self, x: np.ndarray, outputs: Sequence[str] = (EMBEDDING,)) -> dict[str, np.ndarray]:
+        res = self.request.infer({0: x})
+        by_name = {k.get_any_name(): v for k, v in res.items()}
+        return {name: np.array(by_name[name]) for name in outputs}
+
+
+def make_engine(bundle: str | Path, artifact: Artifact, threads: int = 0) -> Engine:
+    """Open the bundle's artifact with the engine its format needs."""
+    path = Path(bundle) / artifact.files[0]
+    if artifact.format == "onnx":
+        return OrtEngine(path, artifact.engine_options, threads)
+    if artifact.format == "openvino":
+        return OpenVinoEngine(path, artifact.engine_options, threads)
+    raise EdgeTLError(f"artifact format {artifact.format!r} is unknown; re-export the bundle")

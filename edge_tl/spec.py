@@ -1,0 +1,241 @@
+"""The contract between workstation and device, as frozen dataclasses <-> JSON/TOML.
+
+Torch-free: the device side reads these too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_tl.errors import EdgeTLError
+
+FORMAT_VERSION = 1
+"""Bundle and run-folder format version; readers refuse other versions."""
+
+INPUT_NAME = "image"
+EMBEDDING = "embedding"
+FEATURES_S8 = "features_s8"
+FEATURES_S16 = "features_s16"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``; an unknown or missing field is an error naming it."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise EdgeTLError(
+            f"{where}: unknown field(s) {', '.join(unknown)}; "
+            f"valid fields: {', '.join(sorted(names))}"
+        )
+    required = {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    missing = sorted(required - set(data))
+    if missing:
+        raise EdgeTLError(f"{where}: missing field(s) {', '.join(missing)}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How the device turns an image file into the input tensor, as data.
+
+    ``resize="squash"`` resizes the whole image to ``size x size`` (no crop: a defect at
+    the border stays in view). Pixels (0..255, RGB) are normalised as ``(p - mean) / std``.
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str = "squash"
+    interpolation: str = "bilinear"
+    colour: str = "RGB"
+    layout: str = "NCHW"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        p = _from_dict(cls, d, "preprocess")
+        return dataclasses.replace(p, mean=tuple(p.mean), std=tuple(p.std))
+
+
+RECIPE_FORMATS = ("onnx", "openvino")
+RECIPE_PRECISIONS = ("fp32", "fp16", "int8")
+RECIPE_QUANT = ("none", "ort-static", "nncf")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An export recipe (``export/*.toml``): what artifact to build and how to check it."""
+
+    name: str
+    format: str
+    precision: str
+    quantization: str = "none"
+    calibration_size: int = 100
+    calibration_method: str = "minmax"
+    per_channel: bool = True
+    activation_type: str = "u8"
+    weight_type: str = "s8"
+    overflow_fix: str = "enable"
+    parity_atol: float = 1e-4
+    min_cosine: float = 0.9
+    max_top1_drop: float = 0.01
+    input_size: int = 0
+    engine_options: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        for attr, allowed in (
+            ("format", RECIPE_FORMATS),
+            ("precision", RECIPE_PRECISIONS),
+            ("quantization", RECIPE_QUANT),
+        ):
+            value = getattr(self, attr)
+            if value not in allowed:
+                raise EdgeTLError(
+                    f"recipe {self.name!r}: {attr} = {value!r} is not one of {', '.join(allowed)}"
+                )
+        if (self.precision == "int8") != (self.quantization != "none"):
+            raise EdgeTLError(
+                f"recipe {self.name!r}: precision int8 needs a quantization method and "
+                "fp32/fp16 needs quantization = 'none'"
+            )
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped with the package."""
+    return sorted(
+        p.name[:-5] for p in _data_dir("recipes", "export").iterdir() if p.name.endswith(".toml")
+    )
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """Resolve a recipe by built-in name (``ort-int8``) or by path to a TOML file.
+
+    Example:
+        >>> load_recipe("onnx-fp32").format
+        'onnx'
+    """
+    path = Path(name_or_path)
+    if not (path.suffix == ".toml" and path.is_file()):
+        candidate = _data_dir("recipes", "export") / f"{name_or_path}.toml"
+        if not candidate.is_file():
+            raise EdgeTLError(
+                f"unknown recipe {name_or_path!r}; use one of {', '.join(builtin_recipes())} "
+                "or a path to a .toml recipe file"
+            )
+        path = Path(str(candidate))
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise EdgeTLError(f"recipe {path}: not valid TOML ({e}); fix the file") from None
+    data.setdefault("name", path.stem)
+    return _from_dict(Recipe, data, f"recipe {path}")
+
+
+def _data_dir(package: str, source_dir: str):
+    """Package data folder (``edge_tl.recipes``); the source tree's folder in a checkout."""
+    try:
+        root = importlib.resources.files(f"edge_tl.{package}")
+        if root.is_dir() and any(p.name.endswith(".toml") for p in root.iterdir()):
+            return root
+    except ModuleNotFoundError:  # pragma: no cover - broken install
+        pass
+    return Path(__file__).resolve().parent.parent / source_dir  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """The backbone artifact of a bundle and how to run it."""
+
+    format: str  # "onnx" | "openvino"
+    precision: str  # "fp32" | "fp16" | "int8"
+    files: tuple[str, ...]  # first file is the one the engine opens
+    recipe: str
+    engine_options: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Artifact:
+        a = _from_dict(cls, d, "artifact")
+        return dataclasses.replace(a, files=tuple(a.files))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``manifest.json`` of a bundle (see DESIGN: the bundle contract)."""
+
+    format_version: int
+    edge_tl_version: str
+    backbone: str
+    input_name: str
+    preprocess: Preprocess
+    outputs: dict[str, list[Any]]
+    artifact: Artifact
+    labels: list[str]
+    head: dict[str, Any] | None
+    metrics: dict[str, Any]
+    source: dict[str, Any]
+    files: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise EdgeTLError(
+                f"bundle format version {version!r} is not supported by this edge_tl "
+                f"(reads version {FORMAT_VERSION}); re-export the bundle with this version"
+            )
+        m = _from_dict(cls, d, "manifest.json")
+        return dataclasses.replace(
+            m,
+            preprocess=Preprocess.from_dict(m.preprocess),
+            artifact=Artifact.from_dict(m.artifact),
+        )
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """A device profile (``devices/*.toml``): engine, device string, threads, recipe, budgets."""
+
+    name: str
+    engine: str
+    device: str
+    recipe: str
+    threads: int = 0
+    latency_budget_ms: float = 0.0
+    memory_budget_mb: float = 0.0
+    description: str = ""
+
+
+def builtin_profiles() -> list[str]:
+    """Names of the device profiles shipped with the package."""
+    return sorted(
+        p.name[:-5] for p in _data_dir("profiles", "devices").iterdir() if p.name.endswith(".toml")
+    )
+
+
+def load_profile(name_or_path: str) -> DeviceProfile:
+    """Resolve a device profile by built-in name (``raspberry-pi-5``) or by TOML path."""
+    path = Path(name_or_path)
+    if not (path.suffix == ".toml" and path.is_file()):
+        candidate = _data_dir("profiles", "devices") / f"{name_or_path}.toml"
+        if not candidate.is_file():
+            raise EdgeTLError(
+                f"unknown device profile {name_or_path!r}; use one of "
+                f"{', '.join(builtin_profiles())} or a path to a .toml profile"
+            )
+        path = Path(str(candidate))
+    data = tomllib.loads(path.read_text())
+    data.setdefault("name", path.stem)
+    return _from_dict(DeviceProfile, data, f"device profile {path}")

@@ -1,0 +1,1 @@
+"""Export recipes (TOML data files), shipped in the wheel as ``edge_tl.recipes``."""

@@ -1,0 +1,70 @@
+"""Shared fixtures: real images from ../shared/data (skipped cleanly when absent), small
+ImageFolders built from them, and one trained run with its bundles per test session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("EDGE_TL_QUIET", "1")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+NEU = SHARED / "neu_det"
+FLOWERS = SHARED / "flowers5"
+
+
+def need(path: Path) -> Path:
+    if not path.is_dir():
+        pytest.skip(f"real data {path} is not here (../shared/data beside the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def neu_small(tmp_path_factory) -> Path:
+    """NEU-DET, 3 classes x 16 real images, as an ImageFolder."""
+    src = need(NEU)
+    root = tmp_path_factory.mktemp("neu_small")
+    for cls in ("crazing", "patches", "scratches"):
+        (root / cls).mkdir()
+        for p in sorted((src / cls).iterdir())[:16]:
+            shutil.copy(p, root / cls / p.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def lp_run(neu_small, tmp_path_factory) -> Path:
+    """A linear-probe run on ``neu_small`` (test share 0.25)."""
+    from edge_tl.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "lp"
+    train(neu_small, out, TrainConfig(strategy="linear-probe", test_frac=0.25, val_frac=0.1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundles(lp_run, tmp_path_factory) -> dict[str, Path]:
+    """The run exported with each slice recipe."""
+    from edge_tl.pipeline import export_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for recipe in ("onnx-fp32", "ort-int8", "openvino-int8"):
+        out[recipe] = root / recipe
+        export_bundle(out[recipe], recipe, run=lp_run)
+    return out
+
+
+def make_image(path: Path, size=(64, 48), mode="RGB", seed=0) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    img.save(path)
+    return path

@@ -1,0 +1,117 @@
+"""The command line as a user runs it: JSON contracts and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_image
+
+ENV = {**os.environ, "EDGE_TL_QUIET": "1"}
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edge_tl.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=cwd,
+        timeout=900,
+    )
+
+
+def _one_line_error(res, *words):
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.startswith("edge-tl: error:")]
+    assert len(lines) == 1, res.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def _folder(root: Path, n=6):
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            make_image(root / c / f"{i}.png", seed=i)
+    return root
+
+
+@pytest.mark.parametrize(
+    "setup, words",
+    [
+        ("missing", ["does not exist"]),
+        ("empty_class", ["is empty", "add images"]),
+        ("non_image", ["notes.txt", "not an image file"]),
+        ("unknown_backbone", ["unknown backbone 'resnet9'", "efficientnet_lite0"]),
+        ("unknown_strategy", ["unknown strategy", "linear-probe"]),
+    ],
+)
+def test_train_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, setup, words):
+    data = tmp_path / "data"
+    args = ["train", data, "--out", tmp_path / "run"]
+    if setup != "missing":
+        _folder(data)
+    if setup == "empty_class":
+        (data / "c").mkdir()
+    if setup == "non_image":
+        (data / "a" / "notes.txt").write_text("hello")
+    if setup == "unknown_backbone":
+        args += ["--backbone", "resnet9"]
+    if setup == "unknown_strategy":
+        args += ["--strategy", "magic"]
+    _one_line_error(cli(*args), *words)
+    assert not (tmp_path / "run").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["data"] if setup != "missing" else [])
+
+
+def test_export_bad_input(tmp_path, lp_run, bundles):
+    _one_line_error(
+        cli("export", lp_run, "--recipe", "int3", "--out", tmp_path / "b"),
+        "unknown recipe 'int3'",
+        "ort-int8",
+    )
+    _one_line_error(
+        cli("export", tmp_path, "--recipe", "onnx-fp32", "--out", tmp_path / "b"),
+        "not a run folder",
+    )
+    _one_line_error(
+        cli("export", lp_run, "--out", bundles["onnx-fp32"]), "already exists", "--force"
+    )
+    assert (bundles["onnx-fp32"] / "manifest.json").is_file()
+    assert not (tmp_path / "b").exists()
+
+
+def test_run_folder_from_another_version_is_refused(tmp_path, lp_run):
+    import shutil
+
+    old = tmp_path / "old_run"
+    shutil.copytree(lp_run, old)
+    rec = json.loads((old / "run.json").read_text())
+    rec["format_version"] = 0
+    (old / "run.json").write_text(json.dumps(rec))
+    _one_line_error(cli("export", old, "--out", tmp_path / "b"), "format version 0", "retrain")
+
+
+@pytest.mark.slow
+def test_predict_and_evaluate_json(bundles, neu_small):
+    res = cli("evaluate", bundles["ort-int8"], neu_small, "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert 0.0 <= out["accuracy"] <= 1.0 and out["n"] == 48
+    assert {"per_class", "confusion_matrix", "labels"} <= set(out)
+    test = json.loads(
+        cli("evaluate", bundles["ort-int8"], neu_small, "--split", "test", "--json").stdout
+    )
+    assert test["n"] == 12  # 25 % of 16 per class, 3 classes
+    img = sorted((neu_small / "scratches").iterdir())[0]
+    pred = json.loads(cli("predict", bundles["openvino-int8"], img, "--json").stdout)
+    assert pred[0]["label"] == "scratches" and 0 < pred[0]["score"] <= 1
+    _one_line_error(cli("predict", bundles["ort-int8"], neu_small / "nope.jpg"), "does not exist")
+    ins = json.loads(cli("inspect", bundles["ort-int8"], "--json").stdout)
+    assert ins["hashes_verified"] and ins["artifact"]["precision"] == "int8"

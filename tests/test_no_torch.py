@@ -1,0 +1,49 @@
+"""The device side runs with torch and torchvision blocked."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+BLOCK = "import sys\nfor m in ('torch', 'torchvision'):\n    sys.modules[m] = None\n"
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_runtime_imports_without_torch():
+    res = _run("""
+        import edge_tl.runtime, edge_tl.runtime.bench, edge_tl.data, edge_tl.bundle, edge_tl.spec
+        try:
+            import torch
+        except ImportError:
+            print("blocked")
+    """)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "blocked"
+
+
+@pytest.mark.slow
+def test_bundles_run_without_torch(bundles, neu_small):
+    img = sorted((neu_small / "crazing").iterdir())[0]
+    for recipe in ("ort-int8", "openvino-int8"):
+        res = _run(f"""
+            from edge_tl.runtime import Model
+            from edge_tl.data import image_folder
+            m = Model({str(bundles[recipe])!r})
+            print(m.predict([{str(img)!r}])[0]["label"])
+            print(m.evaluate(image_folder({str(neu_small)!r}))["n"])
+            print(sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "torchvision")
+                         and sys.modules[k] is not None))
+        """)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split() == ["crazing", "48", "[]"]

@@ -1,0 +1,54 @@
+"""Recipes and device profiles ship inside the wheel and resolve from an installed copy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_wheel_ships_recipes_and_they_resolve_when_installed(tmp_path):
+    pytest.importorskip("setuptools")
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    wheel = next((tmp_path / "dist").glob("edge_tl-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for recipe in ("onnx-fp32", "ort-int8", "openvino-fp32", "openvino-fp16", "openvino-int8"):
+        assert f"edge_tl/recipes/{recipe}.toml" in names
+    assert any(n.startswith("edge_tl/profiles/") and n.endswith(".toml") for n in names)
+    assert "edge_tl/py.typed" in names
+
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = (
+        "import sys; sys.path = [p for p in sys.path if 'edge_tl' not in p and p not in ('', '.')];"
+        f"sys.path.insert(0, {str(site)!r});"
+        "import edge_tl.spec as s; r = s.load_recipe('ort-int8');"
+        "print(s.__file__); print(s._data_dir('recipes', 'export'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    module_file, data_dir = out.stdout.split()
+    assert module_file.startswith(str(site)) and data_dir.startswith(str(site))

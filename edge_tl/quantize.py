@@ -7,7 +7,9 @@ Calibration data is one source (``float32[N,3,H,W]``) with two thin adapters, as
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -92,11 +94,13 @@ def quantize_nncf(model, calib: np.ndarray, recipe: Recipe):
     )
 
     dataset = nncf.Dataset([calib[i : i + 1] for i in range(len(calib))])
-    return nncf.quantize(
-        model,
-        dataset,
-        subset_size=len(calib),
-        advanced_parameters=AdvancedQuantizationParameters(
-            overflow_fix=OverflowFix(recipe.overflow_fix)
-        ),
-    )
+    # NNCF draws its progress on stdout; keep stdout clean for --json output.
+    with contextlib.redirect_stdout(sys.stderr):
+        return nncf.quantize(
+            model,
+            dataset,
+            subset_size=len(calib),
+            advanced_parameters=AdvancedQuantizationParameters(
+                overflow_fix=OverflowFix(recipe.overflow_fix)
+            ),
+        )

@@ -72,9 +72,19 @@ def test_any_image_mode_becomes_rgb(tmp_path, mode):
     else:
         make_image(path, mode=mode)
     img = load_image(path)
-    assert img.mode == "RGB"
+    assert img.mode in ("RGB", "L")
+    x = to_input(img, Preprocess(size=8, mean=(0.0,) * 3, std=(1.0,) * 3))
+    assert x.shape == (3, 8, 8)
+    if mode in ("L", "I;16"):
+        assert np.array_equal(x[0], x[1]) and np.array_equal(x[1], x[2])
     if mode == "I;16":
-        assert np.asarray(img).min() == 255  # full-scale 16-bit stays full-scale
+        assert x.min() == 255  # full-scale 16-bit stays full-scale
+
+
+def test_grey_and_rgb_of_the_same_picture_give_the_same_input():
+    grey = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40), dtype=np.uint8))
+    pre = Preprocess(size=16, mean=(127.0,) * 3, std=(128.0,) * 3)
+    np.testing.assert_allclose(to_input(grey, pre), to_input(grey.convert("RGB"), pre), atol=1e-6)
 
 
 def test_preprocess_follows_the_manifest_numbers():

@@ -13,7 +13,7 @@ import numpy as np
 
 from edge_tl.errors import EdgeTLError
 
-DEFAULT_L2_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
+DEFAULT_L2_GRID = (1.0, 3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 
 
 @dataclass

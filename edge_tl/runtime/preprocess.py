@@ -23,7 +23,11 @@ ImageLike = str | os.PathLike | Image.Image
 
 
 def load_image(src: ImageLike) -> Image.Image:
-    """Open any image as 8-bit RGB with its EXIF orientation applied.
+    """Open any image as 8-bit RGB, or 8-bit grey (``L``), with its EXIF orientation applied.
+
+    Grey stays grey until :func:`to_input` (3x cheaper to resize), and so does an RGB file
+    whose three channels are equal; every other mode (palette, RGBA, CMYK, 16-bit, float)
+    becomes RGB. The input tensor is the same either way.
 
     Raises:
         EdgeTLError: the file is missing or is not a readable image.
@@ -45,17 +49,34 @@ def load_image(src: ImageLike) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8), "L")
-    return img.convert("RGB") if img.mode != "RGB" else img
+    if img.mode == "RGB" and _is_grey(img):
+        return img.convert("L")  # exact for R == G == B; resizing one channel is 3x cheaper
+    return img if img.mode in ("RGB", "L") else img.convert("RGB")
+
+
+def _is_grey(img: Image.Image) -> bool:
+    """True when every pixel has R == G == B (grey cameras often save RGB files)."""
+    a = np.asarray(img)
+    return bool(np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2]))
 
 
 def to_input(img: Image.Image, pre: Preprocess) -> np.ndarray:
-    """One RGB image -> ``float32[3, size, size]`` normalised as the manifest says."""
+    """One image -> ``float32[3, size, size]`` normalised as the manifest says.
+
+    Grey images are replicated to three channels (the manifest's ``colour`` is RGB).
+    """
     if pre.resize != "squash":
         raise EdgeTLError(f"resize mode {pre.resize!r} is not supported; re-export the bundle")
-    img = img.resize((pre.size, pre.size), _RESAMPLE[pre.interpolation])
-    arr = np.asarray(img, dtype=np.float32)
-    arr = (arr - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    if img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    if img.size != (pre.size, pre.size):
+        img = img.resize((pre.size, pre.size), _RESAMPLE[pre.interpolation])
+    pixels = np.asarray(img)
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # views, no copy
+    out = np.empty((3, pre.size, pre.size), np.float32)
+    np.subtract(pixels, np.asarray(pre.mean, np.float32)[:, None, None], out=out, dtype=np.float32)
+    out *= (1.0 / np.asarray(pre.std, np.float32))[:, None, None]
+    return out
 
 
 def batch_inputs(images: Sequence[ImageLike], pre: Preprocess) -> np.ndarray:

@@ -46,8 +46,9 @@ def check_destination(out: Path, force: bool, what: str = "bundle") -> None:
         raise EdgeTLError(
             f"{out} already exists; choose another --out or pass --force to replace it"
         )
-    if not out.parent.exists():
-        raise EdgeTLError(f"the parent folder of {out} does not exist; create it first")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise EdgeTLError(f"{parent} is a file, so {out} cannot be created; choose another --out")
 
 
 @contextlib.contextmanager
@@ -63,6 +64,8 @@ def atomic_folder(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
     """
     out = Path(out)
     check_destination(out, force)
+    missing = [p for p in out.parents if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
@@ -76,6 +79,9 @@ def atomic_folder(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in missing:  # innermost first: remove the folders this call created
+            with contextlib.suppress(OSError):
+                p.rmdir()
         raise
 
 

@@ -115,3 +115,9 @@ def test_predict_and_evaluate_json(bundles, neu_small):
     _one_line_error(cli("predict", bundles["ort-int8"], neu_small / "nope.jpg"), "does not exist")
     ins = json.loads(cli("inspect", bundles["ort-int8"], "--json").stdout)
     assert ins["hashes_verified"] and ins["artifact"]["precision"] == "int8"
+
+
+def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    _one_line_error(cli("demo", "--out", tmp_path), "not a demo folder")
+    assert [p.name for p in tmp_path.iterdir()] == ["precious.txt"]

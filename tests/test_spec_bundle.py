@@ -65,6 +65,16 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 
+def test_missing_parent_folders_are_created_and_removed_again_on_failure(tmp_path):
+    with pytest.raises(RuntimeError), atomic_folder(tmp_path / "a" / "b" / "bundle") as tmp:
+        (tmp / "x").write_text("x")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_folder(tmp_path / "a" / "b" / "bundle") as tmp:
+        (tmp / "x").write_text("x")
+    assert (tmp_path / "a" / "b" / "bundle" / "x").read_text() == "x"
+
+
 def test_hashes_catch_a_modified_file(bundles):
     import shutil
 

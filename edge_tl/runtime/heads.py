@@ -31,8 +31,14 @@ class LinearHead:
     scale: np.ndarray  # [D]
     l2: float = 0.0
 
+    def __post_init__(self) -> None:
+        # Standardisation folded into one matmul: ((x - m) / s) @ W.T + b == x @ W'.T + b'.
+        w = (self.weight / self.scale).astype(np.float32)
+        self._w_t = np.ascontiguousarray(w.T)
+        self._b = (self.bias - w @ self.mean).astype(np.float32)
+
     def logits(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.mean) / self.scale) @ self.weight.T + self.bias
+        return x @ self._w_t + self._b
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return _softmax(self.logits(np.asarray(x, np.float32)))

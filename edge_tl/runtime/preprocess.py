@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
 from edge_tl.errors import EdgeTLError
 from edge_tl.spec import IMAGE_EXTENSIONS, Preprocess
@@ -56,8 +56,10 @@ def load_image(src: ImageLike) -> Image.Image:
 
 def _is_grey(img: Image.Image) -> bool:
     """True when every pixel has R == G == B (grey cameras often save RGB files)."""
-    a = np.asarray(img)
-    return bool(np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2]))
+    r, g, b = img.split()
+    return ImageChops.difference(r, g).getbbox() is None and (
+        ImageChops.difference(g, b).getbbox() is None
+    )
 
 
 def to_input(img: Image.Image, pre: Preprocess) -> np.ndarray:

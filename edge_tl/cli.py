@@ -144,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--strategy", default="finetune")
     d.add_argument("--epochs", type=int, default=6)
-    d.add_argument("--train-stages", type=int, default=2)
+    d.add_argument("--train-stages", type=int, default=1)
     d.set_defaults(func=_demo)
     return p
 

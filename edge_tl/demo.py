@@ -22,7 +22,7 @@ def run_demo(
     out: str | Path = "demo-output",
     strategy: str = "finetune",
     epochs: int = 6,
-    train_stages: int = 2,
+    train_stages: int = 1,
     latency_images: int = 20,
 ) -> dict:
     """Run the demo into ``out`` (re-running replaces the previous demo there)."""

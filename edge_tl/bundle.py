@@ -19,6 +19,7 @@ from edge_tl.errors import EdgeTLError
 from edge_tl.spec import Manifest
 
 MANIFEST = "manifest.json"
+OWN_MARKERS = (MANIFEST, "run.json")  # --force replaces only folders edge_tl wrote
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -46,9 +47,16 @@ def check_destination(out: Path, force: bool, what: str = "bundle") -> None:
         raise EdgeTLError(
             f"{out} already exists; choose another --out or pass --force to replace it"
         )
-    parent = next((p for p in out.parents if p.exists()), None)
+    if out.exists() and not (out.is_dir() and any((out / m).is_file() for m in OWN_MARKERS)):
+        raise EdgeTLError(
+            f"{out} exists and is not an edge_tl {what}, so --force will not replace it; "
+            "choose another --out"
+        )
+    parent = next((p for p in out.resolve().parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise EdgeTLError(f"{parent} is a file, so {out} cannot be created; choose another --out")
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise EdgeTLError(f"cannot write in {parent} (permission denied); choose another --out")
 
 
 @contextlib.contextmanager
@@ -67,6 +75,9 @@ def atomic_folder(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
     missing = [p for p in out.parents if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a device service may run as another user
     try:
         yield tmp
         _fsync_tree(tmp)

@@ -24,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeTLError as e:
         print(f"edge-tl: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `edge-tl inspect B | head`
+        sys.stderr.close()
+        return 0
+    except OSError as e:  # permissions, full disk: one line, not a traceback
+        print(f"edge-tl: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("edge-tl: interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -221,7 +227,7 @@ def _predict(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from edge_tl.data import open_dataset, stratified_split
+    from edge_tl.data import fingerprint, open_dataset, stratified_split
     from edge_tl.runtime import Model
 
     model = Model(args.bundle)
@@ -230,6 +236,12 @@ def _evaluate(args) -> int:
         split = model.manifest.source.get("split")
         if not split:
             raise EdgeTLError(f"bundle {args.bundle} records no training split; use --split all")
+        expected = split.get("data_fingerprint")
+        if expected and fingerprint(ds) != expected:
+            raise EdgeTLError(
+                f"{args.data} is not the data set this bundle was trained on (other classes or "
+                f"images), so --split {args.split} would not be its held-out split; use --split all"
+            )
         ds = ds.subset(
             stratified_split(ds.labels, split["test_frac"], split["val_frac"], split["seed"])[
                 args.split

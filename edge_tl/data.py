@@ -118,6 +118,17 @@ def open_dataset(spec: str | Path) -> Dataset:
     return image_folder(spec)
 
 
+def fingerprint(ds: Dataset) -> str:
+    """SHA-256 of the class names and file names, in order: a split by seed is only the same
+    split when this is unchanged."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path, label in zip(ds.paths, ds.labels, strict=True):
+        h.update(f"{ds.classes[label]}/{Path(path).name}\n".encode())
+    return h.hexdigest()
+
+
 def stratified_split(
     labels: np.ndarray, test_frac: float, val_frac: float = 0.0, seed: int = 0
 ) -> dict[str, np.ndarray]:

@@ -34,7 +34,10 @@ def run_demo(
     out = Path(out)
     if out.exists() and not (out / MARKER).exists():
         raise EdgeTLError(f"{out} exists and is not a demo folder; pass --out to a new folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgeTLError(f"cannot create {out} ({e.strerror}); pass another --out") from None
     (out / MARKER).touch()
     t_start = time.perf_counter()
     cfg = TrainConfig(

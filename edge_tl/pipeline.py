@@ -18,7 +18,7 @@ import numpy as np
 
 from edge_tl import __version__
 from edge_tl.bundle import atomic_folder, check_destination, hash_files, write_manifest
-from edge_tl.data import Dataset, image_folder, open_dataset, stratified_split
+from edge_tl.data import Dataset, fingerprint, image_folder, open_dataset, stratified_split
 from edge_tl.errors import EdgeTLError
 from edge_tl.progress import progress
 from edge_tl.runtime.engine import make_engine
@@ -85,7 +85,10 @@ def export_bundle(
             "run": str(Path(run).resolve()),
             "strategy": record["config"]["strategy"],
             "data": record["data"],
-            "split": {k: record["config"][k] for k in ("test_frac", "val_frac", "seed")},
+            "split": {
+                **{k: record["config"][k] for k in ("test_frac", "val_frac", "seed")},
+                "data_fingerprint": record.get("data_fingerprint"),
+            },
             "pytorch_test_accuracy": record["metrics"].get("test_accuracy"),
         }
         try:
@@ -97,6 +100,13 @@ def export_bundle(
                     "--head-fit source"
                 ) from None
             ds = None
+        if ds is not None and (
+            ds.classes != labels or record.get("data_fingerprint") not in (None, fingerprint(ds))
+        ):
+            raise EdgeTLError(
+                f"the training data {record['data']} changed since the run was trained (other "
+                "classes or images); restore it, or export with --calib DATA --head-fit source"
+            )
         if ds is not None:
             cfg = record["config"]
             splits = stratified_split(ds.labels, cfg["test_frac"], cfg["val_frac"], cfg["seed"])
@@ -223,7 +233,9 @@ def _image_paths(folder: Path) -> list[str]:
     if not folder.is_dir():
         raise EdgeTLError(f"calibration folder {folder} does not exist; pass a folder of images")
     flat = sorted(
-        str(p) for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        str(p)
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
     )
     if flat:
         return flat

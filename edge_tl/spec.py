@@ -103,6 +103,21 @@ class Recipe:
                 raise EdgeTLError(
                     f"recipe {self.name!r}: {attr} = {value!r} is not one of {', '.join(allowed)}"
                 )
+        for attr, allowed in (
+            ("activation_type", ("u8", "s8")),
+            ("weight_type", ("u8", "s8")),
+            ("calibration_method", ("minmax", "entropy", "percentile")),
+            ("overflow_fix", ("enable", "disable", "first_layer_only")),
+        ):
+            value = getattr(self, attr)
+            if value not in allowed:
+                raise EdgeTLError(
+                    f"recipe {self.name!r}: {attr} = {value!r} is not one of {', '.join(allowed)}"
+                )
+        if self.calibration_size < 1 or self.parity_atol <= 0:
+            raise EdgeTLError(
+                f"recipe {self.name!r}: calibration_size must be >= 1 and parity_atol > 0"
+            )
         if (self.precision == "int8") != (self.quantization != "none"):
             raise EdgeTLError(
                 f"recipe {self.name!r}: precision int8 needs a quantization method and "
@@ -236,6 +251,9 @@ def load_profile(name_or_path: str) -> DeviceProfile:
                 f"{', '.join(builtin_profiles())} or a path to a .toml profile"
             )
         path = Path(str(candidate))
-    data = tomllib.loads(path.read_text())
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise EdgeTLError(f"device profile {path}: not valid TOML ({e}); fix the file") from None
     data.setdefault("name", path.stem)
     return _from_dict(DeviceProfile, data, f"device profile {path}")

@@ -121,3 +121,42 @@ def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     _one_line_error(cli("demo", "--out", tmp_path), "not a demo folder")
     assert [p.name for p in tmp_path.iterdir()] == ["precious.txt"]
+
+
+def test_export_refuses_a_run_whose_training_data_changed(tmp_path, lp_run):
+    import shutil
+
+    moved = tmp_path / "run"
+    shutil.copytree(lp_run, moved)
+    rec = json.loads((moved / "run.json").read_text())
+    rec["data_fingerprint"] = "0" * 64  # as if images were added or renamed since training
+    (moved / "run.json").write_text(json.dumps(rec))
+    _one_line_error(cli("export", moved, "--out", tmp_path / "b"), "changed since the run")
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_split_refuses_other_data(tmp_path, bundles, neu_small):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(neu_small, other)
+    first = sorted((other / "crazing").iterdir())[0]
+    first.rename(first.with_name("renamed.jpg"))
+    _one_line_error(
+        cli("evaluate", bundles["ort-int8"], other, "--split", "test"),
+        "not the data set this bundle was trained on",
+    )
+    assert cli("evaluate", bundles["ort-int8"], other, "--json").returncode == 0
+    _one_line_error(
+        cli("predict", bundles["ort-int8"], first.with_name("renamed.jpg"), "--top-k", "0"),
+        "--top-k must be at least 1",
+    )
+
+
+def test_batch_size_one_is_refused(tmp_path):
+    data = _folder(tmp_path / "data")
+    _one_line_error(
+        cli("train", data, "--out", tmp_path / "run", "--batch-size", "1"),
+        "--batch-size must be at least 2",
+    )

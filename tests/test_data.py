@@ -81,6 +81,14 @@ def test_any_image_mode_becomes_rgb(tmp_path, mode):
         assert x.min() == 255  # full-scale 16-bit stays full-scale
 
 
+def test_16_bit_and_float_images_scale_by_their_type_not_their_content():
+    pre = Preprocess(size=2, mean=(0.0,) * 3, std=(1.0,) * 3)
+    dark16 = Image.fromarray(np.full((2, 2), 200, np.uint16))  # 200 of 65535: nearly black
+    assert to_input(load_image(dark16), pre).max() == 1.0
+    half = Image.fromarray(np.full((2, 2), 0.5, np.float32))  # float intensities in 0..1
+    assert to_input(load_image(half), pre).max() == 128.0
+
+
 def test_grey_and_rgb_of_the_same_picture_give_the_same_input():
     grey = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40), dtype=np.uint8))
     pre = Preprocess(size=16, mean=(127.0,) * 3, std=(128.0,) * 3)

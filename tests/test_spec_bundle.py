@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -52,17 +53,39 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_folder(tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
     with atomic_folder(out) as tmp:
-        (tmp / "v1.txt").write_text("old")
+        (tmp / "manifest.json").write_text("old")
     with pytest.raises(EdgeTLError, match="already exists.*--force"), atomic_folder(out):
         pass
     with pytest.raises(RuntimeError), atomic_folder(out, force=True) as tmp:
-        (tmp / "v2.txt").write_text("new")
+        (tmp / "manifest.json").write_text("new")
         raise RuntimeError("boom")
-    assert [p.name for p in out.iterdir()] == ["v1.txt"]
+    assert (out / "manifest.json").read_text() == "old"
     with atomic_folder(out, force=True) as tmp:
-        (tmp / "v2.txt").write_text("new")
-    assert [p.name for p in out.iterdir()] == ["v2.txt"]
+        (tmp / "manifest.json").write_text("new")
+    assert (out / "manifest.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
+
+
+def test_force_never_replaces_a_folder_edge_tl_did_not_write(tmp_path):
+    data = tmp_path / "photos"
+    data.mkdir()
+    (data / "precious.jpg").write_bytes(b"x")
+    with pytest.raises(EdgeTLError, match="not an edge_tl bundle"), atomic_folder(data, True):
+        pass
+    assert [p.name for p in data.iterdir()] == ["precious.jpg"]
+
+
+def test_recipe_enums_are_checked_before_any_work(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        'format = "onnx"\nprecision = "int8"\nquantization = "ort-static"\n'
+        'activation_type = "int8"\n'
+    )
+    with pytest.raises(EdgeTLError, match="activation_type = 'int8' is not one of u8, s8"):
+        load_recipe(str(bad))
 
 
 def test_missing_parent_folders_are_created_and_removed_again_on_failure(tmp_path):

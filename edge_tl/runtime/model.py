@@ -63,6 +63,8 @@ class Model:
     def predict(self, images: Sequence[ImageLike], top_k: int = 1) -> list[dict[str, Any]]:
         """Label, score and top-k per image (one at a time, batch 1, as a camera would)."""
         head = self._require_head()
+        if top_k < 1:
+            raise EdgeTLError(f"--top-k must be at least 1, not {top_k}")
         results = []
         for src in images:
             x = to_input(load_image(src), self.manifest.preprocess)[None]

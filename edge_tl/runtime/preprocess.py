@@ -46,9 +46,11 @@ def load_image(src: ImageLike) -> Image.Image:
                 f"{src} is not a readable image ({type(e).__name__}); remove or replace the file"
             ) from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # Fixed scales, never the image's own range: 16/32-bit integers are 16-bit data,
+        # float images are 0..1 intensities.
         arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8), "L")
+        scale = 255.0 if img.mode == "F" else 255.0 / 65535.0
+        img = Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), "L")
     if img.mode == "RGB" and _is_grey(img):
         return img.convert("L")  # exact for R == G == B; resizing one channel is 3x cheaper
     return img if img.mode in ("RGB", "L") else img.convert("RGB")

@@ -19,7 +19,7 @@ from torch import nn
 from edge_tl import __version__
 from edge_tl.backbones import DEFAULT_BACKBONE, FeatureModel, build, get_spec, weights_sha256
 from edge_tl.bundle import atomic_folder, check_destination
-from edge_tl.data import Dataset, open_dataset, stratified_split
+from edge_tl.data import ELPV, Dataset, fingerprint, open_dataset, stratified_split
 from edge_tl.errors import EdgeTLError
 from edge_tl.progress import progress
 from edge_tl.runtime.heads import LinearHead
@@ -57,8 +57,10 @@ class TrainConfig:
             raise EdgeTLError(
                 f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"
             )
-        if self.epochs < 1 or self.batch_size < 1 or self.train_stages < 1:
-            raise EdgeTLError("--epochs, --batch-size and --train-stages must be at least 1")
+        if self.epochs < 1 or self.train_stages < 1:
+            raise EdgeTLError("--epochs and --train-stages must be at least 1")
+        if self.batch_size < 2:
+            raise EdgeTLError("--batch-size must be at least 2 (batch norm needs two samples)")
 
 
 def train(data: str | Path, out: str | Path, config: TrainConfig, force: bool = False) -> dict:
@@ -83,13 +85,15 @@ def train(data: str | Path, out: str | Path, config: TrainConfig, force: bool = 
     metrics["train_seconds"] = round(time.perf_counter() - start, 1)
     metrics["n_train"], metrics["n_val"], metrics["n_test"] = (len(splits[k]) for k in splits)
 
+    from_package = ds.name == ELPV and not Path(data).exists()  # as open_dataset decides
     record = {
         "format_version": FORMAT_VERSION,
         "edge_tl_version": __version__,
         "backbone": config.backbone,
         "weights_sha256": weights_sha256(config.backbone),
-        "data": str(data) if str(data) == "elpv" else str(Path(data).resolve()),
+        "data": ELPV if from_package else str(Path(data).resolve()),
         "data_name": ds.name,
+        "data_fingerprint": fingerprint(ds),
         "labels": ds.classes,
         "config": dataclasses.asdict(config),
         "preprocess": dataclasses.asdict(pre),
@@ -321,9 +325,22 @@ def load_run(run: str | Path) -> tuple[dict[str, Any], FeatureModel, LinearHead]
         )
     from safetensors.torch import load_file
 
+    for name in (WEIGHTS_FILE, HEAD_FILE):
+        if not (run / name).is_file():
+            raise EdgeTLError(f"run folder {run} has no {name}; copy the whole folder or retrain")
     features, _ = build(record["backbone"], pretrained=False)
-    state = load_file(str(run / WEIGHTS_FILE))
-    missing, unexpected = features.load_state_dict(state, strict=False)
+    try:
+        state = load_file(str(run / WEIGHTS_FILE))
+    except Exception as e:  # safetensors raises its own error types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EdgeTLError(f"{run / WEIGHTS_FILE} cannot be read ({first}); retrain") from None
+    try:
+        missing, unexpected = features.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch; torch's message spans lines
+        first = str(e).strip().splitlines()[-1].strip()
+        raise EdgeTLError(
+            f"{run / WEIGHTS_FILE} does not fit {record['backbone']} ({first}); retrain"
+        ) from None
     if missing or unexpected:
         raise EdgeTLError(
             f"{run / WEIGHTS_FILE} does not fit {record['backbone']}: missing {missing[:5]}, "

@@ -108,6 +108,19 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
 
 
+def read_json(folder: Path, name: str, kind: str, command: str, fix: str) -> dict:
+    """``folder/name`` as JSON, with one-line errors when it is missing or broken."""
+    path = folder / name
+    if not path.is_file():
+        raise EdgeTLError(
+            f"{folder} is not a {kind} (no {name}); pass a folder written by `{command}`"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EdgeTLError(f"{path} is not valid JSON ({e}); {fix}") from None
+
+
 def read_manifest(bundle: str | os.PathLike, verify: bool = True) -> Manifest:
     """Read a bundle's manifest and (by default) check every file's SHA-256.
 
@@ -115,15 +128,9 @@ def read_manifest(bundle: str | os.PathLike, verify: bool = True) -> Manifest:
         EdgeTLError: not a bundle, unsupported version, missing or altered file.
     """
     bundle = Path(bundle)
-    path = bundle / MANIFEST
-    if not path.is_file():
-        raise EdgeTLError(
-            f"{bundle} is not a bundle (no {MANIFEST}); pass a folder written by `edge-tl export`"
-        )
-    try:
-        manifest = Manifest.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise EdgeTLError(f"{path} is not valid JSON ({e}); re-export the bundle") from None
+    manifest = Manifest.from_dict(
+        read_json(bundle, MANIFEST, "bundle", "edge-tl export", "re-export the bundle")
+    )
     if verify:
         verify_files(bundle, manifest.files)
     return manifest

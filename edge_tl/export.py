@@ -24,25 +24,30 @@ def export_onnx(model: FeatureModel, path: str | Path, size: int) -> dict[str, l
         The output shapes, with ``"batch"`` for the dynamic axis.
     """
     model = model.eval()
-    dummy = torch.zeros(2, 3, size, size)
+    onnx_export(model, path, size, OUTPUT_NAMES)
+    with torch.no_grad():
+        outs = model(torch.zeros(2, 3, size, size))
+    return {n: ["batch", *o.shape[1:]] for n, o in zip(OUTPUT_NAMES, outs, strict=True)}
+
+
+def onnx_export(module: torch.nn.Module, path: str | Path, size: int, outputs: tuple[str, ...]):
+    """The one ONNX export call: dynamo, opset 18, input ``image`` with a dynamic batch axis,
+    weights inside the file, the exporter's chatter kept off the console."""
     batch = torch.export.Dim("batch", min=1, max=1024)
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model,
-            (dummy,),
+            module,
+            (torch.zeros(2, 3, size, size),),
             str(path),
             input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
+            output_names=list(outputs),
             dynamic_shapes={"x": {0: batch}},
             opset_version=OPSET,
             dynamo=True,
             external_data=False,
             verbose=False,
         )
-    with torch.no_grad():
-        outs = model(dummy)
-    return {n: ["batch", *o.shape[1:]] for n, o in zip(OUTPUT_NAMES, outs, strict=True)}
 
 
 class _quiet_exporter:

@@ -8,7 +8,6 @@ written atomically.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -160,7 +159,7 @@ def export_bundle(
                 emb = _embed(engine, fit_set.paths, pre, "embedding train split")
                 head = LinearHead.fit(emb, fit_set.labels, len(labels))
                 metrics["head_l2"] = head.l2
-            check = held_out if held_out is not None else None
+            check = held_out  # None when exporting a backbone: check on the calibration images
             check_paths = check.paths if check is not None else calib_paths
             got = _embed(engine, check_paths, pre, "checking held-out")
             ref = _embed(reference, check_paths, pre, "fp32 reference")
@@ -240,8 +239,3 @@ def _image_paths(folder: Path) -> list[str]:
     if flat:
         return flat
     return list(image_folder(folder).paths)
-
-
-def describe(manifest: Manifest) -> dict[str, Any]:
-    """A short summary of a bundle's checks (for the CLI)."""
-    return {"artifact": dataclasses.asdict(manifest.artifact), **manifest.metrics}

@@ -127,9 +127,7 @@ class Recipe:
 
 def builtin_recipes() -> list[str]:
     """Names of the recipes shipped with the package."""
-    return sorted(
-        p.name[:-5] for p in _data_dir("recipes", "export").iterdir() if p.name.endswith(".toml")
-    )
+    return _builtin("recipes", "export")
 
 
 def load_recipe(name_or_path: str) -> Recipe:
@@ -139,21 +137,32 @@ def load_recipe(name_or_path: str) -> Recipe:
         >>> load_recipe("onnx-fp32").format
         'onnx'
     """
+    return _load_toml(Recipe, "recipe", name_or_path, "recipes", "export")
+
+
+def _builtin(package: str, source_dir: str) -> list[str]:
+    return sorted(
+        p.name[:-5] for p in _data_dir(package, source_dir).iterdir() if p.name.endswith(".toml")
+    )
+
+
+def _load_toml(cls: type, kind: str, name_or_path: str, package: str, source_dir: str):
+    """A built-in data file by name, or the user's ``.toml`` by path, mapped onto ``cls``."""
     path = Path(name_or_path)
     if not (path.suffix == ".toml" and path.is_file()):
-        candidate = _data_dir("recipes", "export") / f"{name_or_path}.toml"
+        candidate = _data_dir(package, source_dir) / f"{name_or_path}.toml"
         if not candidate.is_file():
             raise EdgeTLError(
-                f"unknown recipe {name_or_path!r}; use one of {', '.join(builtin_recipes())} "
-                "or a path to a .toml recipe file"
+                f"unknown {kind} {name_or_path!r}; use one of "
+                f"{', '.join(_builtin(package, source_dir))} or a path to a .toml {kind} file"
             )
         path = Path(str(candidate))
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
-        raise EdgeTLError(f"recipe {path}: not valid TOML ({e}); fix the file") from None
+        raise EdgeTLError(f"{kind} {path}: not valid TOML ({e}); fix the file") from None
     data.setdefault("name", path.stem)
-    return _from_dict(Recipe, data, f"recipe {path}")
+    return _from_dict(cls, data, f"{kind} {path}")
 
 
 def _data_dir(package: str, source_dir: str):
@@ -235,25 +244,9 @@ class DeviceProfile:
 
 def builtin_profiles() -> list[str]:
     """Names of the device profiles shipped with the package."""
-    return sorted(
-        p.name[:-5] for p in _data_dir("profiles", "devices").iterdir() if p.name.endswith(".toml")
-    )
+    return _builtin("profiles", "devices")
 
 
 def load_profile(name_or_path: str) -> DeviceProfile:
     """Resolve a device profile by built-in name (``raspberry-pi-5``) or by TOML path."""
-    path = Path(name_or_path)
-    if not (path.suffix == ".toml" and path.is_file()):
-        candidate = _data_dir("profiles", "devices") / f"{name_or_path}.toml"
-        if not candidate.is_file():
-            raise EdgeTLError(
-                f"unknown device profile {name_or_path!r}; use one of "
-                f"{', '.join(builtin_profiles())} or a path to a .toml profile"
-            )
-        path = Path(str(candidate))
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise EdgeTLError(f"device profile {path}: not valid TOML ({e}); fix the file") from None
-    data.setdefault("name", path.stem)
-    return _from_dict(DeviceProfile, data, f"device profile {path}")
+    return _load_toml(DeviceProfile, "device profile", name_or_path, "profiles", "devices")

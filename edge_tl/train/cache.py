@@ -8,7 +8,6 @@ ONNX file, checked against PyTorch on the first batch, and run over the data set
 from __future__ import annotations
 
 import tempfile
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,10 +16,10 @@ import torch
 from torch import nn
 
 from edge_tl.errors import EdgeTLError
-from edge_tl.export import _quiet_exporter
+from edge_tl.export import onnx_export
 from edge_tl.progress import progress
 from edge_tl.runtime.preprocess import batch_inputs
-from edge_tl.spec import INPUT_NAME, Preprocess
+from edge_tl.spec import Preprocess
 
 
 class _Prefix(nn.Module):
@@ -61,20 +60,7 @@ def cache_activations(
         return np.concatenate(chunks)
     with tempfile.TemporaryDirectory(prefix="edge_tl_cache_") as tmp:
         path = Path(tmp) / "prefix.onnx"
-        dim = torch.export.Dim("batch", min=1, max=1024)
-        with warnings.catch_warnings(), _quiet_exporter():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                prefix,
-                (torch.zeros(2, 3, pre.size, pre.size),),
-                str(path),
-                input_names=[INPUT_NAME],
-                output_names=["out"],
-                dynamic_shapes={"x": {0: dim}},
-                opset_version=18,
-                dynamo=True,
-                external_data=False,
-            )
+        onnx_export(prefix, path, pre.size, ("out",))
         engine = OrtEngine(path)
         chunks = []
         starts = range(0, len(paths), batch_size)

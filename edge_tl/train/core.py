@@ -18,7 +18,7 @@ from torch import nn
 
 from edge_tl import __version__
 from edge_tl.backbones import DEFAULT_BACKBONE, FeatureModel, build, get_spec, weights_sha256
-from edge_tl.bundle import atomic_folder, check_destination
+from edge_tl.bundle import atomic_folder, check_destination, read_json
 from edge_tl.data import ELPV, Dataset, fingerprint, open_dataset, stratified_split
 from edge_tl.errors import EdgeTLError
 from edge_tl.progress import progress
@@ -307,15 +307,7 @@ def load_run(run: str | Path) -> tuple[dict[str, Any], FeatureModel, LinearHead]
         EdgeTLError: not a run folder, or written by an incompatible edge_tl version.
     """
     run = Path(run)
-    path = run / RUN_FILE
-    if not path.is_file():
-        raise EdgeTLError(
-            f"{run} is not a run folder (no {RUN_FILE}); pass a folder written by `edge-tl train`"
-        )
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EdgeTLError(f"{path} is not valid JSON ({e}); retrain") from None
+    record = read_json(run, RUN_FILE, "run folder", "edge-tl train", "retrain")
     version = record.get("format_version")
     if version != FORMAT_VERSION:
         raise EdgeTLError(

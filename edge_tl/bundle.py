@@ -19,7 +19,7 @@ from edge_tl.errors import EdgeTLError
 from edge_tl.spec import Manifest
 
 MANIFEST = "manifest.json"
-OWN_MARKERS = (MANIFEST, "run.json")  # --force replaces only folders edge_tl wrote
+OWN_MARKERS = (MANIFEST, "run.json", "compare.json")  # --force replaces only folders edge_tl wrote
 
 
 def sha256(path: str | os.PathLike) -> str:

@@ -7,11 +7,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_tl import __version__
 from edge_tl.errors import EdgeTLError
+
+if TYPE_CHECKING:
+    from edge_tl.train import TrainConfig
+
+STRATEGY_NAMES = (
+    "linear-probe",
+    "finetune",
+    "full",
+    "selective",
+    "bn-only",
+    "bias-only",
+    "gradual",
+    "from-scratch",
+)
 
 EPILOG = "Docs and examples: README.md. Every command exits 2 with a one-line error on bad input."
 
@@ -49,39 +65,53 @@ def _parser() -> argparse.ArgumentParser:
         "train",
         help="train a classifier on an ImageFolder (or 'elpv') and write a run folder",
         description="Train on DATA (an ImageFolder <class>/<image>, or 'elpv' for the ELPV "
-        "solar-cell package). linear-probe: embeddings computed once, a softmax head on them. "
-        "finetune (default): the last --train-stages stages + head, on activations cached at "
-        "the freeze boundary.",
+        "solar-cell package) with a transfer strategy: linear-probe, finetune (default: the "
+        "last --train-stages stages + head), full, selective, bn-only, bias-only, gradual, "
+        "from-scratch. When everything before the first trainable block is frozen, its "
+        "activations are computed once and cached. Interrupted runs continue with --resume. "
+        "Under torchrun (torchrun --nproc-per-node N -m edge_tl.cli train ...) it trains "
+        "with DistributedDataParallel.",
     )
     t.add_argument("data", help="ImageFolder path, or 'elpv'")
     t.add_argument("--out", required=True, type=Path, help="run folder to create")
-    t.add_argument(
-        "--backbone",
-        default="efficientnet_lite0",
-        help="efficientnet_lite0 (default), efficientnet_lite1, efficientnet_lite2",
-    )
-    t.add_argument("--strategy", default="finetune", help="finetune (default) or linear-probe")
-    t.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs (default 8)")
-    t.add_argument(
-        "--train-stages",
-        type=int,
-        default=2,
-        help="finetune: how many final stages to train (default 2)",
-    )
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr-head", type=float, default=1e-3)
-    t.add_argument("--lr-backbone", type=float, default=1e-4)
-    t.add_argument("--test-frac", type=float, default=0.2, help="held-out test share (default 0.2)")
-    t.add_argument("--val-frac", type=float, default=0.1, help="validation share (default 0.1)")
-    t.add_argument("--seed", type=int, default=0, help="split and training seed (default 0)")
-    t.add_argument(
-        "--no-onnx-cache",
-        action="store_true",
-        help="cache boundary activations with PyTorch instead of ONNX Runtime",
-    )
+    _training_args(t)
+    t.add_argument("--strategy", default="finetune", help=f"one of {', '.join(STRATEGY_NAMES)}")
     t.add_argument("--force", action="store_true", help="replace an existing --out")
+    t.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from OUT.checkpoint.pt"
+    )
     t.add_argument("--json", action="store_true", help="print the metrics as JSON")
     t.set_defaults(func=_train)
+
+    c = sub.add_parser(
+        "compare",
+        help="train several strategies on the same splits; table, curves, negative transfer",
+        description="Train each of --strategies on DATA with the same splits and settings, "
+        "each in its own process; print and save a table (accuracy, macro-F1, train time, "
+        "trainable parameters, peak memory) and the learning curves, and flag negative "
+        "transfer (from-scratch as good as a transfer strategy, or transfer gaining less "
+        "than --threshold).",
+    )
+    c.add_argument("data", help="ImageFolder path, or 'elpv'")
+    c.add_argument(
+        "--strategies",
+        default="linear-probe,finetune,full,bn-only,from-scratch",
+        help="comma-separated (default linear-probe,finetune,full,bn-only,from-scratch)",
+    )
+    c.add_argument("--out", required=True, type=Path, help="comparison folder to create")
+    _training_args(c)
+    c.add_argument(
+        "--threshold",
+        type=float,
+        default=2.0,
+        help="flag transfer that beats from-scratch by fewer points than this (default 2)",
+    )
+    c.add_argument("--force", action="store_true", help="replace an existing --out")
+    c.add_argument(
+        "--resume", action="store_true", help="continue an interrupted comparison, keep its runs"
+    )
+    c.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    c.set_defaults(func=_compare)
 
     e = sub.add_parser(
         "export",
@@ -94,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("run", nargs="?", help="run folder from `edge-tl train`")
     e.add_argument("--backbone", help="export a pretrained backbone instead of a run")
+    e.add_argument("--weights", help="with --backbone: local pretrained weights file")
     e.add_argument("--recipe", default="onnx-fp32", help="recipe name or .toml path")
     e.add_argument(
         "--calib",
@@ -159,30 +190,186 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2))
 
 
-def _train(args) -> int:
-    from edge_tl.train import TrainConfig, train
+def _training_args(t: argparse.ArgumentParser) -> None:
+    """Options shared by ``train`` and ``compare`` (defaults: see TrainConfig)."""
+    t.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        help="efficientnet_lite0 (default), efficientnet_lite1/2, resnet18, resnet50, "
+        "mobilenet_v3_large, vgg16",
+    )
+    t.add_argument(
+        "--weights",
+        help="local pretrained weights (state dict .pth/.safetensors) for the backbone; "
+        "needed for torchvision backbones without internet",
+    )
+    t.add_argument("--epochs", type=int, default=8, help="maximum epochs (default 8)")
+    t.add_argument(
+        "--train-stages",
+        type=int,
+        default=2,
+        help="finetune/gradual: how many final stages train (default 2)",
+    )
+    t.add_argument(
+        "--stages", default="", help="selective: stage indices, e.g. 5,6 (negative from the end)"
+    )
+    t.add_argument(
+        "--params", default="", help="selective: parameter-name patterns, e.g. 'net.layer4.*'"
+    )
+    t.add_argument(
+        "--unfreeze-every", type=int, default=1, help="gradual: epochs per unfrozen stage"
+    )
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr-head", type=float, default=1e-3, help="head learning rate (1e-3)")
+    t.add_argument(
+        "--lr-backbone", type=float, default=1e-4, help="last-stage learning rate (1e-4)"
+    )
+    t.add_argument(
+        "--layer-decay",
+        type=float,
+        default=0.8,
+        help="learning-rate factor per stage towards the input (default 0.8)",
+    )
+    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--label-smoothing", type=float, default=0.1)
+    t.add_argument("--dropout", type=float, default=0.2, help="dropout before the head (0.2)")
+    t.add_argument(
+        "--patience",
+        type=int,
+        default=4,
+        help="stop after this many epochs without a better validation score (0: never)",
+    )
+    t.add_argument(
+        "--balance",
+        default="none",
+        choices=["none", "sampler", "loss"],
+        help="class balancing for imbalanced data: sampler or loss weights (default none)",
+    )
+    t.add_argument(
+        "--augment",
+        default="auto",
+        help="auto (default: inspection for grey data, natural for colour), inspection, "
+        "natural, none; overrides like 'inspection,rotate=5,blur=0'",
+    )
+    t.add_argument(
+        "--views",
+        type=int,
+        default=1,
+        help="cached training: activations of this many views per image (1 clean + "
+        "augmented ones; default 1)",
+    )
+    t.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="run the frozen prefix on every step instead of caching its activations",
+    )
+    t.add_argument(
+        "--freeze-bn", action="store_true", help="keep every batch-norm layer's statistics"
+    )
+    t.add_argument("--test-frac", type=float, default=0.2, help="held-out test share (default 0.2)")
+    t.add_argument("--val-frac", type=float, default=0.1, help="validation share (default 0.1)")
+    t.add_argument(
+        "--train-per-class",
+        type=int,
+        default=0,
+        help="cap the training split per class (a CPU budget; default 0 = all)",
+    )
+    t.add_argument("--seed", type=int, default=0, help="split and training seed (default 0)")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 autocast on GPUs that support it, fp32 on CPUs",
+    )
+    t.add_argument("--compile", action="store_true", help="torch.compile the trained part")
+    t.add_argument(
+        "--no-channels-last", action="store_true", help="keep NCHW memory format on images"
+    )
+    t.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    t.add_argument(
+        "--no-onnx-cache",
+        action="store_true",
+        help="cache boundary activations with PyTorch instead of ONNX Runtime",
+    )
 
-    cfg = TrainConfig(
+
+def _config(args, strategy: str) -> TrainConfig:
+    from edge_tl.train import TrainConfig
+
+    try:
+        stages = tuple(int(s) for s in args.stages.split(",") if s.strip())
+    except ValueError:
+        raise EdgeTLError(f"--stages {args.stages!r} must be integers like 5,6") from None
+    return TrainConfig(
         backbone=args.backbone,
-        strategy=args.strategy,
+        strategy=strategy,
+        weights=args.weights,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr_head=args.lr_head,
         lr_backbone=args.lr_backbone,
+        layer_decay=args.layer_decay,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        dropout=args.dropout,
         train_stages=args.train_stages,
+        stages=stages,
+        params=tuple(p.strip() for p in args.params.split(",") if p.strip()),
+        unfreeze_every=args.unfreeze_every,
+        patience=args.patience,
+        balance=args.balance,
+        augment=args.augment,
+        views=args.views,
+        cache=not args.no_cache,
+        freeze_bn=args.freeze_bn,
         test_frac=args.test_frac,
         val_frac=args.val_frac,
+        train_per_class=args.train_per_class,
         seed=args.seed,
         onnx_cache=not args.no_onnx_cache,
+        device=args.device,
+        precision=args.precision,
+        channels_last=not args.no_channels_last,
+        compile=args.compile,
+        workers=args.workers,
     )
-    metrics = train(args.data, args.out, cfg, force=args.force)
+
+
+def _train(args) -> int:
+    from edge_tl.train import train
+
+    cfg = _config(args, args.strategy)
+    metrics = train(args.data, args.out, cfg, force=args.force, resume=args.resume)
     if args.json:
         _print_json(metrics)
-    else:
+    elif int(os.environ.get("RANK", "0")) == 0:
         print(
             f"trained {cfg.strategy} on {args.data}: test accuracy "
             f"{metrics['test_accuracy']:.4f} (n={metrics['n_test']}) -> {args.out}"
         )
+    return 0
+
+
+def _compare(args) -> int:
+    from edge_tl.train.compare import compare, markdown, parse_strategies
+
+    strategies = parse_strategies(args.strategies)
+    base = _config(args, strategies[0])
+    result = compare(
+        args.data,
+        args.out,
+        strategies,
+        base,
+        threshold=args.threshold / 100,
+        force=args.force,
+        resume=args.resume,
+    )
+    if args.json:
+        _print_json({k: v for k, v in result.items()})
+    else:
+        print(markdown(result))
+        print(f"table, curves and runs -> {args.out}")
     return 0
 
 
@@ -197,6 +384,7 @@ def _export(args) -> int:
         calib=args.calib,
         head_fit=args.head_fit,
         force=args.force,
+        weights=args.weights,
     )
     if args.json:
         _print_json(m.metrics)

@@ -17,7 +17,7 @@ import numpy as np
 
 from edge_tl import __version__
 from edge_tl.bundle import atomic_folder, check_destination, hash_files, write_manifest
-from edge_tl.data import Dataset, fingerprint, image_folder, open_dataset, stratified_split
+from edge_tl.data import Dataset, fingerprint, image_folder, open_dataset
 from edge_tl.errors import EdgeTLError
 from edge_tl.progress import progress
 from edge_tl.runtime.engine import make_engine
@@ -44,6 +44,7 @@ def export_bundle(
     calib: str | Path | None = None,
     head_fit: str = "artifact",
     force: bool = False,
+    weights: str | Path | None = None,
 ) -> Manifest:
     """Export a trained run (or a pretrained ``backbone``) into a bundle at ``out``.
 
@@ -54,6 +55,7 @@ def export_bundle(
         backbone: export ImageNet features and classifier without training.
         calib: images for calibration and parity checks (ImageFolder or flat folder);
             defaults to the run's training split.
+        weights: with ``backbone``, a local pretrained weights file (torchvision nets).
         head_fit: ``artifact`` refits the run's linear head on the artifact's own embeddings
             of the training split; ``source`` keeps the head trained in PyTorch.
         force: replace an existing ``out`` (only once the new bundle is complete).
@@ -65,6 +67,8 @@ def export_bundle(
     rec = load_recipe(recipe)
     if (run is None) == (backbone is None):
         raise EdgeTLError("pass either a RUN folder or --backbone NAME, not both or neither")
+    if weights is not None and run is not None:
+        raise EdgeTLError("--weights goes with --backbone; a run folder carries its own weights")
     if head_fit not in HEAD_FITS:
         raise EdgeTLError(f"--head-fit must be one of {', '.join(HEAD_FITS)}, not {head_fit!r}")
     check_destination(out, force)
@@ -72,7 +76,7 @@ def export_bundle(
     from edge_tl.backbones import build, get_spec, imagenet_labels, weights_sha256
     from edge_tl.export import export_onnx, parity
     from edge_tl.quantize import build_artifact
-    from edge_tl.train import load_run
+    from edge_tl.train import load_run, run_splits
 
     held_out: Dataset | None = None
     fit_set: Dataset | None = None
@@ -108,19 +112,19 @@ def export_bundle(
             )
         if ds is not None:
             cfg = record["config"]
-            splits = stratified_split(ds.labels, cfg["test_frac"], cfg["val_frac"], cfg["seed"])
+            splits = run_splits(ds, cfg)
             fit_set = ds.subset(np.concatenate([splits["train"], splits["val"]]))
             held_out = ds.subset(splits["test"])
         weights = record["weights_sha256"]
         name = record["backbone"]
     else:
         spec = get_spec(backbone)
-        features, fc = build(spec.name)
+        features, fc = build(spec.name, weights=weights)
         head = LinearHead.from_logits_layer(fc.weight.detach().numpy(), fc.bias.detach().numpy())
         labels = imagenet_labels()
         source = {"kind": "imagenet"}
         head_fit = "source"
-        weights = weights_sha256(spec.name)
+        weights = weights_sha256(spec.name, weights)
         name = spec.name
     pre = features.spec.preprocess
     if rec.input_size and rec.input_size != pre.size:

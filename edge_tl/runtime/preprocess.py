@@ -15,7 +15,7 @@ from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 from edge_tl.errors import EdgeTLError
 from edge_tl.spec import IMAGE_EXTENSIONS, Preprocess
 
-__all__ = ["IMAGE_EXTENSIONS", "batch_inputs", "load_image", "to_input"]
+__all__ = ["IMAGE_EXTENSIONS", "batch_inputs", "load_image", "to_input", "to_pixels"]
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -81,6 +81,21 @@ def to_input(img: Image.Image, pre: Preprocess) -> np.ndarray:
     np.subtract(pixels, np.asarray(pre.mean, np.float32)[:, None, None], out=out, dtype=np.float32)
     out *= (1.0 / np.asarray(pre.std, np.float32))[:, None, None]
     return out
+
+
+def to_pixels(img: Image.Image, pre: Preprocess) -> np.ndarray:
+    """One image -> ``uint8[3, size, size]`` resized as :func:`to_input` does, not normalised.
+
+    Training augments these pixels before normalising them.
+    """
+    if img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    if img.size != (pre.size, pre.size):
+        img = img.resize((pre.size, pre.size), _RESAMPLE[pre.interpolation])
+    pixels = np.asarray(img)
+    if pixels.ndim == 2:
+        return np.broadcast_to(pixels, (3, *pixels.shape)).copy()
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 def batch_inputs(images: Sequence[ImageLike], pre: Preprocess) -> np.ndarray:

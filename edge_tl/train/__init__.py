@@ -1,11 +1,20 @@
-"""Workstation-side training: a linear probe on cached embeddings, or fine-tuning the last
-stages on activations cached at the freeze boundary.
+"""Workstation-side training: strategies from a linear probe to full fine-tuning, one loop,
+boundary caching, checkpoints, DDP, and ``compare``.
 
 Example:
     >>> from edge_tl.train import TrainConfig, train
     >>> metrics = train("../shared/data/neu_det", "runs/neu", TrainConfig())  # doctest: +SKIP
 """
 
-from edge_tl.train.core import STRATEGIES, TrainConfig, load_run, train
+from edge_tl.train.core import TrainConfig, checkpoint_path, load_run, run_splits, train
+from edge_tl.train.policies import DEFAULT_STRATEGY, STRATEGIES
 
-__all__ = ["STRATEGIES", "TrainConfig", "load_run", "train"]
+__all__ = [
+    "DEFAULT_STRATEGY",
+    "STRATEGIES",
+    "TrainConfig",
+    "checkpoint_path",
+    "load_run",
+    "run_splits",
+    "train",
+]

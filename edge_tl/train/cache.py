@@ -1,14 +1,16 @@
 """Cache activations of a frozen, deterministic prefix once, through ONNX Runtime.
 
-PyTorch eager is slow for EfficientNet-Lite on a CPU (unfolded batch norm, explicit
-padding); the exported graph runs ~10x faster. The prefix is exported to a temporary
-ONNX file, checked against PyTorch on the first batch, and run over the data set.
+Whenever everything before the first trainable layer is frozen and deterministic, its
+output can be computed once per image (or once per augmented view) and training runs
+only the rest. PyTorch eager is slow for EfficientNet-Lite on a CPU (unfolded batch norm,
+explicit padding); the exported graph runs ~10x faster. The prefix is exported to a
+temporary ONNX file, checked against PyTorch on the first batch, and run over the data.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,40 +36,40 @@ class _Prefix(nn.Module):
         return self.features.forward_until(x, self.block)
 
 
-def cache_activations(
+def run_prefix(
     features: nn.Module,
-    paths: Sequence[str],
-    pre: Preprocess,
+    batches: Iterable[np.ndarray],
+    size: int,
     block: int | None = None,
-    batch_size: int = 32,
-    desc: str = "caching activations",
     use_onnx: bool = True,
 ) -> np.ndarray:
     """Run the frozen prefix (``features`` up to ``block``; the embedding when ``None``).
 
+    Args:
+        batches: network inputs ``float32[n, 3, size, size]``, in order.
+
     Returns:
-        ``float32[N, ...]`` activations in the order of ``paths``.
+        ``float32[N, ...]`` activations, the batches concatenated.
+
+    Raises:
+        EdgeTLError: the exported prefix disagrees with PyTorch on the first batch.
     """
     from edge_tl.runtime.engine import OrtEngine
 
     prefix = _Prefix(features, block).eval()
+    chunks: list[np.ndarray] = []
     if not use_onnx:
-        chunks = []
         with torch.no_grad():
-            for i in progress(range(0, len(paths), batch_size), desc=desc):
-                x = torch.from_numpy(batch_inputs(paths[i : i + batch_size], pre))
-                chunks.append(prefix(x).numpy())
+            for x in batches:
+                chunks.append(prefix(torch.from_numpy(x)).numpy())
         return np.concatenate(chunks)
     with tempfile.TemporaryDirectory(prefix="edge_tl_cache_") as tmp:
         path = Path(tmp) / "prefix.onnx"
-        onnx_export(prefix, path, pre.size, ("out",))
+        onnx_export(prefix, path, size, ("out",))
         engine = OrtEngine(path)
-        chunks = []
-        starts = range(0, len(paths), batch_size)
-        for i in progress(starts, desc=desc):
-            x = batch_inputs(paths[i : i + batch_size], pre)
+        for x in batches:
             out = engine.run(x, ["out"])["out"]
-            if i == 0:
+            if not chunks:
                 with torch.no_grad():
                     ref = prefix(torch.from_numpy(x[:4])).numpy()
                 tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
@@ -78,3 +80,18 @@ def cache_activations(
                     )
             chunks.append(out)
     return np.concatenate(chunks)
+
+
+def cache_activations(
+    features: nn.Module,
+    paths: Sequence[str],
+    pre: Preprocess,
+    block: int | None = None,
+    batch_size: int = 32,
+    desc: str = "caching activations",
+    use_onnx: bool = True,
+) -> np.ndarray:
+    """:func:`run_prefix` over image files, preprocessed as the manifest says."""
+    starts = range(0, len(paths), batch_size)
+    batches = (batch_inputs(paths[i : i + batch_size], pre) for i in progress(starts, desc=desc))
+    return run_prefix(features, batches, pre.size, block, use_onnx)

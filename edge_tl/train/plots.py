@@ -13,6 +13,7 @@ def plot_history(history: list[dict], path: str | Path, title: str) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:  # pragma: no cover - matplotlib is in the train extra
         return False
     epochs = [r["epoch"] for r in history]
@@ -27,6 +28,8 @@ def plot_history(history: list[dict], path: str | Path, title: str) -> bool:
         ax.grid(alpha=0.3)
         ax.legend()
     ax_acc.set_ylim(top=1.0)
+    for a in fig.axes:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)

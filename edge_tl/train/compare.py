@@ -1,0 +1,250 @@
+"""``edge-tl compare``: which transfer pays on your data, negative transfer included.
+
+Each strategy trains in its own process (so peak memory is its own) on the same splits;
+the table goes to the terminal and to ``compare.md`` / ``compare.json``, the validation
+curves to ``curves.png``. Work happens in ``OUT.partial/``, renamed to ``OUT`` when every
+strategy is done; ``--resume`` continues an interrupted comparison from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import shutil
+import traceback
+from pathlib import Path
+from typing import Any
+
+from edge_tl.bundle import check_destination, read_json
+from edge_tl.errors import EdgeTLError
+from edge_tl.train.core import RUN_FILE, TrainConfig
+from edge_tl.train.policies import STRATEGIES
+
+COMPARE_FILE = "compare.json"
+TRANSFER = tuple(s for s in STRATEGIES if s != "from-scratch")
+
+
+def _child(data: str, out: str, config: dict[str, Any], error_file: str) -> None:
+    from edge_tl.train.core import train
+
+    try:
+        train(data, out, TrainConfig.from_dict(config), force=True)
+    except EdgeTLError as e:
+        Path(error_file).write_text(str(e))
+        raise SystemExit(2) from None
+    except BaseException:
+        Path(error_file).write_text(traceback.format_exc().strip().splitlines()[-1])
+        raise
+
+
+def parse_strategies(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in STRATEGIES]
+    if bad or not names:
+        raise EdgeTLError(
+            f"unknown strategy {', '.join(bad) or '(none)'}; choose from {', '.join(STRATEGIES)}"
+        )
+    if len(set(names)) != len(names):
+        raise EdgeTLError(f"--strategies lists a strategy twice: {text}")
+    return names
+
+
+def compare(
+    data: str | Path,
+    out: str | Path,
+    strategies: list[str],
+    base: TrainConfig,
+    threshold: float = 0.02,
+    force: bool = False,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train every strategy on the same splits and tabulate them.
+
+    Args:
+        threshold: transfer that beats from-scratch by less than this (a fraction of
+            accuracy) is flagged as not paying for itself.
+
+    Returns:
+        The comparison written to ``OUT/compare.json``.
+    """
+    out = Path(out)
+    check_destination(out, force, "comparison")
+    work = out.with_name(out.name + ".partial")
+    if work.exists() and not resume:
+        if not force:
+            raise EdgeTLError(
+                f"an interrupted comparison left {work}; pass --resume to continue it or "
+                "--force to start over"
+            )
+        shutil.rmtree(work)
+    (work / "runs").mkdir(parents=True, exist_ok=True)
+    rows = []
+    ctx = multiprocessing.get_context("spawn")
+    for i, strategy in enumerate(strategies, 1):
+        cfg = dataclasses.replace(base, strategy=strategy)
+        run = work / "runs" / strategy
+        if resume and _finished(run, cfg):
+            print(f"[{i}/{len(strategies)}] {strategy}: reusing {run}", flush=True)
+        else:
+            print(f"[{i}/{len(strategies)}] training {strategy}", flush=True)
+            err = work / f".{strategy}.error"
+            err.unlink(missing_ok=True)
+            p = ctx.Process(target=_child, args=(str(data), str(run), cfg.to_dict(), str(err)))
+            p.start()
+            p.join()
+            if p.exitcode != 0:
+                why = err.read_text() if err.exists() else f"exit code {p.exitcode}"
+                raise EdgeTLError(
+                    f"{strategy} failed: {why}; fix it and rerun with --resume (finished "
+                    "strategies are kept)"
+                )
+        record = read_json(run, RUN_FILE, "run folder", "edge-tl train", "rerun compare")
+        history = _history(run)
+        rows.append({"strategy": strategy, **_row(record["metrics"]), "history": history})
+    result = {
+        "data": str(data),
+        "config": base.to_dict(),
+        "rows": rows,
+        "flags": negative_transfer(rows, threshold),
+        "threshold": threshold,
+    }
+    (work / COMPARE_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    (work / "compare.md").write_text(markdown(result) + "\n")
+    plot_curves(rows, work / "curves.png", f"{base.backbone} on {Path(str(data)).name}")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(work, out)
+    return result
+
+
+def _finished(run: Path, cfg: TrainConfig) -> bool:
+    try:
+        record = json.loads((run / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return record.get("config") == cfg.to_dict()
+
+
+def _history(run: Path) -> list[dict[str, float]]:
+    import csv
+
+    with open(run / "history.csv", newline="") as f:
+        return [
+            {k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)
+        ]
+
+
+def _row(m: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "test_accuracy": m["test_accuracy"],
+        "test_macro_f1": m.get("test_macro_f1"),
+        "train_seconds": m.get("train_seconds"),
+        "seconds_per_epoch": m.get("seconds_per_epoch"),
+        "epochs_run": m.get("epochs_run", 1),
+        "trainable_parameters": m.get("trainable_parameters"),
+        "peak_rss_mb": m.get("peak_rss_mb"),
+        "peak_gpu_mb": m.get("peak_gpu_mb"),
+        "boundary": m.get("boundary"),
+        "n_train": m.get("n_train"),
+        "n_test": m.get("n_test"),
+    }
+
+
+def negative_transfer(rows: list[dict[str, Any]], threshold: float) -> list[str]:
+    """Flags: from-scratch beats a transfer strategy, or transfer gains < ``threshold``."""
+    scratch = next((r for r in rows if r["strategy"] == "from-scratch"), None)
+    if scratch is None:
+        return []
+    flags = []
+    transfer = [r for r in rows if r["strategy"] != "from-scratch"]
+    for r in transfer:
+        if scratch["test_accuracy"] >= r["test_accuracy"]:
+            flags.append(
+                f"negative transfer: from-scratch ({scratch['test_accuracy']:.4f}) matches or "
+                f"beats {r['strategy']} ({r['test_accuracy']:.4f})"
+            )
+    if transfer:
+        best = max(transfer, key=lambda r: r["test_accuracy"])
+        gain = best["test_accuracy"] - scratch["test_accuracy"]
+        if 0 < gain < threshold:
+            flags.append(
+                f"transfer gains only {100 * gain:.1f} pt over from-scratch (best: "
+                f"{best['strategy']}); below the {100 * threshold:.1f} pt threshold"
+            )
+    return flags
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    gpu = any(r.get("peak_gpu_mb") for r in rows)
+    head = [
+        "strategy",
+        "test acc",
+        "macro-F1",
+        "train s",
+        "s/epoch",
+        "epochs",
+        "trainable params",
+        "peak RSS MB",
+    ] + (["peak GPU MB"] if gpu else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    best = max(r["test_accuracy"] for r in rows)
+    for r in rows:
+        acc = f"{r['test_accuracy']:.4f}" + (" **best**" if r["test_accuracy"] == best else "")
+        cells = [
+            r["strategy"],
+            acc,
+            _f(r["test_macro_f1"]),
+            _f(r["train_seconds"], "{:.0f}"),
+            _f(r["seconds_per_epoch"], "{:.1f}"),
+            str(int(r["epochs_run"])),
+            f"{r['trainable_parameters']:,}",
+            _f(r["peak_rss_mb"], "{:.0f}"),
+        ] + ([_f(r.get("peak_gpu_mb"), "{:.0f}")] if gpu else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    n = rows[0]
+    lines.append("")
+    lines.append(f"n_train {n['n_train']}, n_test {n['n_test']}; data {result['data']}")
+    for f in result["flags"] or ["no negative transfer flagged"]:
+        lines.append(f"- {f}")
+    return "\n".join(lines)
+
+
+def _f(v: Any, fmt: str = "{:.4f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:  # pragma: no cover - matplotlib is in the train extra
+        return False
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    for r in rows:
+        h = r["history"]
+        if h and "val_accuracy" in h[0]:
+            ep = [x["epoch"] for x in h]
+            ax_loss.plot(ep, [x["train_loss"] for x in h], "o-", label=r["strategy"])
+            ax_acc.plot(ep, [x["val_accuracy"] for x in h], "o-", label=r["strategy"])
+        else:  # linear probe: one fit, drawn as a level
+            ax_acc.axhline(
+                r["test_accuracy"], ls="--", lw=1, color="grey", label=f"{r['strategy']} (test)"
+            )
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for a in fig.axes:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True

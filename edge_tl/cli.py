@@ -47,8 +47,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-tl: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("edge-tl: interrupted; nothing was written", file=sys.stderr)
+        print(f"edge-tl: interrupted; {_kept_after_interrupt(args)}", file=sys.stderr)
         return 130
+
+
+def _kept_after_interrupt(args: argparse.Namespace) -> str:
+    out = getattr(args, "out", None)
+    if args.command == "train" and out is not None:
+        ckpt = out.with_name(out.name + ".checkpoint.pt")
+        if ckpt.is_file():
+            return f"finished epochs are saved in {ckpt}; rerun with --resume to continue"
+    if args.command == "compare" and out is not None:
+        work = out.with_name(out.name + ".partial")
+        if work.is_dir():
+            return f"finished strategies are kept in {work}; rerun with --resume to continue"
+    return "nothing was written"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -71,7 +71,6 @@ class TrainConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     dropout: float = 0.2
-    lp_init: bool = True
     train_stages: int = 2
     stages: tuple[int, ...] = ()
     params: tuple[str, ...] = ()
@@ -279,16 +278,35 @@ def _macro_f1(pred: np.ndarray, y: np.ndarray, n_classes: int) -> float:
 
 
 def _linear_probe(features: FeatureModel, ds: Dataset, splits, config: TrainConfig):
+    """Embeddings computed once; a softmax head fitted on the training split, its L2
+    penalty chosen on the validation split (the data fine-tuning uses for model selection),
+    so every strategy in a comparison learns from the same images."""
+    from edge_tl.runtime.heads import DEFAULT_L2_GRID
+
     pre = features.spec.preprocess
     emb = cache_activations(
         features, ds.paths, pre, None, desc="embedding images", use_onnx=config.onnx_cache
     )
-    fit_idx = np.concatenate([splits["train"], splits["val"]])
-    head = LinearHead.fit(emb[fit_idx], ds.labels[fit_idx], len(ds.classes), seed=config.seed)
-    test_y = ds.labels[splits["test"]]
-    test_pred = head.predict_proba(emb[splits["test"]]).argmax(1)
+    k = len(ds.classes)
+    tr, va, te = splits["train"], splits["val"], splits["test"]
+    if len(va):
+        scores = []
+        for l2 in DEFAULT_L2_GRID:
+            h = LinearHead.fit(emb[tr], ds.labels[tr], k, l2=l2)
+            p = h.predict_proba(emb[va])
+            acc = float((p.argmax(1) == ds.labels[va]).mean())
+            nll = float(-np.log(p[np.arange(len(va)), ds.labels[va]] + 1e-12).mean())
+            scores.append((acc, -nll, l2))
+        head = LinearHead.fit(emb[tr], ds.labels[tr], k, l2=max(scores)[2])
+    else:
+        head = LinearHead.fit(emb[tr], ds.labels[tr], k, seed=config.seed)
+    test_y = ds.labels[te]
+    test_pred = head.predict_proba(emb[te]).argmax(1)
     test_acc = float((test_pred == test_y).mean())
-    fit_acc = float((head.predict_proba(emb[fit_idx]).argmax(1) == ds.labels[fit_idx]).mean())
+    fit_acc = float((head.predict_proba(emb[tr]).argmax(1) == ds.labels[tr]).mean())
+    val_acc = (
+        float((head.predict_proba(emb[va]).argmax(1) == ds.labels[va]).mean()) if len(va) else None
+    )
     history = [{"step": 1, "l2": head.l2, "train_accuracy": fit_acc, "test_accuracy": test_acc}]
     return (
         head,
@@ -296,7 +314,8 @@ def _linear_probe(features: FeatureModel, ds: Dataset, splits, config: TrainConf
         {
             "strategy": "linear-probe",
             "test_accuracy": test_acc,
-            "test_macro_f1": _macro_f1(test_pred, test_y, len(ds.classes)),
+            "test_macro_f1": _macro_f1(test_pred, test_y, k),
+            "val_accuracy": val_acc,
             "l2": head.l2,
             "trainable_parameters": int(head.weight.size + head.bias.size),
             "boundary": "embedding (cached)",
@@ -532,8 +551,6 @@ def _fit(
             dtype=torch.float32,
             device=device,
         )
-    if config.lp_init and policy.pretrained:
-        _init_head_by_linear_probe(model, data, config.seed, max(config.label_smoothing, 0.1))
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
     eval_loss = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(config.seed)
@@ -669,32 +686,6 @@ def _fit(
         "world_size": ctx.world,
     }
     return head, history, metrics
-
-
-@torch.no_grad()
-def _init_head_by_linear_probe(model: Classifier, data: _Data, seed: int, smoothing: float) -> None:
-    """LP-FT (Kumar et al., 2022): start fine-tuning from a fitted linear head, so early
-    gradients do not distort the pretrained features to fit a random head."""
-    model.eval()
-    emb = torch.cat(
-        [
-            model.features.forward_from(x, model.boundary).float().cpu()
-            for x in data.eval_batches("train")
-        ]
-    ).numpy()
-    y = data.y["train"]
-    head = LinearHead.fit(emb, y, model.head.out_features, seed=seed)
-    logits = torch.from_numpy(head.logits(emb)).double()
-    # A near-separable probe has huge logits; scale them to the temperature that fits the
-    # smoothed training targets best, so the first fine-tuning steps see sane gradients.
-    yt = torch.from_numpy(y)
-    temps = [2.0**k for k in range(-2, 12)]
-    losses = [
-        float(nn.functional.cross_entropy(logits / t, yt, label_smoothing=smoothing)) for t in temps
-    ]
-    t = temps[int(np.argmin(losses))]
-    model.head.weight.copy_(torch.from_numpy(head._w_t.T.copy()) / t)
-    model.head.bias.copy_(torch.from_numpy(head._b.copy()) / t)
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:

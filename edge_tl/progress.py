@@ -48,3 +48,10 @@ def _line(desc: str, i: int, total: int | None, elapsed: float) -> str:
     bar = "#" * filled + "-" * (24 - filled)
     eta = (total - i) / rate if rate else 0.0
     return f"{desc:<22} [{bar}] {i}/{total}  {elapsed:5.1f}s  eta {eta:5.1f}s"
+
+
+def say(line: str) -> None:
+    """One status line on stderr (silenced by ``EDGE_TL_QUIET=1``)."""
+    if os.environ.get("EDGE_TL_QUIET") != "1":
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()

@@ -33,7 +33,7 @@ from edge_tl.backbones import DEFAULT_BACKBONE, FeatureModel, build, get_spec, w
 from edge_tl.bundle import atomic_folder, check_destination, read_json
 from edge_tl.data import ELPV, Dataset, fingerprint, open_dataset, stratified_split
 from edge_tl.errors import EdgeTLError
-from edge_tl.progress import progress
+from edge_tl.progress import progress, say
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.runtime.preprocess import load_image, to_pixels
 from edge_tl.spec import FORMAT_VERSION
@@ -580,15 +580,15 @@ def _fit(
     has_val = len(data.y["val"]) > 0
     stopped = None
     epochs = range(first, config.epochs + 1)
-    for epoch in progress(epochs, total=len(epochs), desc=f"{config.strategy} epochs"):
+    for epoch in epochs:
         t0 = time.perf_counter()
         model.train()
         _set_train_modes(features, policy, epoch, config.freeze_bn)
         batches = _epoch_batches(data.y["train"], config, gen, ctx.world)
         total_loss, correct, seen = 0.0, 0, 0
-        for idx, (xb, yb) in zip(
-            batches, data.epoch(batches, gen, ctx.rank, ctx.world), strict=True
-        ):
+        steps = zip(batches, data.epoch(batches, gen, ctx.rank, ctx.world), strict=True)
+        desc = f"epoch {epoch}/{config.epochs}"
+        for idx, (xb, yb) in progress(steps, total=len(batches), desc=desc):
             local = idx[ctx.rank :: ctx.world]
             scale = (
                 (step + 1) / warmup
@@ -649,6 +649,11 @@ def _fit(
                     "step": step,
                     "bad": bad,
                 },
+            )
+            say(
+                f"epoch {epoch}/{config.epochs}: train loss {row['train_loss']:.4f} acc "
+                f"{row['train_accuracy']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | "
+                f"{row['seconds']:.1f}s" + ("  (best so far)" if bad == 0 else "")
             )
             if on_epoch_end is not None:
                 on_epoch_end(row)

@@ -14,20 +14,11 @@ from typing import TYPE_CHECKING
 
 from edge_tl import __version__
 from edge_tl.errors import EdgeTLError
+from edge_tl.spec import STRATEGIES
 
 if TYPE_CHECKING:
     from edge_tl.train import TrainConfig
 
-STRATEGY_NAMES = (
-    "linear-probe",
-    "finetune",
-    "full",
-    "selective",
-    "bn-only",
-    "bias-only",
-    "gradual",
-    "from-scratch",
-)
 
 EPILOG = "Docs and examples: README.md. Every command exits 2 with a one-line error on bad input."
 
@@ -88,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("data", help="ImageFolder path, or 'elpv'")
     t.add_argument("--out", required=True, type=Path, help="run folder to create")
     _training_args(t)
-    t.add_argument("--strategy", default="finetune", help=f"one of {', '.join(STRATEGY_NAMES)}")
+    t.add_argument("--strategy", default="finetune", help=f"one of {', '.join(STRATEGIES)}")
     t.add_argument("--force", action="store_true", help="replace an existing --out")
     t.add_argument(
         "--resume", action="store_true", help="continue an interrupted run from OUT.checkpoint.pt"
@@ -308,45 +299,24 @@ def _training_args(t: argparse.ArgumentParser) -> None:
 
 
 def _config(args, strategy: str) -> TrainConfig:
+    from dataclasses import fields
+
     from edge_tl.train import TrainConfig
 
     try:
         stages = tuple(int(s) for s in args.stages.split(",") if s.strip())
     except ValueError:
         raise EdgeTLError(f"--stages {args.stages!r} must be integers like 5,6") from None
-    return TrainConfig(
-        backbone=args.backbone,
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values.update(
         strategy=strategy,
-        weights=args.weights,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr_head=args.lr_head,
-        lr_backbone=args.lr_backbone,
-        layer_decay=args.layer_decay,
-        weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing,
-        dropout=args.dropout,
-        train_stages=args.train_stages,
         stages=stages,
         params=tuple(p.strip() for p in args.params.split(",") if p.strip()),
-        unfreeze_every=args.unfreeze_every,
-        patience=args.patience,
-        balance=args.balance,
-        augment=args.augment,
-        views=args.views,
         cache=not args.no_cache,
-        freeze_bn=args.freeze_bn,
-        test_frac=args.test_frac,
-        val_frac=args.val_frac,
-        train_per_class=args.train_per_class,
-        seed=args.seed,
         onnx_cache=not args.no_onnx_cache,
-        device=args.device,
-        precision=args.precision,
         channels_last=not args.no_channels_last,
-        compile=args.compile,
-        workers=args.workers,
     )
+    return TrainConfig(**values)
 
 
 def _train(args) -> int:

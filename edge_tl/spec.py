@@ -21,6 +21,18 @@ INPUT_NAME = "image"
 EMBEDDING = "embedding"
 FEATURES_S8 = "features_s8"
 FEATURES_S16 = "features_s16"
+STRATEGIES = (
+    "linear-probe",
+    "finetune",
+    "full",
+    "selective",
+    "bn-only",
+    "bias-only",
+    "gradual",
+    "from-scratch",
+)
+"""Transfer strategies by name (``edge_tl.train.policies`` says what each trains)."""
+DEFAULT_STRATEGY = "finetune"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 
 

@@ -6,8 +6,8 @@ Example:
     >>> metrics = train("../shared/data/neu_det", "runs/neu", TrainConfig())  # doctest: +SKIP
 """
 
+from edge_tl.spec import DEFAULT_STRATEGY, STRATEGIES
 from edge_tl.train.core import TrainConfig, checkpoint_path, load_run, run_splits, train
-from edge_tl.train.policies import DEFAULT_STRATEGY, STRATEGIES
 
 __all__ = [
     "DEFAULT_STRATEGY",

@@ -19,11 +19,10 @@ from typing import Any
 
 from edge_tl.bundle import check_destination, read_json
 from edge_tl.errors import EdgeTLError
+from edge_tl.spec import STRATEGIES
 from edge_tl.train.core import RUN_FILE, TrainConfig
-from edge_tl.train.policies import STRATEGIES
 
 COMPARE_FILE = "compare.json"
-TRANSFER = tuple(s for s in STRATEGIES if s != "from-scratch")
 
 
 def _child(data: str, out: str, config: dict[str, Any], error_file: str) -> None:
@@ -140,6 +139,7 @@ def _row(m: dict[str, Any]) -> dict[str, Any]:
     return {
         "test_accuracy": m["test_accuracy"],
         "test_macro_f1": m.get("test_macro_f1"),
+        "val_accuracy": m.get("val_accuracy"),
         "train_seconds": m.get("train_seconds"),
         "seconds_per_epoch": m.get("seconds_per_epoch"),
         "epochs_run": m.get("epochs_run", 1),
@@ -217,13 +217,10 @@ def _f(v: Any, fmt: str = "{:.4f}") -> str:
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
-    try:
-        import matplotlib
+    from edge_tl.train.plots import pyplot, save
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:  # pragma: no cover - matplotlib is in the train extra
+    plt = pyplot()
+    if plt is None:  # pragma: no cover - matplotlib is in the train extra
         return False
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
     for r in rows:
@@ -232,19 +229,12 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
             ep = [x["epoch"] for x in h]
             ax_loss.plot(ep, [x["train_loss"] for x in h], "o-", label=r["strategy"])
             ax_acc.plot(ep, [x["val_accuracy"] for x in h], "o-", label=r["strategy"])
-        else:  # linear probe: one fit, drawn as a level
-            ax_acc.axhline(
-                r["test_accuracy"], ls="--", lw=1, color="grey", label=f"{r['strategy']} (test)"
-            )
+        elif r.get("val_accuracy") is not None:  # linear probe: one fit, drawn as a level
+            ax_acc.axhline(r["val_accuracy"], ls="--", lw=1, color="grey", label=r["strategy"])
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
     ax_acc.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for a in fig.axes:
-        a.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path, title)
     return True

@@ -36,12 +36,12 @@ from edge_tl.errors import EdgeTLError
 from edge_tl.progress import progress, say
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.runtime.preprocess import load_image, to_pixels
-from edge_tl.spec import FORMAT_VERSION
+from edge_tl.spec import DEFAULT_STRATEGY, FORMAT_VERSION, STRATEGIES
 from edge_tl.train import distributed as dist
 from edge_tl.train.augment import Augment, augment, normalise, parse_augment
 from edge_tl.train.cache import cache_activations, run_prefix
 from edge_tl.train.plots import plot_history
-from edge_tl.train.policies import DEFAULT_STRATEGY, STRATEGIES, Policy, make_policy
+from edge_tl.train.policies import Policy, make_policy
 from edge_tl.train.policies import set_train_modes as _set_train_modes
 
 RUN_FILE = "run.json"

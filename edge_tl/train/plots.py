@@ -1,20 +1,39 @@
-"""Training curves as a PNG beside history.csv (matplotlib, Agg backend, no display)."""
+"""Training curves as PNGs (matplotlib, Agg backend, no display)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def plot_history(history: list[dict], path: str | Path, title: str) -> bool:
-    """Loss and accuracy per epoch (train and validation), with the epoch whose weights were
-    kept (best validation accuracy) marked. Returns False without matplotlib."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only), or None without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
     except ImportError:  # pragma: no cover - matplotlib is in the train extra
+        return None
+    return plt
+
+
+def save(fig, path: str | Path, title: str) -> None:
+    """Integer epochs on every x axis, a title, tight layout; written and closed."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    pyplot().close(fig)
+
+
+def plot_history(history: list[dict], path: str | Path, title: str) -> bool:
+    """Loss and accuracy per epoch (train and validation), with the epoch whose weights were
+    kept (best validation accuracy) marked. Returns False without matplotlib."""
+    plt = pyplot()
+    if plt is None:  # pragma: no cover
         return False
     epochs = [r["epoch"] for r in history]
     best = max(history, key=lambda r: (r["val_accuracy"], -r["val_loss"]))["epoch"]
@@ -28,10 +47,5 @@ def plot_history(history: list[dict], path: str | Path, title: str) -> bool:
         ax.grid(alpha=0.3)
         ax.legend()
     ax_acc.set_ylim(top=1.0)
-    for a in fig.axes:
-        a.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path, title)
     return True

@@ -29,18 +29,8 @@ from torch import nn
 
 from edge_tl.backbones import FeatureModel
 from edge_tl.errors import EdgeTLError
+from edge_tl.spec import STRATEGIES
 
-STRATEGIES = (
-    "linear-probe",
-    "finetune",
-    "full",
-    "selective",
-    "bn-only",
-    "bias-only",
-    "gradual",
-    "from-scratch",
-)
-DEFAULT_STRATEGY = "finetune"
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 

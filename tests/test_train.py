@@ -324,3 +324,20 @@ def test_resnet_weights_path_without_internet_asks_for_a_local_file(monkeypatch,
     with pytest.raises(EdgeTLError, match="pass --weights PATH"):
         build("resnet18")
     assert Path(tmp_path).exists()
+
+
+def test_balanced_sampler_evens_out_a_rare_class():
+    from edge_tl.train.core import _epoch_batches
+
+    y = np.array([0] * 90 + [1] * 10)
+    gen = torch.Generator().manual_seed(0)
+    plain = np.concatenate(_epoch_batches(y, TrainConfig(batch_size=10), gen, 1))
+    assert sorted(plain.tolist()) == list(range(100))  # a permutation: each image once
+    drawn = np.concatenate(
+        [
+            np.concatenate(_epoch_batches(y, TrainConfig(balance="sampler", batch_size=10), gen, 1))
+            for _ in range(20)
+        ]
+    )
+    share = float((y[drawn] == 1).mean())
+    assert 0.45 < share < 0.55, share

@@ -546,11 +546,9 @@ def _fit(
     weight = None
     if config.balance == "loss":
         counts = np.bincount(data.y["train"], minlength=n_classes).astype(np.float64)
-        weight = torch.tensor(
-            len(counts) and counts.sum() / (n_classes * np.maximum(counts, 1)),
-            dtype=torch.float32,
-            device=device,
-        )
+        # inverse class frequency, mean 1 over classes (as scikit-learn's "balanced")
+        balanced = counts.sum() / (n_classes * np.maximum(counts, 1))
+        weight = torch.tensor(balanced, dtype=torch.float32, device=device)
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
     eval_loss = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(config.seed)
@@ -658,6 +656,10 @@ def _fit(
             if on_epoch_end is not None:
                 on_epoch_end(row)
         if stopped is not None:
+            say(
+                f"early stop: no better validation score for {config.patience} epochs; "
+                f"keeping the best epoch's weights"
+            )
             break
     model.load_state_dict(best)
     _, test_acc, test_pred = _evaluate(model, data, "test", eval_loss, device, autocast)

@@ -117,6 +117,13 @@ class TrainConfig:
             raise EdgeTLError("--batch-size must be at least 2 (batch norm needs two samples)")
         if not 0 < self.layer_decay <= 1:
             raise EdgeTLError("--layer-decay must be in (0, 1]")
+        if not 0 <= self.dropout < 1:
+            raise EdgeTLError("--dropout must be in [0, 1)")
+        if self.strategy == "selective" and not self.stages and not self.params:
+            raise EdgeTLError(
+                "selective needs --stages (e.g. 5,6) and/or --params (e.g. 'net.layer4.*')"
+            )
+        parse_augment(self.augment, grey=True)  # a typo fails now, not after caching
         if self.strategy == "linear-probe" and not self.cache:
             raise EdgeTLError("linear-probe always caches embeddings; drop --no-cache")
 

@@ -45,11 +45,15 @@ def main(argv: list[str] | None = None) -> int:
 def _kept_after_interrupt(args: argparse.Namespace) -> str:
     out = getattr(args, "out", None)
     if args.command == "train" and out is not None:
-        ckpt = out.with_name(out.name + ".checkpoint.pt")
+        from edge_tl.train.core import checkpoint_path
+
+        ckpt = checkpoint_path(out)
         if ckpt.is_file():
             return f"finished epochs are saved in {ckpt}; rerun with --resume to continue"
     if args.command == "compare" and out is not None:
-        work = out.with_name(out.name + ".partial")
+        from edge_tl.train.compare import partial_path
+
+        work = partial_path(out)
         if work.is_dir():
             return f"finished strategies are kept in {work}; rerun with --resume to continue"
     return "nothing was written"

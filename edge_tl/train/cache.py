@@ -36,50 +36,64 @@ class _Prefix(nn.Module):
         return self.features.forward_until(x, self.block)
 
 
-def run_prefix(
-    features: nn.Module,
-    batches: Iterable[np.ndarray],
-    size: int,
-    block: int | None = None,
-    use_onnx: bool = True,
-) -> np.ndarray:
-    """Run the frozen prefix (``features`` up to ``block``; the embedding when ``None``).
+class PrefixRunner:
+    """The frozen prefix (``features`` up to ``block``; the embedding when ``None``), exported
+    once and run over as many batches as needed.
 
-    Args:
-        batches: network inputs ``float32[n, 3, size, size]``, in order.
-
-    Returns:
-        ``float32[N, ...]`` activations, the batches concatenated.
-
-    Raises:
-        EdgeTLError: the exported prefix disagrees with PyTorch on the first batch.
+    Example:
+        >>> with PrefixRunner(features, 224, block=11) as run:  # doctest: +SKIP
+        ...     train_acts, val_acts = run(train_batches), run(val_batches)
     """
-    from edge_tl.runtime.engine import OrtEngine
 
-    prefix = _Prefix(features, block).eval()
-    chunks: list[np.ndarray] = []
-    if not use_onnx:
-        with torch.no_grad():
-            for x in batches:
-                chunks.append(prefix(torch.from_numpy(x)).numpy())
-        return np.concatenate(chunks)
-    with tempfile.TemporaryDirectory(prefix="edge_tl_cache_") as tmp:
-        path = Path(tmp) / "prefix.onnx"
-        onnx_export(prefix, path, size, ("out",))
-        engine = OrtEngine(path)
+    def __init__(
+        self, features: nn.Module, size: int, block: int | None = None, use_onnx: bool = True
+    ) -> None:
+        self.prefix = _Prefix(features, block).eval()
+        self.size, self.use_onnx = size, use_onnx
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._engine = None
+        self._checked = False
+
+    def __enter__(self) -> PrefixRunner:
+        if self.use_onnx:
+            from edge_tl.runtime.engine import OrtEngine
+
+            self._tmp = tempfile.TemporaryDirectory(prefix="edge_tl_cache_")
+            path = Path(self._tmp.name) / "prefix.onnx"
+            onnx_export(self.prefix, path, self.size, ("out",))
+            self._engine = OrtEngine(path)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._engine = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __call__(self, batches: Iterable[np.ndarray]) -> np.ndarray:
+        """Activations ``float32[N, ...]`` for network inputs ``float32[n, 3, size, size]``.
+
+        Raises:
+            EdgeTLError: the exported prefix disagrees with PyTorch on the first batch.
+        """
+        chunks: list[np.ndarray] = []
         for x in batches:
-            out = engine.run(x, ["out"])["out"]
-            if not chunks:
+            if self._engine is None:
                 with torch.no_grad():
-                    ref = prefix(torch.from_numpy(x[:4])).numpy()
+                    chunks.append(self.prefix(torch.from_numpy(x)).numpy())
+                continue
+            out = self._engine.run(x, ["out"])["out"]
+            if not self._checked:
+                with torch.no_grad():
+                    ref = self.prefix(torch.from_numpy(x[:4])).numpy()
                 tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
                 if not np.abs(out[:4] - ref).max() <= tol:
                     raise EdgeTLError(
                         "activations from the exported prefix do not match PyTorch; "
                         "rerun with --no-onnx-cache to cache them with PyTorch"
                     )
+                self._checked = True
             chunks.append(out)
-    return np.concatenate(chunks)
+        return np.concatenate(chunks)
 
 
 def cache_activations(
@@ -94,4 +108,5 @@ def cache_activations(
     """:func:`run_prefix` over image files, preprocessed as the manifest says."""
     starts = range(0, len(paths), batch_size)
     batches = (batch_inputs(paths[i : i + batch_size], pre) for i in progress(starts, desc=desc))
-    return run_prefix(features, batches, pre.size, block, use_onnx)
+    with PrefixRunner(features, pre.size, block, use_onnx) as run:
+        return run(batches)

@@ -25,6 +25,12 @@ from edge_tl.train.core import RUN_FILE, TrainConfig
 COMPARE_FILE = "compare.json"
 
 
+def partial_path(out: str | Path) -> Path:
+    """Where an unfinished comparison works: beside ``OUT``, renamed to it at the end."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
 def _child(data: str, out: str, config: dict[str, Any], error_file: str) -> None:
     from edge_tl.train.core import train
 
@@ -70,7 +76,7 @@ def compare(
     """
     out = Path(out)
     check_destination(out, force, "comparison")
-    work = out.with_name(out.name + ".partial")
+    work = partial_path(out)
     if work.exists() and not resume:
         if not force:
             raise EdgeTLError(

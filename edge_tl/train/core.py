@@ -39,7 +39,7 @@ from edge_tl.runtime.preprocess import load_image, to_pixels
 from edge_tl.spec import DEFAULT_STRATEGY, FORMAT_VERSION, STRATEGIES
 from edge_tl.train import distributed as dist
 from edge_tl.train.augment import Augment, augment, normalise, parse_augment
-from edge_tl.train.cache import cache_activations, run_prefix
+from edge_tl.train.cache import PrefixRunner, cache_activations
 from edge_tl.train.plots import plot_history
 from edge_tl.train.policies import Policy, make_policy
 from edge_tl.train.policies import set_train_modes as _set_train_modes
@@ -182,20 +182,16 @@ def train(
     out = Path(out)
     ctx = dist.setup()
     ckpt_file = checkpoint_path(out)
-    state = None
     if ctx.is_main:
         check_destination(out, force, "run folder")
-        if resume:
-            state = _load_checkpoint(ckpt_file, config)
-        elif ckpt_file.exists():
+        if not resume and ckpt_file.exists():
             if not force:
                 raise EdgeTLError(
                     f"an interrupted run left {ckpt_file}; pass --resume to continue it or "
                     "--force to start over"
                 )
             ckpt_file.unlink()
-    if resume and not ctx.is_main:
-        state = _load_checkpoint(ckpt_file, config)
+    state = _load_checkpoint(ckpt_file, config) if resume else None
     ds = open_dataset(data)
     splits = run_splits(ds, config)
     _check_splits(ds, splits)
@@ -382,18 +378,18 @@ class _Data:
         cfg, pre = self.config, self.pre
         gen = torch.Generator().manual_seed(cfg.seed + 7919)
         views = []
-        for v in range(cfg.views):
-            desc = f"caching block {block} input" + (
-                f" (view {v + 1}/{cfg.views})" if cfg.views > 1 else ""
-            )
-            keys = ("train",) if v else ("train", "val", "test")
-            for k in keys:
-                batches = self._input_batches(self.paths[k], gen if v else None, desc)
-                acts = run_prefix(features, batches, pre.size, block, cfg.onnx_cache)
-                if k == "train":
-                    views.append(acts)
-                else:
-                    self.acts[k] = acts
+        with PrefixRunner(features, pre.size, block, cfg.onnx_cache) as run:  # exported once
+            for v in range(cfg.views):
+                desc = f"caching block {block} input" + (
+                    f" (view {v + 1}/{cfg.views})" if cfg.views > 1 else ""
+                )
+                keys = ("train",) if v else ("train", "val", "test")
+                for k in keys:
+                    acts = run(self._input_batches(self.paths[k], gen if v else None, desc))
+                    if k == "train":
+                        views.append(acts)
+                    else:
+                        self.acts[k] = acts
         self.acts["train"] = np.stack(views)  # [views, n, ...]
 
     def _input_batches(self, paths, gen, desc) -> Iterator[np.ndarray]:
@@ -447,7 +443,7 @@ class _Data:
 
     def eval_batches(self, split: str) -> Iterator[torch.Tensor]:
         if self.cached:
-            a = self.acts[split][0] if split == "train" else self.acts[split]  # clean view
+            a = self.acts[split]
             for i in range(0, len(a), 128):
                 yield self._prepare(torch.from_numpy(a[i : i + 128]).to(self.device))
             return

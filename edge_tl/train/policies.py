@@ -175,7 +175,7 @@ def make_policy(
                     f"{features.spec.name}; names look like: {example}"
                 )
             for u in units:
-                if any(True for _ in u.params):
+                if u.params:
                     train_modes += [m for m in u.modules if _has_trainable(m)]
     policy = Policy(strategy, None, units, train_modes, pretrained=strategy != "from-scratch")
     policy.boundary = _first_block(features, units)

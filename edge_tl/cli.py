@@ -146,6 +146,12 @@ def _parser() -> argparse.ArgumentParser:
         help="artifact (default): refit the head on this artifact's own embeddings "
         "of the training split; source: keep the head trained in PyTorch",
     )
+    e.add_argument(
+        "--logits",
+        action="store_true",
+        help="also fuse the head into the graph as a 'logits' output (for engines used "
+        "directly, without on-device learning)",
+    )
     e.add_argument("--force", action="store_true", help="replace an existing bundle")
     e.add_argument("--json", action="store_true", help="print the checks as JSON")
     e.set_defaults(func=_export)
@@ -169,10 +175,28 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_evaluate)
 
-    ins = sub.add_parser("inspect", help="print a bundle's manifest and verify its hashes")
+    ins = sub.add_parser(
+        "inspect",
+        help="print a bundle's manifest, fidelity table and verified hashes",
+        description="Read BUNDLE's manifest, check every file's SHA-256 and print the "
+        "artifact, preprocessing, outputs, the fidelity table measured at export and the "
+        "accuracy-control steps. Nothing is run.",
+    )
     ins.add_argument("bundle", type=Path)
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=_inspect)
+
+    ver = sub.add_parser(
+        "verify",
+        help="check a bundle on this host: hashes and the embedding self-test (torch-free)",
+        description="Check every file's SHA-256, load the engine and run the bundle's "
+        "reference images: their embeddings must match FP32 within the tolerance the export "
+        "recorded. Exit 0 when the bundle is fit to run here, 2 when not (or when the recipe "
+        "says warn: 0 with a warning).",
+    )
+    ver.add_argument("bundle", type=Path)
+    ver.add_argument("--json", action="store_true")
+    ver.set_defaults(func=_verify)
 
     d = sub.add_parser(
         "demo",
@@ -296,6 +320,13 @@ def _training_args(t: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
     t.add_argument(
+        "--qat",
+        action="store_true",
+        help="quantization-aware fine-tuning: train through simulated INT8 rounding (weights "
+        "per channel, activations per tensor) so an INT8 export keeps the accuracy; runs "
+        "uncached",
+    )
+    t.add_argument(
         "--no-onnx-cache",
         action="store_true",
         help="cache boundary activations with PyTorch instead of ONNX Runtime",
@@ -372,6 +403,7 @@ def _export(args) -> int:
         head_fit=args.head_fit,
         force=args.force,
         weights=args.weights,
+        logits=args.logits,
     )
     if args.json:
         _print_json(m.metrics)
@@ -434,10 +466,13 @@ def _evaluate(args) -> int:
 
 def _inspect(args) -> int:
     from edge_tl.bundle import read_manifest
+    from edge_tl.fidelity import table
 
     m = read_manifest(args.bundle, verify=True)
+    report_path = args.bundle / "fidelity.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
     if args.json:
-        _print_json({**m.to_dict(), "hashes_verified": True})
+        _print_json({**m.to_dict(), "hashes_verified": True, "fidelity": report})
         return 0
     a = m.artifact
     print(f"bundle {args.bundle}: {m.backbone}, {a.format} {a.precision} (recipe {a.recipe})")
@@ -450,10 +485,52 @@ def _inspect(args) -> int:
         f"  labels ({len(m.labels)}): {', '.join(m.labels[:8])}"
         + (" ..." if len(m.labels) > 8 else "")
     )
-    for k, v in m.metrics.items():
-        print(f"  {k}: {v}")
+    if a.engine_options:
+        print(f"  engine options: {a.engine_options}")
+    if m.self_test:
+        st = m.self_test
+        print(
+            f"  self-test: {st['file']}, cosine >= {st['min_cosine']} on load "
+            f"({st['on_fail']} otherwise; {st['export_cosine']} on {st['export_host']})"
+        )
+    if report is not None:
+        print(
+            f"fidelity ({report['checked_on']}, {report['n_images']} images, on "
+            f"{report['host']['cpu']}): {report['verdict']}"
+        )
+        print(table(report))
+        for step in report.get("accuracy_control") or []:
+            drop = "" if step["top1_drop"] is None else f", top-1 drop {step['top1_drop']:.4f}"
+            print(
+                f"  {'pass' if step['passed'] else 'miss'}: {step['step']} (cosine "
+                f"{step['cosine_mean']:.4f}{drop})"
+            )
     for f, h in m.files.items():
-        print(f"  verified {f} sha256 {h[:16]}...")
+        print(f"verified {f} sha256 {h[:16]}...")
+    return 0
+
+
+def _verify(args) -> int:
+    from edge_tl.runtime import Model
+
+    model = Model(args.bundle, self_test=False)  # hashes checked here
+    from edge_tl.runtime.selftest import enforce, run_self_test
+
+    result = run_self_test(model.path, model.manifest, model.engine)
+    out = {"bundle": str(args.bundle), "hashes_verified": True, "self_test": result}
+    if args.json:
+        _print_json(out)
+    elif result is None:
+        print(f"{args.bundle}: hashes verified; the bundle has no self-test")
+    else:
+        verdict = "passed" if result["passed"] else "FAILED"
+        print(
+            f"{args.bundle}: hashes verified; self-test {verdict} on {result['host']} "
+            f"({result['cpu_class']}): embedding cosine vs FP32 {result['cosine']:.4f} "
+            f"(min {result['cosine_min']:.4f}; needs >= {result['min_cosine']:.4f}; "
+            f"{result['export_cosine']} at export), {result['ms']:.0f} ms"
+        )
+    enforce(model.path, result)
     return 0
 
 

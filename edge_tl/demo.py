@@ -67,6 +67,13 @@ def run_demo(
         bundle = out / "bundles" / recipe
         bundle.parent.mkdir(exist_ok=True)
         manifest = export_bundle(bundle, recipe, run=out / "run", force=True)
+        report = json.loads((bundle / "fidelity.json").read_text())
+        print(
+            f"      fidelity vs FP32 PyTorch: embedding cosine "
+            f"{manifest.metrics['embedding_cosine_vs_fp32']['mean']:.4f}, {report['verdict']} "
+            f"(report: {bundle / 'fidelity.md'})",
+            flush=True,
+        )
         print(
             f"[3/4] evaluating {recipe} on the held-out split (torch-free runtime) ...", flush=True
         )

@@ -2,12 +2,16 @@
 (FP32, FP16, or INT8 through NNCF).
 
 Calibration data is one source (``float32[N,3,H,W]``) with two thin adapters, as ORT's
-``CalibrationDataReader`` and ``nncf.Dataset`` expect.
+``CalibrationDataReader`` and ``nncf.Dataset`` expect. ORT calibration ranges are cached in
+a work folder (ORT's own ``calibration_cache_path``), so re-quantizing with other nodes
+left in FP32 (the accuracy-control ladder) does not calibrate again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import shutil
 import sys
 import tempfile
@@ -17,16 +21,26 @@ from pathlib import Path
 import numpy as np
 
 from edge_tl.errors import EdgeTLError, require
-from edge_tl.spec import INPUT_NAME, Recipe
+from edge_tl.spec import EMBEDDING, INPUT_NAME, Recipe
 
 _ORT_TYPES = {"u8": "QUInt8", "s8": "QInt8"}
 _ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
 def build_artifact(
-    onnx_fp32: str | Path, recipe: Recipe, calib: np.ndarray | None, out_dir: str | Path
+    onnx_fp32: str | Path,
+    recipe: Recipe,
+    calib: np.ndarray | None,
+    out_dir: str | Path,
+    work_dir: str | Path | None = None,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """Write the recipe's artifact into ``out_dir``.
+
+    Args:
+        work_dir: where calibration caches live between calls (a temporary folder if None).
+        validation: ``(inputs, fp32_embeddings)``: turns NNCF quantization into NNCF's
+            accuracy control, on embedding cosine (see :func:`quantize_nncf`).
 
     Returns:
         ``(files, engine_options)``: file names relative to ``out_dir`` (the engine opens the
@@ -36,57 +50,108 @@ def build_artifact(
     options = dict(recipe.engine_options)
     if recipe.precision == "int8" and (calib is None or len(calib) == 0):
         raise EdgeTLError(f"recipe {recipe.name} quantizes to INT8 and needs --calib images")
-    if recipe.format == "onnx":
-        if recipe.precision == "fp32":
-            shutil.copyfile(onnx_fp32, out_dir / "backbone.onnx")
-        elif recipe.quantization == "ort-static":
-            quantize_ort(onnx_fp32, out_dir / "backbone.onnx", calib, recipe)
-        else:
-            raise EdgeTLError(f"recipe {recipe.name}: format onnx supports fp32 or ort-static int8")
-        return ["backbone.onnx"], options
+    with contextlib.ExitStack() as stack:
+        if work_dir is None:
+            work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="edge_tl_q_"))
+        if recipe.format == "onnx":
+            if recipe.precision == "fp32":
+                shutil.copyfile(onnx_fp32, out_dir / "backbone.onnx")
+            elif recipe.quantization == "ort-static":
+                quantize_ort(onnx_fp32, out_dir / "backbone.onnx", calib, recipe, Path(work_dir))
+            else:
+                raise EdgeTLError(
+                    f"recipe {recipe.name}: format onnx supports fp32 or ort-static int8"
+                )
+            return ["backbone.onnx"], options
     ov = require("openvino", "export")
     model = ov.convert_model(str(onnx_fp32))
     if recipe.quantization == "nncf":
-        model = quantize_nncf(model, calib, recipe)
+        model = quantize_nncf(model, calib, recipe, validation)
     elif recipe.precision not in ("fp32", "fp16"):
         raise EdgeTLError(f"recipe {recipe.name}: format openvino supports fp32, fp16 or nncf int8")
     ov.save_model(model, str(out_dir / "backbone.xml"), compress_to_fp16=recipe.precision == "fp16")
     return ["backbone.xml", "backbone.bin"], options
 
 
-def quantize_ort(src: str | Path, dst: str | Path, calib: np.ndarray, recipe: Recipe) -> None:
-    """Static INT8, QDQ format, per-channel weights, as the recipe says."""
+def quantize_ort(
+    src: str | Path, dst: str | Path, calib: np.ndarray, recipe: Recipe, work: Path
+) -> None:
+    """Static INT8, QDQ format, per-channel weights, as the recipe says.
+
+    ``recipe.nodes_to_exclude`` stay in FP32. Calibration ranges are cached in ``work`` per
+    method and calibration set.
+    """
     require("onnxruntime", "export")
     from onnxruntime import quantization as q
 
+    # ORT's histogram calibrators (entropy, percentile) stack batches: keep them one size
+    step = 8 if recipe.calibration_method == "minmax" else 1
+
     class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{INPUT_NAME: calib[i : i + 8]} for i in range(0, len(calib), 8)])
+            self.batches = iter(
+                [{INPUT_NAME: calib[i : i + step]} for i in range(0, len(calib), step)]
+            )
 
         def get_next(self):
             return next(self.batches, None)
 
-    with tempfile.TemporaryDirectory(prefix="edge_tl_ort_") as tmp:
-        pre = Path(tmp) / "pre.onnx"
+    pre = preprocessed(src, work)
+    key = hashlib.sha256(np.ascontiguousarray(calib[:, :, ::8, ::8]).tobytes()).hexdigest()[:12]
+    cache = work / f"calib-{recipe.calibration_method}-{len(calib)}-{key}.json"
+    with warnings.catch_warnings(), _quiet_stdout():
+        warnings.simplefilter("ignore")
+        q.quantize_static(
+            str(pre),
+            str(dst),
+            Reader(),
+            quant_format=q.QuantFormat.QDQ,
+            per_channel=recipe.per_channel,
+            activation_type=getattr(q.QuantType, _ORT_TYPES[recipe.activation_type]),
+            weight_type=getattr(q.QuantType, _ORT_TYPES[recipe.weight_type]),
+            calibrate_method=getattr(q.CalibrationMethod, _ORT_METHODS[recipe.calibration_method]),
+            nodes_to_exclude=list(recipe.nodes_to_exclude) or None,
+            calibration_cache_path=str(cache),
+        )
+
+
+def preprocessed(src: str | Path, work: Path) -> Path:
+    """ORT's quantization pre-processing (shape inference, Conv+BN fusion), done once."""
+    from onnxruntime import quantization as q
+
+    pre = work / "pre.onnx"
+    if not pre.is_file():
         q.quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            q.quantize_static(
-                str(pre),
-                str(dst),
-                Reader(),
-                quant_format=q.QuantFormat.QDQ,
-                per_channel=recipe.per_channel,
-                activation_type=getattr(q.QuantType, _ORT_TYPES[recipe.activation_type]),
-                weight_type=getattr(q.QuantType, _ORT_TYPES[recipe.weight_type]),
-                calibrate_method=getattr(
-                    q.CalibrationMethod, _ORT_METHODS[recipe.calibration_method]
-                ),
-            )
+    return pre
 
 
-def quantize_nncf(model, calib: np.ndarray, recipe: Recipe):
-    """NNCF post-training INT8 of an OpenVINO model (overflow fix as the recipe says)."""
+def conv_nodes(onnx_path: str | Path) -> list[dict[str, object]]:
+    """The quantizable convolutions of an ONNX graph, in order: name and a readable shape."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        if n.op_type != "Conv":
+            continue
+        w = inits.get(n.input[1], ())
+        groups = next((a.i for a in n.attribute if a.name == "group"), 1)
+        kind = "depthwise" if groups > 1 and len(w) == 4 and w[1] == 1 else "conv"
+        shape = f"{kind} {w[2]}x{w[3]} {w[1] * groups}->{w[0]}" if len(w) == 4 else kind
+        out.append({"name": n.name, "index": len(out), "shape": shape})
+    return out
+
+
+def quantize_nncf(
+    model, calib: np.ndarray, recipe: Recipe, validation: tuple[np.ndarray, np.ndarray] | None
+):
+    """NNCF post-training INT8 of an OpenVINO model.
+
+    With ``validation = (inputs, fp32_embeddings)`` NNCF's ``quantize_with_accuracy_control``
+    ranks the quantized layers by what they cost and keeps the worst in FP32 until the mean
+    embedding cosine vs FP32 is within ``1 - recipe.min_cosine`` of the FP32 model's (1.0).
+    """
     nncf = require("nncf", "export")
     from nncf.quantization.advanced_parameters import (
         AdvancedQuantizationParameters,
@@ -94,13 +159,103 @@ def quantize_nncf(model, calib: np.ndarray, recipe: Recipe):
     )
 
     dataset = nncf.Dataset([calib[i : i + 1] for i in range(len(calib))])
+    params = AdvancedQuantizationParameters(overflow_fix=OverflowFix(recipe.overflow_fix))
+    ignored = (
+        nncf.IgnoredScope(names=list(recipe.nodes_to_exclude), validate=False)
+        if recipe.nodes_to_exclude
+        else None
+    )
     # NNCF draws its progress on stdout; keep stdout clean for --json output.
-    with contextlib.redirect_stdout(sys.stderr):
-        return nncf.quantize(
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if validation is None:
+            return nncf.quantize(
+                model,
+                dataset,
+                subset_size=len(calib),
+                fast_bias_correction=recipe.fast_bias_correction,
+                ignored_scope=ignored,
+                advanced_parameters=params,
+            )
+        from nncf.parameters import DropType
+
+        def cosine(compiled, items) -> tuple[float, list[float]]:
+            per_item = []
+            for x, ref in items:
+                got = np.asarray(compiled(x)[compiled.output(EMBEDDING)])[0]
+                per_item.append(
+                    float(got @ ref / (np.linalg.norm(got) * np.linalg.norm(ref) + 1e-12))
+                )
+            return float(np.mean(per_item)), per_item
+
+        inputs, refs = validation
+        items = [(inputs[i : i + 1], refs[i]) for i in range(len(inputs))]
+        return nncf.quantize_with_accuracy_control(
             model,
             dataset,
+            nncf.Dataset(items),
+            validation_fn=cosine,
+            max_drop=1.0 - recipe.min_cosine,
+            drop_type=DropType.ABSOLUTE,
             subset_size=len(calib),
-            advanced_parameters=AdvancedQuantizationParameters(
-                overflow_fix=OverflowFix(recipe.overflow_fix)
-            ),
+            fast_bias_correction=recipe.fast_bias_correction,
+            ignored_scope=ignored,
+            advanced_quantization_parameters=params,
         )
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """ORT's calibrators print their progress on stdout (which may be --json): drop it."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
+LOGITS = "logits"
+
+
+def append_logits(folder: Path, files: list[str], weight_t: np.ndarray, bias: np.ndarray) -> None:
+    """Fuse a linear head into the artifact as a ``logits`` output (``embedding @ W + b``),
+    in FP32, next to the existing outputs; for users who need no on-device learning."""
+    path = folder / files[0]
+    weight_t = np.ascontiguousarray(weight_t, np.float32)
+    bias = np.ascontiguousarray(bias, np.float32)
+    if path.suffix == ".onnx":
+        import onnx
+        from onnx import helper, numpy_helper
+
+        model = onnx.load(str(path))
+        g = model.graph
+        g.initializer.extend(
+            [
+                numpy_helper.from_array(weight_t, "head_weight"),
+                numpy_helper.from_array(bias, "head_bias"),
+            ]
+        )
+        g.node.extend(
+            [
+                helper.make_node(
+                    "MatMul", [EMBEDDING, "head_weight"], ["head_matmul"], "head_MatMul"
+                ),
+                helper.make_node("Add", ["head_matmul", "head_bias"], [LOGITS], "head_Add"),
+            ]
+        )
+        g.output.append(
+            helper.make_tensor_value_info(LOGITS, onnx.TensorProto.FLOAT, ["batch", len(bias)])
+        )
+        onnx.save(model, str(path))
+        return
+    ov = require("openvino", "export")
+    from openvino import opset13 as ops
+
+    core = ov.Core()
+    model = core.read_model(str(path))
+    emb = model.output(EMBEDDING)
+    logits = ops.add(ops.matmul(emb, ops.constant(weight_t), False, False), ops.constant(bias))
+    logits.output(0).set_names({LOGITS})
+    model.add_outputs([logits.output(0)])
+    tmp = folder / "with_logits.xml"  # the .bin being replaced may be memory-mapped
+    ov.save_model(model, str(tmp), compress_to_fp16=False)
+    del model, core
+    os.replace(tmp, path)
+    os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))

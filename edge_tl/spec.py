@@ -81,11 +81,20 @@ class Preprocess:
 RECIPE_FORMATS = ("onnx", "openvino")
 RECIPE_PRECISIONS = ("fp32", "fp16", "int8")
 RECIPE_QUANT = ("none", "ort-static", "nncf")
+SELF_TEST_MODES = ("refuse", "warn", "off")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """An export recipe (``export/*.toml``): what artifact to build and how to check it."""
+    """An export recipe (``export/*.toml``): what artifact to build and how to check it.
+
+    Tolerances: the artifact's pooled embeddings must reach ``min_cosine`` (mean, vs FP32
+    PyTorch on held-out images) and its top-1 accuracy may drop at most ``max_top1_drop``
+    (a fraction). An INT8 artifact that misses them is escalated (``accuracy_control``) and
+    refused when nothing tried reaches them. ``self_test`` says what the device does when its
+    own kernels bend the bundled reference embeddings by more than ``self_test_margin``
+    below the cosine measured at export.
+    """
 
     name: str
     format: str
@@ -97,9 +106,16 @@ class Recipe:
     activation_type: str = "u8"
     weight_type: str = "s8"
     overflow_fix: str = "enable"
+    fast_bias_correction: bool = True
+    nodes_to_exclude: tuple[str, ...] = ()
     parity_atol: float = 1e-4
     min_cosine: float = 0.9
     max_top1_drop: float = 0.01
+    accuracy_control: bool = True
+    max_excluded_nodes: int = 16
+    calibration_subsets: int = 3
+    self_test: str = "refuse"
+    self_test_margin: float = 0.02
     input_size: int = 0
     engine_options: dict[str, str] = field(default_factory=dict)
     description: str = ""
@@ -113,6 +129,7 @@ class Recipe:
             ("weight_type", ("u8", "s8")),
             ("calibration_method", ("minmax", "entropy", "percentile")),
             ("overflow_fix", ("enable", "disable", "first_layer_only")),
+            ("self_test", SELF_TEST_MODES),
         ):
             value = getattr(self, attr)
             if value not in allowed:
@@ -123,6 +140,15 @@ class Recipe:
             raise EdgeTLError(
                 f"recipe {self.name!r}: calibration_size must be >= 1 and parity_atol > 0"
             )
+        if not (0 <= self.min_cosine <= 1 and 0 <= self.max_top1_drop <= 1):
+            raise EdgeTLError(
+                f"recipe {self.name!r}: min_cosine and max_top1_drop are fractions in [0, 1]"
+            )
+        if self.calibration_subsets < 0 or self.max_excluded_nodes < 0:
+            raise EdgeTLError(
+                f"recipe {self.name!r}: calibration_subsets and max_excluded_nodes must be >= 0"
+            )
+        object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
         if (self.precision == "int8") != (self.quantization != "none"):
             raise EdgeTLError(
                 f"recipe {self.name!r}: precision int8 needs a quantization method and "
@@ -213,6 +239,7 @@ class Manifest:
     metrics: dict[str, Any]
     source: dict[str, Any]
     files: dict[str, str]
+    self_test: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

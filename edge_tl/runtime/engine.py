@@ -11,6 +11,9 @@ import numpy as np
 from edge_tl.errors import EdgeTLError, require
 from edge_tl.spec import EMBEDDING, INPUT_NAME, Artifact
 
+DISABLED_OPTIMIZERS = "disabled_optimizers"
+"""ONNX Runtime engine option: comma-separated graph optimizers to leave off."""
+
 
 class Engine(Protocol):
     """Runs the backbone: ``float32[N,3,H,W]`` -> named outputs."""
@@ -35,10 +38,16 @@ class OrtEngine:
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = threads
-        for key, value in (options or {}).items():
+        options = dict(options or {})
+        # not a config entry: graph optimizers to leave off. An INT8 graph that keeps some
+        # convolutions in FP32 needs WeightBiasQuantization off, or ORT quantizes them again.
+        disabled = [o for o in options.pop(DISABLED_OPTIMIZERS, "").split(",") if o]
+        for key, value in options.items():
             so.add_session_config_entry(key, str(value))
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=list(providers))
+            self.session = ort.InferenceSession(
+                str(path), so, providers=list(providers), disabled_optimizers=disabled or None
+            )
         except Exception as e:  # ORT raises its own exception types
             raise EdgeTLError(f"ONNX Runtime cannot load {path}: {e}") from None
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -37,6 +37,10 @@ class LinearHead:
         self._w_t = np.ascontiguousarray(w.T)
         self._b = (self.bias - w @ self.mean).astype(np.float32)
 
+    def folded(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(W[D, K], b[K])`` with the standardisation folded in: logits = x @ W + b."""
+        return self._w_t, self._b
+
     def logits(self, x: np.ndarray) -> np.ndarray:
         return x @ self._w_t + self._b
 

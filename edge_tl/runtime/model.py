@@ -16,6 +16,7 @@ from edge_tl.progress import progress
 from edge_tl.runtime.engine import Engine, make_engine
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.runtime.preprocess import ImageLike, batch_inputs, load_image, to_input
+from edge_tl.runtime.selftest import enforce, run_self_test
 from edge_tl.spec import EMBEDDING, Manifest
 
 
@@ -28,10 +29,16 @@ class Model:
         'scratches'
     """
 
-    def __init__(self, bundle: str | Path, verify: bool = True, threads: int = 0) -> None:
+    def __init__(
+        self, bundle: str | Path, verify: bool = True, threads: int = 0, self_test: bool = True
+    ) -> None:
+        """Open a bundle: check file hashes (``verify``), load the engine and run the bundle's
+        self-test on this host (``self_test``; refuses or warns as the recipe said)."""
         self.path = Path(bundle)
         self.manifest: Manifest = read_manifest(self.path, verify=verify)
         self.engine: Engine = make_engine(self.path, self.manifest.artifact, threads)
+        self.self_test = run_self_test(self.path, self.manifest, self.engine) if self_test else None
+        enforce(self.path, self.self_test)
         head = self.manifest.head
         self.head = LinearHead.load(self.path / head["file"]) if head else None
 

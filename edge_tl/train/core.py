@@ -91,6 +91,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     workers: int = 2
+    qat: bool = False
 
     def __post_init__(self) -> None:
         get_spec(self.backbone)
@@ -124,6 +125,11 @@ class TrainConfig:
                 "selective needs --stages (e.g. 5,6) and/or --params (e.g. 'net.layer4.*')"
             )
         parse_augment(self.augment, grey=True)  # a typo fails now, not after caching
+        if self.qat and self.strategy in ("linear-probe", "from-scratch"):
+            raise EdgeTLError(
+                f"--qat fine-tunes a pretrained backbone through INT8 rounding; it does not "
+                f"apply to {self.strategy} (use finetune, full, selective, ...)"
+            )
         if self.strategy == "linear-probe" and not self.cache:
             raise EdgeTLError("linear-probe always caches embeddings; drop --no-cache")
 
@@ -367,7 +373,8 @@ class _Data:
         self.config, self.device, self.aug = config, device, aug
         self.paths = {k: [ds.paths[i] for i in v] for k, v in splits.items()}
         self.y = {k: ds.labels[v] for k, v in splits.items()}
-        self.cached = config.cache and policy.boundary is not None
+        # QAT runs the frozen layers too, so their INT8 rounding reaches the trained ones
+        self.cached = config.cache and policy.boundary is not None and not config.qat
         self.acts: dict[str, np.ndarray] = {}
         t0 = time.perf_counter()
         if self.cached:
@@ -544,6 +551,12 @@ def _fit(
     ).to(device)
     if config.channels_last:  # faster convolutions on CPUs (~25 %) and GPUs alike
         model = model.to(memory_format=torch.channels_last)
+    qat = None
+    if config.qat:
+        from edge_tl.train.qat import enable_qat
+
+        size = features.spec.preprocess.size
+        qat = enable_qat(features, torch.zeros(2, 3, size, size, device=device))
     groups = _param_groups(model, policy, config)
     opt = torch.optim.AdamW(groups)
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -667,6 +680,8 @@ def _fit(
             break
     model.load_state_dict(best)
     _, test_acc, test_pred = _evaluate(model, data, "test", eval_loss, device, autocast)
+    if qat is not None:  # test accuracy above is through the simulated INT8 rounding
+        qat.remove()
     model.cpu().eval()
     head = LinearHead.from_logits_layer(
         model.head.weight.detach().float().numpy().copy(),
@@ -695,6 +710,7 @@ def _fit(
         "device": str(device),
         "precision": "bf16" if bf16 else "fp32",
         "world_size": ctx.world,
+        "qat": config.qat,
     }
     return head, history, metrics
 

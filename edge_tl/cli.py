@@ -416,8 +416,13 @@ def _export(args) -> int:
         f"{cos['mean']:.4f} (min {cos['min']:.4f})"
     )
     if "test_accuracy" in mt:
-        line += f", held-out accuracy {mt['test_accuracy']:.4f} (n={mt['test_n']})"
-    print(line)
+        line += (
+            f", held-out accuracy {mt['test_accuracy']:.4f} (FP32 {mt['fp32_test_accuracy']:.4f}, "
+            f"n={mt['test_n']})"
+        )
+    if "accuracy_control" in mt:
+        line += f"; accuracy control: {mt['accuracy_control']}"
+    print(line + f"; report {args.out / 'fidelity.md'}")
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -570,10 +571,10 @@ def _plot(path: Path, report: dict[str, Any], plot: dict[str, Any]) -> None:
         ax.set_xticks(
             np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=30, ha="right", fontsize=8
         )
-        lo = min(min(v.values()) for v in pc.values()) * 100
-        ax.set_ylim(max(0, lo - 5), 100.5)
+        lo = max(0.0, min(min(v.values()) for v in pc.values()) * 100 - 5)
+        ax.set_ylim(lo, 100 + (100 - lo) * 0.3)  # headroom for the legend above the bars
         ax.set(title="Per-class accuracy on held-out images", ylabel="accuracy %")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper center", ncol=len(names))
     else:
         ax.text(0.5, 0.5, "no labelled held-out images", ha="center", va="center")
         ax.set_axis_off()
@@ -585,7 +586,8 @@ def _plot(path: Path, report: dict[str, Any], plot: dict[str, Any]) -> None:
             [s["cosine_mean"] for s in steps],
             color=["tab:green" if s["passed"] else "tab:red" for s in steps],
         )
-        ax.set_yticks(range(len(steps)), [s["step"][:38] for s in steps], fontsize=7)
+        labels = [textwrap.fill(s["step"], 30) for s in steps]
+        ax.set_yticks(range(len(steps)), labels, fontsize=7)
         ax.invert_yaxis()
         ax.axvline(report["tolerance"]["min_cosine"], color="k", ls="--", lw=1)
         lo = min(s["cosine_mean"] for s in steps)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -165,8 +165,12 @@ def quantize_nncf(
         if recipe.nodes_to_exclude
         else None
     )
-    # NNCF draws its progress on stdout; keep stdout clean for --json output.
-    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+    # NNCF draws progress bars on stdout and logs each step at INFO: the export prints its
+    # own one line per accuracy-control step, and stdout may be --json
+    nncf_log = logging.getLogger("nncf")
+    level = nncf_log.level
+    nncf_log.setLevel(logging.WARNING)
+    with _quiet_stdout(), warnings.catch_warnings(), _restore(nncf_log, level):
         warnings.simplefilter("ignore")
         if validation is None:
             return nncf.quantize(
@@ -202,6 +206,14 @@ def quantize_nncf(
             ignored_scope=ignored,
             advanced_quantization_parameters=params,
         )
+
+
+@contextlib.contextmanager
+def _restore(logger: logging.Logger, level: int):
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -105,9 +105,12 @@ def _any_bundle():
 
 
 @pytest.fixture(scope="module")
-def strict_refusal(lp_run, tmp_path_factory):
-    """An impossible tolerance: every rung of the ladder is tried, then the export refused."""
+def strict_refusal(lp_run, bundles, tmp_path_factory):
+    """An impossible tolerance: every rung of the ladder is tried, then the export refused
+    (with --force over an existing bundle, which must stay as it was)."""
     root = tmp_path_factory.mktemp("strict")
+    shutil.copytree(bundles["onnx-fp32"], root / "bundle")
+    before = (root / "bundle" / "manifest.json").read_text()
     recipe = root / "strict.toml"
     recipe.write_text(
         'format = "onnx"\nprecision = "int8"\nquantization = "ort-static"\n'
@@ -115,7 +118,10 @@ def strict_refusal(lp_run, tmp_path_factory):
         "calibration_subsets = 0\n"
     )
     with pytest.raises(EdgeTLError) as err:
-        export_bundle(root / "bundle", str(recipe), run=lp_run)
+        export_bundle(root / "bundle", str(recipe), run=lp_run, force=True)
+    assert (root / "bundle" / "manifest.json").read_text() == before
+    Model(root / "bundle")  # hashes and self-test of the old bundle still hold
+    shutil.rmtree(root / "bundle")
     return root, err.value
 
 
@@ -168,3 +174,17 @@ def test_too_few_calibration_images_warn_with_the_real_count(lp_run, tmp_path):
     res = cli("export", lp_run, "--recipe", recipe, "--out", tmp_path / "b")
     assert res.returncode == 0, res.stderr
     assert "warning: only 36 calibration images (the recipe asks for 500)" in res.stderr
+
+
+@pytest.mark.parametrize("recipe", ["onnx-fp32", "openvino-fp32"])
+def test_fused_logits_output_equals_the_bundle_head(lp_run, tmp_path, recipe):
+    m = export_bundle(tmp_path / "b", recipe, run=lp_run, logits=True)
+    assert m.outputs["logits"] == ["batch", 3]
+    model = Model(tmp_path / "b")
+    x = np.load(tmp_path / "b" / "selftest.npz")["pixels"]
+    from edge_tl.runtime.preprocess import normalise_pixels
+
+    out = model.engine.run(normalise_pixels(x, m.preprocess), ("embedding", "logits"))
+    np.testing.assert_allclose(
+        out["logits"], model.head.logits(out["embedding"]), rtol=1e-4, atol=1e-4
+    )

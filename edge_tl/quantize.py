@@ -152,6 +152,9 @@ def quantize_nncf(
     ranks the quantized layers by what they cost and keeps the worst in FP32 until the mean
     embedding cosine vs FP32 is within ``1 - recipe.min_cosine`` of the FP32 model's (1.0).
     """
+    # importing nncf loads torch's C++-extension helper, which warns that no CUDA runtime
+    # exists on a CPU-only workstation: true, and not the user's concern here
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     nncf = require("nncf", "export")
     from nncf.quantization.advanced_parameters import (
         AdvancedQuantizationParameters,

@@ -184,7 +184,7 @@ def export_bundle(
         with atomic_folder(out, force) as bdir:
             say(f"building {rec.name} ({rec.format} {rec.precision})")
             checker = Checker(
-                fp32, rec, calib_inputs, bdir, work, check, reference, fp32_head, head_for
+                fp32, rec, calib_inputs, bdir, work, check, reference, fp32_head, head_for, head
             )
             artifact, engine, chosen, shipped = checker.run_ladder()
             emb = embed(engine_runner(engine), check)

@@ -265,7 +265,7 @@ def append_logits(folder: Path, files: list[str], weight_t: np.ndarray, bias: np
 
     core = ov.Core()
     model = core.read_model(str(path))
-    emb = model.output(EMBEDDING)
+    emb = model.output(EMBEDDING).get_node().input_value(0)  # what feeds the Result node
     logits = ops.add(ops.matmul(emb, ops.constant(weight_t), False, False), ops.constant(bias))
     logits.output(0).set_names({LOGITS})
     model.add_outputs([logits.output(0)])

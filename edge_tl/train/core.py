@@ -412,6 +412,13 @@ class _Data:
         kw: dict[str, Any] = {"num_workers": cfg.workers, "pin_memory": self.device.type == "cuda"}
         if cfg.workers:
             kw["prefetch_factor"] = 4
+            # workers start from a clean server process, not a fork of this one: by now the
+            # process runs ONNX Runtime / OpenVINO thread pools, and forking a threaded
+            # process can crash it (seen as segfaults in long test sessions)
+            if "forkserver" in torch.multiprocessing.get_all_start_methods():
+                # the server imports torch and this module once; workers fork from it cheaply
+                torch.multiprocessing.set_forkserver_preload(["edge_tl.train.core"])
+                kw["multiprocessing_context"] = "forkserver"
         if batches is None:
             return torch.utils.data.DataLoader(_Images(paths, self.pre), batch_size=64, **kw)
         return torch.utils.data.DataLoader(_Images(paths, self.pre), batch_sampler=batches, **kw)

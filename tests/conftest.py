@@ -51,8 +51,8 @@ def bundles(lp_run, tmp_path_factory) -> dict[str, Path]:
 
     12 held-out images make one flipped image 8 pt, and the linear probe's head (L2 picked
     on 4 validation images) flips two of them under INT8 noise, so the INT8 tolerances are
-    loosened to two images and cosine 0.93 here; the default tolerances are exercised on real splits by
-    the benchmarks, and the escalation ladder by tests/test_fidelity.py.
+    loosened to two images and cosine 0.93 here; the default tolerances are exercised on
+    real splits by the benchmarks, and the escalation ladder by tests/test_fidelity.py.
     """
     import dataclasses
 

@@ -341,3 +341,25 @@ def test_balanced_sampler_evens_out_a_rare_class():
     )
     share = float((y[drawn] == 1).mean())
     assert 0.45 < share < 0.55, share
+
+
+@pytest.mark.slow
+def test_finetune_trains_only_after_the_boundary(neu_small, tmp_path):
+    from safetensors.torch import load_file
+
+    from edge_tl.backbones import build
+    from edge_tl.train import TrainConfig, train
+
+    metrics = train(
+        neu_small, tmp_path / "ft", TrainConfig(epochs=2, train_stages=1, test_frac=0.25)
+    )
+    block = metrics["freeze_boundary_block"]
+    state = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    ref = build("efficientnet_lite0")[0].state_dict()
+    frozen = [k for k in ref if k.startswith(("net._conv_stem", "net._bn0", "net._blocks.0."))]
+    assert frozen and all(torch.equal(state[k], ref[k]) for k in frozen)
+    moved = [k for k in ref if k.startswith(f"net._blocks.{block}.") and k.endswith("weight")]
+    assert moved and any(not torch.equal(state[k], ref[k]) for k in moved)
+    history = (tmp_path / "ft" / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,train_loss") and len(history) == 3
+    assert (tmp_path / "ft" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

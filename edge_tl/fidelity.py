@@ -416,12 +416,12 @@ def calibration_spread(
     order = np.random.default_rng(1).permutation(len(pool))
     rows = []
     saved = c.calib
-    plain = dataclasses.replace(chosen)  # accuracy control re-runs are too slow; same settings
     for s in range(subsets):
         paths = [pool[i] for i in sorted(order[s * per : (s + 1) * per])]
         c.calib = Images(paths, c.check.pre).inputs()
         say(f"  calibration subset {s + 1}/{subsets} ({per} images)")
-        _, engine = c.build(plain)
+        # the chosen settings; NNCF accuracy control is not re-run per subset (too slow)
+        _, engine = c.build(chosen)
         m, _ = c.measure(engine)
         rows.append({k: v for k, v in m.items() if not k.startswith("_")})
     c.calib = saved

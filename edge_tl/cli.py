@@ -175,6 +175,78 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_evaluate)
 
+    le = sub.add_parser(
+        "learn",
+        help="teach a bundle classes from a few images, on the device (torch-free)",
+        description="Learn a head on BUNDLE's embeddings from DATA (an ImageFolder of "
+        "support images: DATA/<class>/<images>), or change the current head: --add grows "
+        "it (new examples, new classes), --remove forgets a class, --relabel renames one, "
+        "--import adopts a head learned on another device with the same backbone. Each "
+        "change is a new version in BUNDLE/heads (written atomically; `edge-tl rollback` "
+        "goes back).",
+        epilog=EPILOG,
+    )
+    le.add_argument("bundle", type=Path)
+    le.add_argument("data", nargs="?", help="ImageFolder of support images")
+    le.add_argument(
+        "--head",
+        default="linear",
+        choices=["linear", "prototype", "knn"],
+        help="linear (default): softmax regression; prototype: SimpleShot class means; "
+        "knn: nearest support images",
+    )
+    le.add_argument("--k", type=int, default=1, help="neighbours for --head knn (default 1)")
+    le.add_argument("--add", action="store_true", help="add DATA to the current head")
+    le.add_argument("--remove", metavar="CLASS", help="forget a class")
+    le.add_argument("--relabel", metavar="OLD=NEW", help="rename a class")
+    le.add_argument("--import", dest="import_", metavar="HEAD.npz", help="adopt a head file")
+    le.add_argument(
+        "--quantile",
+        type=float,
+        default=None,
+        help="open set: share of support images (left out one at a time) the threshold "
+        "may call unknown (default 0.05)",
+    )
+    le.add_argument("--threshold", type=float, help="open set: a fixed cosine threshold")
+    le.add_argument("--no-open-set", action="store_true", help="never answer unknown")
+    le.add_argument("--json", action="store_true")
+    le.set_defaults(func=_learn)
+
+    rb = sub.add_parser(
+        "rollback",
+        help="go back to an earlier learned head (torch-free)",
+        description="Make an earlier head version current: by default the one before the "
+        "current; --to N picks one; --list shows them all. Nothing is deleted.",
+    )
+    rb.add_argument("bundle", type=Path)
+    rb.add_argument("--to", type=int, metavar="N")
+    rb.add_argument("--list", action="store_true", help="list the versions, change nothing")
+    rb.add_argument("--json", action="store_true")
+    rb.set_defaults(func=_rollback)
+
+    be = sub.add_parser(
+        "bench",
+        help="latency p50/p95, throughput and peak memory of a bundle (torch-free)",
+        description="Measure BUNDLE in a fresh process: batch-1 predict (end to end) and "
+        "engine latency p50/p95, throughput at --batch, peak RSS. With --device PROFILE "
+        "(raspberry-pi-5, x86-64-avx2, x86-64-vnni, intel-core-ultra, jetson-orin, or a "
+        ".toml) the profile's engine, device and threads are used where this host has "
+        "them, and its budgets are checked; on other hardware the figures approximate it.",
+    )
+    be.add_argument("bundle", type=Path)
+    be.add_argument("--device", metavar="PROFILE", help="device profile name or .toml path")
+    be.add_argument(
+        "--images",
+        nargs="*",
+        default=[],
+        help="images to time (default: the bundle's self-test images)",
+    )
+    be.add_argument("--repeats", type=int, default=40, help="timed predictions (default 40)")
+    be.add_argument("--batch", type=int, default=8, help="batch for throughput (default 8)")
+    be.add_argument("--check", action="store_true", help="exit 3 when a budget does not hold")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(func=_bench)
+
     ins = sub.add_parser(
         "inspect",
         help="print a bundle's manifest, fidelity table and verified hashes",
@@ -434,8 +506,148 @@ def _predict(args) -> int:
         _print_json(results)
     else:
         for r in results:
-            print(f"{r['image']}\t{r['label']}\t{r['score']:.3f}")
+            sim = "" if r["similarity"] is None else f"\tsimilarity {r['similarity']:.3f}"
+            print(f"{r['image']}\t{r['label']}\t{r['score']:.3f}{sim}")
     return 0
+
+
+def _learn(args) -> int:
+    from edge_tl.runtime import Model
+
+    actions = [
+        n
+        for n, v in (
+            ("DATA", args.data),
+            ("--remove", args.remove),
+            ("--relabel", args.relabel),
+            ("--import", args.import_),
+        )
+        if v
+    ]
+    open_set = args.quantile is not None or args.threshold is not None or args.no_open_set
+    if len(actions) > 1:
+        raise EdgeTLError(f"give one of {', '.join(actions)} per call; run learn once for each")
+    if not actions and not open_set:
+        raise EdgeTLError(
+            "nothing to learn: give DATA (an ImageFolder of support images), --remove, "
+            "--relabel, --import, or an open-set setting (--quantile/--threshold/--no-open-set)"
+        )
+    if args.add and not args.data:
+        raise EdgeTLError("--add needs DATA, the images to add")
+    if args.quantile is not None and not 0 <= args.quantile < 1:
+        raise EdgeTLError(f"--quantile must be in [0, 1), not {args.quantile}")
+    if args.k < 1:
+        raise EdgeTLError(f"--k must be at least 1, not {args.k}")
+    relabel = None
+    if args.relabel:
+        old, sep, new = args.relabel.partition("=")
+        if not sep or not old or not new:
+            raise EdgeTLError(f"--relabel takes OLD=NEW, not {args.relabel!r}")
+        relabel = (old, new)
+    model = Model(args.bundle)
+    before = model.state.summary() if model.state is not None else None
+    quantile = None if args.no_open_set else (0.05 if args.quantile is None else args.quantile)
+    if args.data and not args.add:
+        state = model.learn(args.data, head=args.head, quantile=quantile, k=args.k)
+    elif args.data:
+        state = model.add(args.data)
+    elif args.remove:
+        state = model.remove_class(args.remove)
+    elif relabel:
+        state = model.relabel(*relabel)
+    elif args.import_:
+        state = model.import_head(args.import_)
+    else:
+        state = model.state
+    if open_set and (args.data is None or args.add):
+        threshold = None if args.no_open_set else args.threshold
+        state = model.set_threshold(threshold, quantile)
+    elif args.threshold is not None:
+        state = model.set_threshold(args.threshold, quantile)
+    summary = state.summary()
+    if args.json:
+        _print_json({"bundle": str(args.bundle), "head": summary, "previous": before})
+        return 0
+    counts = ", ".join(f"{n} {c}" for n, c in summary["support"].items())
+    thr = summary["threshold"]
+    print(
+        f"{args.bundle}: head v{summary['version']} ({summary['head']}, {summary['op']}): "
+        f"{len(summary['labels'])} classes ({counts} support images); "
+        + ("open set off" if thr is None else f"unknown below similarity {thr:.3f}")
+        + (f"; fit {summary['fit_ms']:.1f} ms" if "fit_ms" in summary else "")
+    )
+    if summary["threshold"] is None and not args.no_open_set and not state.open_set_ready:
+        missing = [n for n, c in summary["support"].items() if c == 0]
+        print(f"  open set needs support images of every class; none for {', '.join(missing)}")
+    return 0
+
+
+def _rollback(args) -> int:
+    from edge_tl.bundle import read_manifest
+    from edge_tl.runtime.learner import HeadStore
+
+    store = HeadStore(args.bundle, read_manifest(args.bundle, verify=True))
+    if args.list:
+        history = store.history()
+        if args.json:
+            _print_json(history)
+        elif not history:
+            print(f"{args.bundle}: no learned head yet (the exported head is in use)")
+        for h in history:
+            if "error" in h:
+                print(f"  v{h['version']}: unreadable ({h['error']})")
+                continue
+            mark = "*" if h["current"] else " "
+            print(
+                f"{mark} v{h['version']} {h['created']} {h['op']:<16} {h['head']:<9} "
+                f"{len(h['labels'])} classes: {', '.join(h['labels'][:6])}"
+                + (" ..." if len(h["labels"]) > 6 else "")
+            )
+        return 0
+    state = store.rollback(args.to)
+    summary = state.summary()
+    if args.json:
+        _print_json(summary)
+    else:
+        print(
+            f"{args.bundle}: head v{summary['version']} is current again ({summary['head']}, "
+            f"{len(summary['labels'])} classes: {', '.join(summary['labels'])})"
+        )
+    return 0
+
+
+def _bench(args) -> int:
+    from edge_tl.runtime.bench import bench
+    from edge_tl.spec import load_profile
+
+    if args.repeats < 1 or args.batch < 1:
+        raise EdgeTLError("--repeats and --batch must be at least 1")
+    profile = load_profile(args.device) if args.device else None
+    for img in args.images:
+        if not Path(img).is_file():
+            raise EdgeTLError(f"image {img} does not exist; pass image files to --images")
+    res = bench(args.bundle, profile, args.images, args.repeats, args.batch)
+    failed = [k for k, b in res.get("budgets", {}).items() if not b["holds"]]
+    if args.json:
+        _print_json(res)
+    else:
+        print(
+            f"{args.bundle} ({res['artifact']}) on {res['host']['cpu']}"
+            + (f", profile {profile.name} (device {res['device_used']})" if profile else "")
+        )
+        print(
+            f"  predict batch 1: p50 {res['predict_p50_ms']:.1f} ms, p95 "
+            f"{res['predict_p95_ms']:.1f} ms (engine alone p50 {res['engine_p50_ms']:.1f}, "
+            f"p95 {res['engine_p95_ms']:.1f}); throughput {res['throughput_ips']:.0f} img/s at "
+            f"batch {res['batch']}; peak RSS {res['peak_rss_mb']:.0f} MB; load "
+            f"{res['load_ms']:.0f} ms"
+        )
+        for name, b in res.get("budgets", {}).items():
+            verdict = "holds" if b["holds"] else "MISSED"
+            print(f"  budget {name}: {b['measured']} vs {b['budget']} -> {verdict}")
+        for note in res.get("notes", []):
+            print(f"  note: {note}")
+    return 3 if args.check and failed else 0
 
 
 def _evaluate(args) -> int:
@@ -463,7 +675,13 @@ def _evaluate(args) -> int:
     if args.json:
         _print_json(res)
     else:
-        print(f"accuracy {res['accuracy']:.4f} on {res['n']} images ({res['artifact']})")
+        head = res["head"]
+        version = "exported head" if head["version"] is None else f"head v{head['version']}"
+        print(
+            f"accuracy {res['accuracy']:.4f} on {res['n']} images ({res['artifact']}, "
+            f"{version}, {head['head']})"
+            + (f"; {res['unknown_rate']:.1%} called unknown" if res["unknown_rate"] else "")
+        )
         for name, pc in res["per_class"].items():
             print(f"  {name:<24} {pc['accuracy']:.4f}  (n={pc['n']})")
     return 0
@@ -472,12 +690,16 @@ def _evaluate(args) -> int:
 def _inspect(args) -> int:
     from edge_tl.bundle import read_manifest
     from edge_tl.fidelity import table
+    from edge_tl.runtime.learner import HeadStore
 
     m = read_manifest(args.bundle, verify=True)
     report_path = args.bundle / "fidelity.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    learned = HeadStore(args.bundle, m).history()
     if args.json:
-        _print_json({**m.to_dict(), "hashes_verified": True, "fidelity": report})
+        _print_json(
+            {**m.to_dict(), "hashes_verified": True, "fidelity": report, "learned_heads": learned}
+        )
         return 0
     a = m.artifact
     print(f"bundle {args.bundle}: {m.backbone}, {a.format} {a.precision} (recipe {a.recipe})")
@@ -498,6 +720,13 @@ def _inspect(args) -> int:
             f"  self-test: {st['file']}, cosine >= {st['min_cosine']} on load "
             f"({st['on_fail']} otherwise; {st['export_cosine']} on {st['export_host']})"
         )
+    for h in learned:
+        if h.get("current"):
+            print(
+                f"  learned head: v{h['version']} of {len(learned)} ({h['head']}, {h['op']}, "
+                f"{h['created']}), {len(h['labels'])} classes, open-set threshold "
+                f"{h['threshold']}; `edge-tl rollback {args.bundle} --list` for all"
+            )
     if report is not None:
         print(
             f"fidelity ({report['checked_on']}, {report['n_images']} images, on "

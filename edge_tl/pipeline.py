@@ -245,6 +245,10 @@ def export_bundle(
             if len(checker.attempts) > 1:
                 metrics["accuracy_control"] = checker.attempts[-1].step
             shipped.save(bdir / "head.npz")
+            head_entry: dict[str, Any] = {"kind": "linear", "file": "head.npz", "fit_on": head_fit}
+            if fit is not None:
+                write_exemplars(bdir / EXEMPLARS, fit_set, pre, engine)
+                head_entry["exemplars"] = EXEMPLARS
             if logits:
                 append_logits(bdir, list(artifact.files), *shipped.folded())
                 outputs = {**outputs, LOGITS: ["batch", len(labels)]}
@@ -289,7 +293,7 @@ def export_bundle(
                 outputs=outputs,
                 artifact=artifact,
                 labels=list(labels),
-                head={"kind": "linear", "file": "head.npz", "fit_on": head_fit},
+                head=head_entry,
                 metrics=metrics,
                 source={**source, "weights_sha256": weights},
                 files=hash_files(bdir),
@@ -297,6 +301,29 @@ def export_bundle(
             )
             write_manifest(bdir, manifest)
     return manifest
+
+
+EXEMPLARS = "exemplars.npz"
+EXEMPLARS_PER_CLASS = 20
+
+
+def write_exemplars(path: Path, fit_set: Dataset, pre, engine, seed: int = 0) -> None:
+    """Artifact embeddings of up to 20 training images per class: on the device they stand
+    for the classes the head already knows when a new class is imprinted, and give the open
+    set its prototypes (a few hundred KB)."""
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate(
+        [
+            rng.permutation(np.flatnonzero(fit_set.labels == c))[:EXEMPLARS_PER_CLASS]
+            for c in np.unique(fit_set.labels)
+        ]
+    )
+    from edge_tl.fidelity import Images, embed, engine_runner
+
+    sub = fit_set.subset(np.sort(idx))
+    images = Images(list(sub.paths), pre, sub.labels, desc="decoding exemplars")
+    x = embed(engine_runner(engine), images)
+    np.savez(path, x=x.astype(np.float32), y=sub.labels.astype(np.int64))
 
 
 def _torch_runner(features):

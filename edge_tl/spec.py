@@ -269,9 +269,20 @@ class DeviceProfile:
     device: str
     recipe: str
     threads: int = 0
-    latency_budget_ms: float = 0.0
-    memory_budget_mb: float = 0.0
+    latency_budget_ms: float = 0.0  # p95 of batch-1 predict, end to end
+    memory_budget_mb: float = 0.0  # peak resident memory of the process
     description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("onnxruntime", "openvino"):
+            raise EdgeTLError(
+                f"device profile {self.name}: engine must be onnxruntime or openvino, "
+                f"not {self.engine!r}"
+            )
+        if self.threads < 0 or self.latency_budget_ms < 0 or self.memory_budget_mb < 0:
+            raise EdgeTLError(
+                f"device profile {self.name}: threads and budgets must be >= 0 (0: none)"
+            )
 
 
 def builtin_profiles() -> list[str]:

@@ -22,7 +22,8 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 def test_runtime_imports_without_torch():
     res = _run("""
-        import edge_tl.runtime, edge_tl.runtime.bench, edge_tl.data, edge_tl.bundle, edge_tl.spec
+        import edge_tl.runtime, edge_tl.runtime.bench, edge_tl.runtime.learner, edge_tl.data
+        import edge_tl.bundle, edge_tl.spec, edge_tl.cli
         try:
             import torch
         except ImportError:
@@ -47,3 +48,22 @@ def test_bundles_run_without_torch(bundles, neu_small):
         """)
         assert res.returncode == 0, res.stderr
         assert res.stdout.split() == ["crazing", "48", "[]"]
+
+
+@pytest.mark.slow
+def test_learning_and_rollback_run_without_torch(bundles, neu_small, tmp_path):
+    import shutil
+
+    bundle = shutil.copytree(bundles["ort-int8"], tmp_path / "b")
+    res = _run(f"""
+        from edge_tl.runtime import Model
+        m = Model({str(bundle)!r})
+        m.learn({str(neu_small)!r}, head="linear")
+        m.add_class("again", [{str(sorted((neu_small / "patches").iterdir())[0])!r}])
+        m.rollback()
+        print(Model({str(bundle)!r}).labels)
+        print(sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "torchvision")
+                     and sys.modules[k] is not None))
+    """)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:2] == ["['crazing', 'patches', 'scratches']", "[]"]

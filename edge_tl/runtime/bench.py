@@ -1,21 +1,32 @@
-"""Batch-1 latency of a bundle: end to end (decode + preprocess + engine + head) and the raw
-engine call alone, measured in the same run so their ratio is meaningful on a noisy host."""
+"""Latency, throughput and memory of a bundle, optionally with a device profile's settings.
+
+:func:`latency`: batch-1 end to end (decode + preprocess + engine + head) and the raw engine
+call alone, interleaved so their ratio is meaningful on a noisy host. :func:`bench`
+(``edge-tl bench``): the same plus throughput and the peak resident memory, measured in a
+fresh process (``python -m edge_tl.runtime.bench``) so nothing the caller loaded counts.
+"""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from edge_tl.errors import EdgeTLError
+from edge_tl.runtime.host import host_info
 from edge_tl.runtime.model import Model
-from edge_tl.runtime.preprocess import load_image, to_input
-from edge_tl.spec import EMBEDDING
+from edge_tl.runtime.preprocess import ImageLike, load_image, to_input
+from edge_tl.spec import EMBEDDING, DeviceProfile
 
 
 def latency(
-    model: Model, images: Sequence[str | Path], repeats: int = 3, warmup: int = 3
+    model: Model, images: Sequence[ImageLike], repeats: int = 3, warmup: int = 3
 ) -> dict[str, float]:
     """p50/p95 milliseconds of ``model.predict([image])`` and of the raw engine call.
 
@@ -51,3 +62,171 @@ def bundle_size_mb(bundle: str | Path) -> float:
 
     files = read_manifest(bundle, verify=False).artifact.files
     return sum((Path(bundle) / f).stat().st_size for f in files) / 1e6
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: reset by exec, unlike ``ru_maxrss``)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource  # not Linux: ru_maxrss (KiB on Linux, bytes on macOS)
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def resolve_device(profile: DeviceProfile, artifact_format: str) -> dict[str, Any]:
+    """The engine settings of ``profile`` that this host can honour, and what it cannot."""
+    from edge_tl.runtime.engine import openvino_device, ort_providers
+
+    engine = {"onnx": "onnxruntime", "openvino": "openvino"}[artifact_format]
+    if profile.engine != engine:
+        raise EdgeTLError(
+            f"device profile {profile.name} runs {profile.engine} bundles and this bundle is "
+            f"for {engine}; export one with --recipe {profile.recipe}"
+        )
+    if engine == "onnxruntime":
+        use, missing = ort_providers(profile.device)
+        device = ",".join(use)
+    else:
+        device, missing = openvino_device(profile.device)
+    return {"engine": engine, "device": device, "missing": missing}
+
+
+def bench(
+    bundle: str | Path,
+    profile: DeviceProfile | None = None,
+    images: Sequence[str] = (),
+    repeats: int = 20,
+    batch: int = 8,
+) -> dict[str, Any]:
+    """Measure ``bundle`` in a fresh process with ``profile``'s engine settings.
+
+    Returns p50/p95 of batch-1 ``predict`` (end to end) and of the engine call, throughput
+    at ``batch``, the peak RSS of the process, and each budget of the profile with whether
+    it holds here. Without ``images`` the bundle's own self-test images are used.
+    """
+    from edge_tl.bundle import read_manifest
+
+    manifest = read_manifest(bundle, verify=False)
+    settings = (
+        resolve_device(profile, manifest.artifact.format)
+        if profile
+        else {"engine": manifest.artifact.format, "device": None, "missing": []}
+    )
+    threads = profile.threads if profile else 0
+    cmd = [
+        sys.executable,
+        "-m",
+        "edge_tl.runtime.bench",
+        json.dumps(
+            {
+                "bundle": str(bundle),
+                "device": settings["device"],
+                "threads": threads,
+                "images": list(images),
+                "repeats": repeats,
+                "batch": batch,
+            }
+        ),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EdgeTLError(f"the benchmark process failed: {last}")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    host = host_info()
+    out["host"] = {k: host[k] for k in ("cpu", "cpu_class", "cores")}
+    if profile is not None:
+        out["profile"] = {
+            "name": profile.name,
+            "description": profile.description,
+            "engine": profile.engine,
+            "device": profile.device,
+            "threads": profile.threads,
+            "recipe": profile.recipe,
+        }
+        out["device_used"] = settings["device"]
+        notes = []
+        if settings["missing"]:
+            notes.append(
+                f"this host lacks {', '.join(settings['missing'])}: ran on {settings['device']}"
+            )
+        if profile.recipe != manifest.artifact.recipe:
+            notes.append(
+                f"the profile expects recipe {profile.recipe}, the bundle has "
+                f"{manifest.artifact.recipe}"
+            )
+        notes.append(
+            f"measured on this host ({host['cpu']}), not on a {profile.name}: the figures "
+            "approximate the device; run `edge-tl bench` there for its own"
+        )
+        out["approximated"] = True
+        out["notes"] = notes
+        budgets = {}
+        if profile.latency_budget_ms:
+            budgets["latency_p95_ms"] = _budget(profile.latency_budget_ms, out["predict_p95_ms"])
+        if profile.memory_budget_mb:
+            budgets["peak_rss_mb"] = _budget(profile.memory_budget_mb, out["peak_rss_mb"])
+        out["budgets"] = budgets
+    return out
+
+
+def _budget(limit: float, measured: float) -> dict[str, Any]:
+    return {"budget": limit, "measured": round(measured, 2), "holds": bool(measured <= limit)}
+
+
+def _child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs in the fresh process: load, warm up, time, and report the peak RSS."""
+    t0 = time.perf_counter()
+    model = Model(spec["bundle"], threads=spec["threads"], device=spec["device"])
+    load_ms = (time.perf_counter() - t0) * 1e3
+    images: list[ImageLike] = list(spec["images"]) or _selftest_images(model)
+    lat = latency(model, images, repeats=max(1, spec["repeats"] // len(images)), warmup=3)
+    pre = model.manifest.preprocess
+    x = np.concatenate(
+        [to_input(load_image(images[i % len(images)]), pre)[None] for i in range(spec["batch"])]
+    )
+    model.engine.run(x, (EMBEDDING,))
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < 2.0 or n < 3:
+        model.engine.run(x, (EMBEDDING,))
+        n += 1
+    seconds = time.perf_counter() - t0
+    return {
+        "bundle": spec["bundle"],
+        "artifact": f"{model.manifest.artifact.format}-{model.manifest.artifact.precision}",
+        "head": model.state.summary() if model.state is not None else None,
+        "load_ms": round(load_ms, 1),
+        **{k: round(v, 2) for k, v in lat.items() if k != "n"},
+        "n": lat["n"],
+        "batch": spec["batch"],
+        "throughput_ips": round(n * spec["batch"] / seconds, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "threads": spec["threads"] or "engine default",
+    }
+
+
+def _selftest_images(model: Model) -> list[ImageLike]:
+    from PIL import Image
+
+    spec = model.manifest.self_test
+    if not spec:
+        raise EdgeTLError(
+            f"bundle {model.path} has no self-test images to time; pass some with --images"
+        )
+    with np.load(model.path / spec["file"], allow_pickle=False) as z:
+        pixels = z["pixels"]
+    hwc = [np.ascontiguousarray(p.transpose(1, 2, 0)) for p in pixels]  # stored CHW
+    return [Image.fromarray(p[..., 0] if p.shape[2] == 1 else p) for p in hwc]
+
+
+if __name__ == "__main__":  # the fresh process of bench()
+    try:
+        print(json.dumps(_child(json.loads(sys.argv[1]))))
+    except EdgeTLError as e:
+        print(f"edge-tl: error: {e}", file=sys.stderr)
+        sys.exit(2)

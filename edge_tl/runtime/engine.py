@@ -85,11 +85,50 @@ class OpenVinoEngine:
         return {name: np.array(by_name[name]) for name in outputs}
 
 
-def make_engine(bundle: str | Path, artifact: Artifact, threads: int = 0) -> Engine:
-    """Open the bundle's artifact with the engine its format needs."""
+def make_engine(
+    bundle: str | Path, artifact: Artifact, threads: int = 0, device: str | None = None
+) -> Engine:
+    """Open the bundle's artifact with the engine its format needs.
+
+    ``device``: for ONNX Runtime, comma-separated execution providers in order of
+    preference (those this host lacks are skipped; the CPU provider is always last); for
+    OpenVINO, a device string (``CPU``, ``GPU``, ``NPU``, ``AUTO:NPU,CPU``).
+    """
     path = Path(bundle) / artifact.files[0]
     if artifact.format == "onnx":
-        return OrtEngine(path, artifact.engine_options, threads)
+        return OrtEngine(path, artifact.engine_options, threads, ort_providers(device)[0])
     if artifact.format == "openvino":
-        return OpenVinoEngine(path, artifact.engine_options, threads)
+        return OpenVinoEngine(path, artifact.engine_options, threads, device or "CPU")
     raise EdgeTLError(f"artifact format {artifact.format!r} is unknown; re-export the bundle")
+
+
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+def ort_providers(device: str | None) -> tuple[list[str], list[str]]:
+    """``(providers to use, providers asked for that this host's ONNX Runtime lacks)``."""
+    ort = require("onnxruntime", "ort")
+    asked = [p.strip() for p in (device or CPU_PROVIDER).split(",") if p.strip()]
+    have = set(ort.get_available_providers())
+    use = [p for p in asked if p in have and p != CPU_PROVIDER] + [CPU_PROVIDER]
+    return use, [p for p in asked if p not in have]
+
+
+def openvino_device(device: str | None) -> tuple[str, list[str]]:
+    """``(device string to use, devices asked for that this host's OpenVINO lacks)``.
+
+    ``AUTO:NPU,GPU,CPU`` keeps the devices present; a plain device that is missing falls
+    back to ``CPU``.
+    """
+    ov = require("openvino", "openvino")
+    have = set(ov.Core().available_devices)
+    device = device or "CPU"
+    prefix, _, rest = device.partition(":")
+    names = [d.strip() for d in (rest if rest else prefix).split(",") if d.strip()]
+    present = [d for d in names if d.split(".")[0] in have or d in have]
+    missing = [d for d in names if d not in present]
+    if not present:
+        return "CPU", missing
+    if rest:
+        return f"{prefix}:{','.join(present)}", missing
+    return present[0], missing

@@ -1,4 +1,8 @@
-"""A loaded bundle: verified files, the engine, preprocessing and the head."""
+"""A loaded bundle: verified files, the engine, preprocessing and the head.
+
+The head is the current learned head state (``heads/``, see :mod:`edge_tl.runtime.learner`)
+when there is one, else the head the bundle was exported with.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +14,18 @@ from typing import Any
 import numpy as np
 
 from edge_tl.bundle import read_manifest
-from edge_tl.data import Dataset
+from edge_tl.data import Dataset, image_folder
 from edge_tl.errors import EdgeTLError
 from edge_tl.progress import progress
+from edge_tl.runtime import learner
 from edge_tl.runtime.engine import Engine, make_engine
 from edge_tl.runtime.heads import LinearHead
+from edge_tl.runtime.learner import UNKNOWN, HeadState, HeadStore
 from edge_tl.runtime.preprocess import ImageLike, batch_inputs, load_image, to_input
 from edge_tl.runtime.selftest import enforce, run_self_test
 from edge_tl.spec import EMBEDDING, Manifest
+
+SupportLike = str | Path | Dataset | dict[str, list[ImageLike]]
 
 
 class Model:
@@ -30,21 +38,46 @@ class Model:
     """
 
     def __init__(
-        self, bundle: str | Path, verify: bool = True, threads: int = 0, self_test: bool = True
+        self,
+        bundle: str | Path,
+        verify: bool = True,
+        threads: int = 0,
+        self_test: bool = True,
+        device: str | None = None,
     ) -> None:
         """Open a bundle: check file hashes (``verify``), load the engine and run the bundle's
-        self-test on this host (``self_test``; refuses or warns as the recipe said)."""
+        self-test on this host (``self_test``; refuses or warns as the recipe said).
+
+        ``device``: ONNX Runtime execution providers (comma-separated, in order) or an
+        OpenVINO device string; default CPU. The current learned head, if any, is loaded.
+        """
         self.path = Path(bundle)
         self.manifest: Manifest = read_manifest(self.path, verify=verify)
-        self.engine: Engine = make_engine(self.path, self.manifest.artifact, threads)
+        self.engine: Engine = make_engine(self.path, self.manifest.artifact, threads, device)
         self.self_test = run_self_test(self.path, self.manifest, self.engine) if self_test else None
         enforce(self.path, self.self_test)
+        self.store = HeadStore(self.path, self.manifest)
+        self.state: HeadState | None = self.store.load() or self._exported_head()
+
+    def _exported_head(self) -> HeadState | None:
         head = self.manifest.head
-        self.head = LinearHead.load(self.path / head["file"]) if head else None
+        if not head:
+            return None
+        exemplars = head.get("exemplars")
+        return learner.workstation_state(
+            LinearHead.load(self.path / head["file"]),
+            self.manifest.labels,
+            self.path / exemplars if exemplars else None,
+        )
 
     @property
     def labels(self) -> list[str]:
-        return self.manifest.labels
+        """The classes the current head knows."""
+        return self.state.labels if self.state is not None else self.manifest.labels
+
+    @property
+    def head(self) -> HeadState | None:
+        return self.state
 
     def embed(
         self, images: Sequence[ImageLike], batch_size: int = 16, desc: str | None = None
@@ -60,28 +93,44 @@ class Model:
         dim = self.manifest.outputs[EMBEDDING][-1]
         return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
-    def _require_head(self) -> LinearHead:
-        if self.head is None:
+    def _require_head(self) -> HeadState:
+        if self.state is None:
             raise EdgeTLError(
-                f"bundle {self.path} has no head; export it from a trained run, or learn one"
+                f"bundle {self.path} has no head; learn one with `edge-tl learn "
+                f"{self.path} DATA`, or export the bundle from a trained run"
             )
-        return self.head
+        return self.state
+
+    def classify(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(proba[N, K], predicted index[N], similarity[N] or None)`` for embeddings;
+        index ``-1`` is unknown (similarity to the predicted class below the threshold)."""
+        state = self._require_head()
+        proba = state.predict_proba(emb)
+        pred = proba.argmax(1)
+        sim = state.similarity(emb, pred)
+        thr = state.threshold
+        if sim is not None and thr is not None:
+            pred = np.where(sim >= thr, pred, -1)
+        return proba, pred, sim
 
     def predict(self, images: Sequence[ImageLike], top_k: int = 1) -> list[dict[str, Any]]:
         """Label, score and top-k per image (one at a time, batch 1, as a camera would)."""
-        head = self._require_head()
+        state = self._require_head()
         if top_k < 1:
             raise EdgeTLError(f"--top-k must be at least 1, not {top_k}")
         results = []
         for src in images:
             x = to_input(load_image(src), self.manifest.preprocess)[None]
-            proba = head.predict_proba(self.engine.run(x, (EMBEDDING,))[EMBEDDING])[0]
+            probas, pred, sim = self.classify(self.engine.run(x, (EMBEDDING,))[EMBEDDING])
+            proba = probas[0]
             order = np.argsort(-proba)[:top_k]
             results.append(
                 {
                     "image": str(src) if not hasattr(src, "size") else "<image>",
-                    "label": self.labels[order[0]],
+                    "label": UNKNOWN if pred[0] < 0 else self.labels[order[0]],
                     "score": float(proba[order[0]]),
+                    "similarity": None if sim is None else round(float(sim[0]), 4),
+                    "threshold": None if state.threshold is None else round(state.threshold, 4),
                     "top_k": [{"label": self.labels[i], "score": float(proba[i])} for i in order],
                 }
             )
@@ -92,7 +141,7 @@ class Model:
 
         ``ds``'s class names must be among the bundle's labels.
         """
-        head = self._require_head()
+        state = self._require_head()
         unknown = [c for c in ds.classes if c not in self.labels]
         if unknown:
             raise EdgeTLError(
@@ -104,19 +153,22 @@ class Model:
             raise EdgeTLError("nothing to evaluate: the data set is empty")
         y = np.asarray([self.labels.index(ds.classes[i]) for i in ds.labels])
         t0 = time.perf_counter()
-        pred = head.predict_proba(self.embed(ds.paths, batch_size, desc="evaluating")).argmax(1)
+        _, pred, _ = self.classify(self.embed(ds.paths, batch_size, desc="evaluating"))
         seconds = time.perf_counter() - t0
         k = len(self.labels)
         cm = np.zeros((k, k), np.int64)
-        np.add.at(cm, (y, pred), 1)
+        known = pred >= 0
+        np.add.at(cm, (y[known], pred[known]), 1)
         present = sorted(set(y.tolist()))
         per_class = {
-            self.labels[c]: {"accuracy": float(cm[c, c] / cm[c].sum()), "n": int(cm[c].sum())}
+            self.labels[c]: {"accuracy": float(cm[c, c] / (y == c).sum()), "n": int((y == c).sum())}
             for c in present
         }
         return {
             "accuracy": float((pred == y).mean()),
             "n": int(len(y)),
+            "unknown_rate": float((~known).mean()),
+            "head": state.summary(),
             "per_class": per_class,
             "labels": [self.labels[c] for c in present],
             "confusion_matrix": cm[np.ix_(present, present)].tolist(),
@@ -124,3 +176,79 @@ class Model:
             "bundle": str(self.path),
             "artifact": f"{self.manifest.artifact.format}-{self.manifest.artifact.precision}",
         }
+
+    # ---- on-device learning (each call writes a new head version) ---------------------
+    def _support(self, data: SupportLike, desc: str = "embedding support images"):
+        if isinstance(data, Dataset):
+            ds = data
+        elif isinstance(data, dict):
+            names = [n for n, imgs in data.items() for _ in imgs]
+            paths = [p for imgs in data.values() for p in imgs]
+            empty = [n for n, imgs in data.items() if not imgs]
+            if empty:
+                raise EdgeTLError(f"class {empty[0]!r} has no images; add images or drop it")
+            return self.embed(paths, desc=desc), names
+        else:
+            ds = image_folder(data)
+        return self.embed(ds.paths, desc=desc), [ds.classes[i] for i in ds.labels]
+
+    def learn(
+        self,
+        data: SupportLike,
+        head: str = learner.DEFAULT_HEAD,
+        quantile: float | None = learner.DEFAULT_QUANTILE,
+        k: int = 1,
+    ) -> HeadState:
+        """Learn a new head from support images: an ImageFolder path, a
+        :class:`~edge_tl.data.Dataset`, or ``{class name: [images]}``. Replaces the current
+        head (the previous one stays as a version for :meth:`rollback`)."""
+        x, names = self._support(data)
+        return self._commit(learner.learn(x, names, head, quantile, k), "learn")
+
+    def add(self, data: SupportLike) -> HeadState:
+        """Add examples and classes to the current head (or to the exported head)."""
+        state = self._require_head()
+        x, names = self._support(data)
+        return self._commit(learner.add(state, x, names), "add")
+
+    def add_class(self, name: str, images: list[ImageLike]) -> HeadState:
+        """Teach one new class from a few images."""
+        if name in self.labels:
+            raise EdgeTLError(
+                f"the head already has a class {name!r}; use add() to give it more examples"
+            )
+        return self.add({name: list(images)})
+
+    def remove_class(self, name: str) -> HeadState:
+        return self._commit(learner.remove(self._require_head(), name), f"remove {name}")
+
+    def relabel(self, old: str, new: str) -> HeadState:
+        return self._commit(learner.relabel(self._require_head(), old, new), f"relabel {old}")
+
+    def set_threshold(
+        self, threshold: float | None = None, quantile: float | None = learner.DEFAULT_QUANTILE
+    ) -> HeadState:
+        """Open set: a fixed similarity ``threshold``, or the leave-one-out ``quantile``
+        (``None`` for both turns rejection off)."""
+        from dataclasses import replace
+
+        state = replace(
+            self._require_head(), quantile=quantile, threshold_override=threshold, meta={}
+        )
+        return self._commit(state, "threshold")
+
+    def import_head(self, path: str | Path) -> HeadState:
+        """Adopt a head state learned elsewhere on the same backbone (e.g. another camera)."""
+        return self._commit(self.store.read(Path(path)), "import")
+
+    def rollback(self, to: int | None = None) -> HeadState:
+        """Go back to an earlier head version (default: the one before the current)."""
+        self.state = self.store.rollback(to)
+        return self.state
+
+    def head_history(self) -> list[dict[str, Any]]:
+        return self.store.history()
+
+    def _commit(self, state: HeadState, op: str) -> HeadState:
+        self.state = self.store.save(state, op)
+        return self.state

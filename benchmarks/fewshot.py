@@ -1,0 +1,285 @@
+"""Few-shot heads on the device, side by side in one run: accuracy, fit time, open set, RSS.
+
+For NEU-DET (6-way) and flowers5 (5-way): the pretrained EfficientNet-Lite0 exported as an
+ONNX FP32 and an ORT INT8 bundle (INT8 calibrated on the data set's own images, unlabelled,
+as a camera's would be on images of its line), every image embedded once by each
+bundle, then N-way K-shot episodes (K = 1, 5, 10; 200 episodes, fixed seeds, 15 queries per
+class) scored with the shipped heads (``edge_tl.runtime.learner``: linear, prototype, k-NN)
+and scikit-learn's ``LogisticRegression`` (defaults, on the raw embeddings) as a reference.
+
+Also: fit time of each head for 6-way 5-shot and of adding a 6th class to a 5-way head
+(median over episodes, embedding extraction excluded and reported separately), accuracy
+after add-a-class vs a full refit, open-set rejection (one class held out as the unknown),
+and the peak RSS of ``edge-tl predict`` with the INT8 bundle in a fresh process.
+
+    .venv/bin/python benchmarks/fewshot.py [--episodes 200] [--work /tmp/edge_tl_fewshot]
+
+Reference to beat (hand-written pipeline, same weights, ImageNet mean/std, FP32):
+NEU-DET SimpleShot 74.4 / 90.9 / 92.7 %, logistic regression 74.8 / 90.8 / 93.1 %;
+flowers5 SimpleShot 33.0 / 47.5 / 51.5 %, logistic regression 33.4 / 48.1 / 52.5 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("EDGE_TL_QUIET", "1")
+
+from edge_tl.data import image_folder  # noqa: E402
+from edge_tl.runtime import Model, learner  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATASETS = ("neu_det", "flowers5")
+RECIPES = {"int8": "ort-int8", "fp32": "onnx-fp32"}
+SHOTS = (1, 5, 10)
+QUERIES = 15
+HEADS = ("linear", "prototype", "knn", "sklearn")
+REFERENCE = {
+    ("neu_det", "prototype"): (74.4, 90.9, 92.7),
+    ("neu_det", "sklearn"): (74.8, 90.8, 93.1),
+    ("flowers5", "prototype"): (33.0, 47.5, 51.5),
+    ("flowers5", "sklearn"): (33.4, 48.1, 52.5),
+}
+
+
+def bundles(data: Path, work: Path) -> dict[str, Path]:
+    """The two bundles of the pretrained backbone for ``data`` (exported once, then reused)."""
+    out = {}
+    for precision, recipe in RECIPES.items():
+        path = work / f"{data.name}-{precision}"
+        if not (path / "manifest.json").is_file():
+            from edge_tl.pipeline import export_bundle
+
+            print(f"  exporting {path.name} ({recipe}, calibrated on {data.name})", flush=True)
+            export_bundle(path, recipe, backbone="efficientnet_lite0", calib=data)
+        out[precision] = path
+    return out
+
+
+def embeddings(bundle: Path, data: Path, work: Path) -> dict[str, np.ndarray]:
+    cache = work / f"{bundle.name}.embeddings.npz"
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    ds = image_folder(data)
+    model = Model(bundle)
+    t0 = time.perf_counter()
+    x = model.embed(ds.paths, batch_size=1)
+    ms = (time.perf_counter() - t0) / len(ds) * 1e3
+    out = {"x": x, "y": ds.labels, "classes": np.array(ds.classes), "embed_ms": np.array(ms)}
+    np.savez(cache, **out)
+    return out
+
+
+def episode(y: np.ndarray, n_classes: int, shots: int, seed: int):
+    rng = np.random.default_rng(seed)
+    sup, qry = [], []
+    for c in range(n_classes):
+        idx = rng.permutation(np.flatnonzero(y == c))[: shots + QUERIES]
+        sup.append(idx[:shots])
+        qry.append(idx[shots:])
+    return np.concatenate(sup), np.concatenate(qry)
+
+
+def fit_predict(head: str, x_s, y_s, names, x_q) -> tuple[np.ndarray, float]:
+    """Predicted class index per query and the fit time (ms) of one head."""
+    if head == "sklearn":
+        from sklearn.linear_model import LogisticRegression
+
+        t0 = time.perf_counter()
+        clf = LogisticRegression(max_iter=1000).fit(x_s, y_s)
+        ms = (time.perf_counter() - t0) * 1e3
+        return clf.predict(x_q), ms
+    t0 = time.perf_counter()
+    state = learner.learn(x_s, [names[i] for i in y_s], head)
+    ms = (time.perf_counter() - t0) * 1e3
+    return _to_data(state, names)[state.predict_proba(x_q).argmax(1)], ms
+
+
+def _to_data(state: learner.HeadState, names: list[str]) -> np.ndarray:
+    """Map the head's class indices to the data set's."""
+    return np.asarray([names.index(n) for n in state.labels])
+
+
+def episodes(emb: dict[str, np.ndarray], n_episodes: int) -> dict:
+    x, y = emb["x"], emb["y"]
+    names = [str(c) for c in emb["classes"]]
+    k = len(names)
+    res: dict = {}
+    for shots in SHOTS:
+        for head in HEADS:
+            accs, ms = [], []
+            for e in range(n_episodes):
+                s, q = episode(y, k, shots, seed=1000 * shots + e)
+                pred, t = fit_predict(head, x[s], y[s], names, x[q])
+                accs.append(float((pred == y[q]).mean()))
+                ms.append(t)
+            a = np.asarray(accs) * 100
+            res[(shots, head)] = {
+                "acc": float(a.mean()),
+                "ci95": float(1.96 * a.std(ddof=1) / np.sqrt(len(a))),
+                "fit_ms": float(np.median(ms)),
+            }
+    return res
+
+
+def add_class(emb: dict[str, np.ndarray], n_episodes: int, shots: int = 5) -> dict:
+    """Learn N-1 classes, then add the last one; vs a full N-way fit on the same support."""
+    x, y = emb["x"], emb["y"]
+    names = [str(c) for c in emb["classes"]]
+    k = len(names)
+    out = {}
+    for head in ("linear", "prototype", "knn"):
+        ms, acc_add, acc_full = [], [], []
+        for e in range(n_episodes):
+            s, q = episode(y, k, shots, seed=7000 + e)
+            base = s[y[s] != k - 1]
+            new = s[y[s] == k - 1]
+            state = learner.learn(x[base], [names[i] for i in y[base]], head)
+            t0 = time.perf_counter()
+            grown = learner.add(state, x[new], [names[i] for i in y[new]])
+            ms.append((time.perf_counter() - t0) * 1e3)
+            full = learner.learn(x[s], [names[i] for i in y[s]], head)
+            for st, acc in ((grown, acc_add), (full, acc_full)):
+                pred = _to_data(st, names)[st.predict_proba(x[q]).argmax(1)]
+                acc.append(float((pred == y[q]).mean()))
+        out[head] = {
+            "add_ms": float(np.median(ms)),
+            "acc_after_add": 100 * float(np.mean(acc_add)),
+            "acc_full_fit": 100 * float(np.mean(acc_full)),
+        }
+    return out
+
+
+def open_set(emb: dict[str, np.ndarray], n_episodes: int, shots: int = 5) -> dict:
+    """Each class in turn is the unknown: learn the others, score the others' queries and
+    the unknown class's images. Rates at the leave-one-out threshold (quantile 0.05)."""
+    x, y = emb["x"], emb["y"]
+    names = [str(c) for c in emb["classes"]]
+    k = len(names)
+    known_ok, unknown_rej, aurocs = [], [], []
+    for e in range(n_episodes):
+        s, q = episode(y, k, shots, seed=9000 + e)
+        out_cls = e % k
+        s, qk = s[y[s] != out_cls], q[y[q] != out_cls]
+        qu = q[y[q] == out_cls]
+        state = learner.learn(x[s], [names[i] for i in y[s]], "linear")
+        sims = []
+        for part in (qk, qu):
+            pred = state.predict_proba(x[part]).argmax(1)
+            sims.append(state.similarity(x[part], pred))
+        thr = state.threshold
+        known_ok.append(float((sims[0] >= thr).mean()))
+        unknown_rej.append(float((sims[1] < thr).mean()))
+        aurocs.append(_auroc(sims[0], sims[1]))
+    return {
+        "known_accepted": 100 * float(np.mean(known_ok)),
+        "unknown_rejected": 100 * float(np.mean(unknown_rej)),
+        "auroc": float(np.mean(aurocs)),
+    }
+
+
+def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(score of a known image > score of an unknown one)."""
+    return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None]).mean())
+
+
+def predict_rss_mb(bundle: Path, image: str) -> float:
+    """Peak RSS (MB) of `edge-tl predict BUNDLE IMAGE` in a fresh process (VmHWM: the
+    high-water mark of this program alone; ``ru_maxrss`` would carry the forking parent's)."""
+    code = (
+        "import sys\n"
+        "from edge_tl.cli import main\n"
+        "from edge_tl.runtime.bench import peak_rss_mb\n"
+        "rc = main(['predict', sys.argv[1], sys.argv[2]])\n"
+        "print('RSS', peak_rss_mb())\n"
+        "sys.exit(rc)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(bundle), image], capture_output=True, text=True
+    )
+    if res.returncode:
+        raise RuntimeError(res.stderr)
+    return float(res.stdout.split("RSS")[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--episodes", type=int, default=200)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/edge_tl_fewshot"))
+    ap.add_argument("--data", nargs="*", default=list(DATASETS))
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"episodes": args.episodes, "datasets": {}}
+    for name in args.data:
+        data = SHARED / name if not Path(name).is_dir() else Path(name)
+        print(f"{data.name}:", flush=True)
+        paths = bundles(data, args.work)
+        emb = {p: embeddings(b, data, args.work) for p, b in paths.items()}
+        t0 = time.perf_counter()
+        res = {p: episodes(e, args.episodes) for p, e in emb.items()}
+        print(f"  episodes: {time.perf_counter() - t0:.0f} s", flush=True)
+        k = len(emb["int8"]["classes"])
+        print(f"\n{data.name} {k}-way, {args.episodes} episodes, {QUERIES} queries per class:")
+        print("| head | K | INT8 acc ± 95 % CI | FP32 acc ± 95 % CI | INT8 − FP32 | reference |")
+        print("|---|---|---|---|---|---|")
+        for head in HEADS:
+            for i, shots in enumerate(SHOTS):
+                a, b = res["int8"][(shots, head)], res["fp32"][(shots, head)]
+                ref = REFERENCE.get((data.name, head))
+                print(
+                    f"| {head} | {shots} | {a['acc']:.1f} ± {a['ci95']:.1f} | "
+                    f"{b['acc']:.1f} ± {b['ci95']:.1f} | {a['acc'] - b['acc']:+.1f} | "
+                    f"{'' if ref is None else ref[i]} |"
+                )
+        fit = {h: res["int8"][(5, h)]["fit_ms"] for h in HEADS}
+        adds = add_class(emb["int8"], min(args.episodes, 100))
+        osr = open_set(emb["int8"], min(args.episodes, 100))
+        print(f"\nfit, {k}-way 5-shot (median ms, INT8 embeddings):")
+        print("  " + "  ".join(f"{h} {v:.2f}" for h, v in fit.items()))
+        print(
+            f"add a {k}th class to a {k - 1}-way 5-shot head (median ms; accuracy after add "
+            "vs full refit):"
+        )
+        for h, v in adds.items():
+            print(
+                f"  {h}: {v['add_ms']:.2f} ms, {v['acc_after_add']:.1f} vs "
+                f"{v['acc_full_fit']:.1f} %"
+            )
+        print(
+            f"embedding extraction (batch 1, engine + preprocessing): INT8 "
+            f"{float(emb['int8']['embed_ms']):.1f} ms/image, FP32 "
+            f"{float(emb['fp32']['embed_ms']):.1f} ms/image (5-shot support of {k} classes: "
+            f"{5 * k * float(emb['int8']['embed_ms']):.0f} ms INT8)"
+        )
+        print(
+            f"open set (one class unknown, 5-shot, linear head, LOO quantile 0.05): known "
+            f"accepted {osr['known_accepted']:.1f} %, unknown rejected "
+            f"{osr['unknown_rejected']:.1f} %, AUROC {osr['auroc']:.3f}\n"
+        )
+        image = image_folder(data).paths[0]
+        rss = predict_rss_mb(paths["int8"], image)
+        print(f"peak RSS of `edge-tl predict` (INT8 bundle, fresh process): {rss:.0f} MB\n")
+        report["datasets"][data.name] = {
+            "episodes": {p: {f"{h}@{s}": v for (s, h), v in r.items()} for p, r in res.items()},
+            "fit_ms_5shot": fit,
+            "add_class": adds,
+            "open_set": osr,
+            "embed_ms": {p: float(e["embed_ms"]) for p, e in emb.items()},
+            "predict_peak_rss_mb": rss,
+        }
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -109,6 +109,9 @@ class HeadState:
         return np.einsum("nd,nd->n", z, self._open["prototypes"][pred])
 
     # ---- prediction -------------------------------------------------------------------
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.head.logits(np.asarray(x, np.float32))
+
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return self.head.predict_proba(np.asarray(x, np.float32))
 

@@ -159,6 +159,49 @@ def add_class(emb: dict[str, np.ndarray], n_episodes: int, shots: int = 5) -> di
     return out
 
 
+def workstation_imprint(emb: dict[str, np.ndarray], shots: int = 5, seed: int = 0) -> dict:
+    """A head trained on all classes but one (half of their images, standardised linear
+    head, as ``edge-tl train --strategy linear-probe`` fits it), 20 exemplars per class as
+    the export stores them; then the held-out class is imprinted from ``shots`` images.
+    Accuracy on the other half, each class in turn the new one."""
+    from edge_tl.runtime.heads import LinearHead, imprint
+
+    x, y = emb["x"], emb["y"]
+    k = int(y.max()) + 1
+    rng = np.random.default_rng(seed)
+    halves = [rng.permutation(np.flatnonzero(y == c)) for c in range(k)]
+    train = [h[: len(h) // 2] for h in halves]
+    test = [h[len(h) // 2 :] for h in halves]
+    old_before, old_after, new_acc, ms = [], [], [], []
+    for new in range(k):
+        known = [c for c in range(k) if c != new]
+        remap = {c: i for i, c in enumerate(known)}
+        tr = np.concatenate([train[c] for c in known])
+        head = LinearHead.fit(x[tr], np.asarray([remap[c] for c in y[tr]]), k - 1)
+        ex = np.concatenate([train[c][:20] for c in known])
+        t0 = time.perf_counter()
+        grown = imprint(
+            head,
+            x[train[new][:shots]],
+            np.zeros(shots, np.int64),
+            1,
+            x[ex],
+            np.asarray([remap[c] for c in y[ex]]),
+        )
+        ms.append((time.perf_counter() - t0) * 1e3)
+        te = np.concatenate([test[c] for c in known])
+        y_te = np.asarray([remap[c] for c in y[te]])
+        old_before.append(float((head.logits(x[te]).argmax(1) == y_te).mean()))
+        old_after.append(float((grown.logits(x[te]).argmax(1) == y_te).mean()))
+        new_acc.append(float((grown.logits(x[test[new]]).argmax(1) == k - 1).mean()))
+    return {
+        "known_before": 100 * float(np.mean(old_before)),
+        "known_after": 100 * float(np.mean(old_after)),
+        "new_class": 100 * float(np.mean(new_acc)),
+        "imprint_ms": float(np.median(ms)),
+    }
+
+
 def open_set(emb: dict[str, np.ndarray], n_episodes: int, shots: int = 5) -> dict:
     """Each class in turn is the unknown: learn the others, score the others' queries and
     the unknown class's images. Rates at the leave-one-out threshold (quantile 0.05)."""
@@ -244,6 +287,7 @@ def main() -> None:
         fit = {h: res["int8"][(5, h)]["fit_ms"] for h in HEADS}
         adds = add_class(emb["int8"], min(args.episodes, 100))
         osr = open_set(emb["int8"], min(args.episodes, 100))
+        ws = workstation_imprint(emb["int8"])
         print(f"\nfit, {k}-way 5-shot (median ms, INT8 embeddings):")
         print("  " + "  ".join(f"{h} {v:.2f}" for h, v in fit.items()))
         print(
@@ -255,6 +299,12 @@ def main() -> None:
                 f"  {h}: {v['add_ms']:.2f} ms, {v['acc_after_add']:.1f} vs "
                 f"{v['acc_full_fit']:.1f} %"
             )
+        print(
+            f"imprint a class into a workstation head ({k - 1} classes, half the images; 5 "
+            f"shots, 20 exemplars per class; each class in turn): known classes "
+            f"{ws['known_before']:.1f} -> {ws['known_after']:.1f} %, new class "
+            f"{ws['new_class']:.1f} %, {ws['imprint_ms']:.2f} ms"
+        )
         print(
             f"embedding extraction (batch 1, engine + preprocessing): INT8 "
             f"{float(emb['int8']['embed_ms']):.1f} ms/image, FP32 "
@@ -274,6 +324,7 @@ def main() -> None:
             "fit_ms_5shot": fit,
             "add_class": adds,
             "open_set": osr,
+            "workstation_imprint": ws,
             "embed_ms": {p: float(e["embed_ms"]) for p, e in emb.items()},
             "predict_peak_rss_mb": rss,
         }

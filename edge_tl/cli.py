@@ -156,22 +156,78 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the checks as JSON")
     e.set_defaults(func=_export)
 
-    pr = sub.add_parser("predict", help="classify images with a bundle (torch-free)")
+    pr = sub.add_parser(
+        "predict",
+        help="classify images, or score them for anomalies, with a bundle (torch-free)",
+        description="Classify IMAGES with BUNDLE's head; on a bundle with an anomaly bank "
+        "(`edge-tl anomaly`), give each image's anomaly score, the threshold and a verdict "
+        "(good/anomalous) instead (--classify forces the head).",
+    )
     pr.add_argument("bundle", type=Path)
     pr.add_argument("images", nargs="+", type=Path)
     pr.add_argument("--top-k", type=int, default=1)
+    pr.add_argument("--classify", action="store_true", help="use the head, not the bank")
+    pr.add_argument(
+        "--maps", type=Path, metavar="DIR", help="anomaly: write heat-map overlay PNGs here"
+    )
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=_predict)
 
+    an = sub.add_parser(
+        "anomaly",
+        help="learn what good parts look like, for defect detection (torch-free)",
+        description="Build BUNDLE's anomaly bank from GOOD_DIR (a folder of good images, or "
+        "an MVTec-layout folder's train/good): patch features of the backbone, a greedy "
+        "k-centre coreset, exact nearest-neighbour search in numpy. The threshold is "
+        "calibrated for --false-alarm on the good images, each scored leave-one-out. --add "
+        "grows the current bank with new good images (a new variant, new lighting) and "
+        "re-calibrates; --false-alarm alone re-calibrates. Each change is a new version in "
+        "BUNDLE/anomaly (`edge-tl rollback BUNDLE --anomaly` goes back).",
+        epilog=EPILOG,
+    )
+    an.add_argument("bundle", type=Path)
+    an.add_argument("good", nargs="?", metavar="GOOD_DIR", help="folder of good images")
+    an.add_argument("--add", action="store_true", help="add GOOD_DIR to the current bank")
+    an.add_argument(
+        "--coreset",
+        type=float,
+        default=None,
+        help="share of the good patches kept in the bank (default 0.1)",
+    )
+    an.add_argument(
+        "--max-mb", type=float, default=None, help="cap on the bank's size in MB (default 16)"
+    )
+    an.add_argument(
+        "--false-alarm",
+        type=float,
+        default=None,
+        help="share of good parts the threshold may flag (default 0.01)",
+    )
+    an.add_argument(
+        "--stages",
+        default="features_s16",
+        help="backbone outputs for patch features, comma-separated (default features_s16; "
+        "features_s8,features_s16 gives a finer map at 4x the search)",
+    )
+    an.add_argument("--pool", type=int, default=3, help="neighbourhood size (default 3)")
+    an.add_argument("--json", action="store_true")
+    an.set_defaults(func=_anomaly)
+
     ev = sub.add_parser(
         "evaluate",
-        help="accuracy of a bundle on a labelled data set (torch-free)",
+        help="accuracy of a bundle on a labelled data set, or anomaly AUROC (torch-free)",
         description="Evaluate BUNDLE on DATA (ImageFolder, or 'elpv'). --split test uses the "
-        "held-out split the bundle's run was trained with.",
+        "held-out split the bundle's run was trained with. On a bundle with an anomaly bank "
+        "and an MVTec-layout DATA (test/good, test/<defect>, optional "
+        "ground_truth/<defect>/<name>_mask.png): image AUROC, pixel AUROC, F1 and "
+        "false-alarm rate at the stored threshold; --maps DIR writes overlays.",
     )
     ev.add_argument("bundle", type=Path)
     ev.add_argument("data")
     ev.add_argument("--split", default="all", choices=["all", "train", "val", "test"])
+    ev.add_argument(
+        "--maps", type=Path, metavar="DIR", help="anomaly: write heat-map overlay PNGs here"
+    )
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_evaluate)
 
@@ -214,11 +270,13 @@ def _parser() -> argparse.ArgumentParser:
 
     rb = sub.add_parser(
         "rollback",
-        help="go back to an earlier learned head (torch-free)",
-        description="Make an earlier head version current: by default the one before the "
-        "current; --to N picks one; --list shows them all. Nothing is deleted.",
+        help="go back to an earlier learned head or anomaly bank (torch-free)",
+        description="Make an earlier head version (--anomaly: bank version) current: by "
+        "default the one before the current; --to N picks one; --list shows them all. "
+        "Nothing is deleted.",
     )
     rb.add_argument("bundle", type=Path)
+    rb.add_argument("--anomaly", action="store_true", help="the anomaly bank, not the head")
     rb.add_argument("--to", type=int, metavar="N")
     rb.add_argument("--list", action="store_true", help="list the versions, change nothing")
     rb.add_argument("--json", action="store_true")
@@ -501,13 +559,83 @@ def _export(args) -> int:
 def _predict(args) -> int:
     from edge_tl.runtime import Model
 
-    results = Model(args.bundle).predict([str(p) for p in args.images], top_k=args.top_k)
+    model = Model(args.bundle)
+    if model.anomaly_state is not None and not args.classify:
+        return _predict_anomaly(model, args)
+    if args.maps:
+        raise EdgeTLError(
+            f"--maps needs an anomaly bank; build one with `edge-tl anomaly {args.bundle} GOOD_DIR`"
+        )
+    results = model.predict([str(p) for p in args.images], top_k=args.top_k)
     if args.json:
         _print_json(results)
     else:
         for r in results:
             sim = "" if r["similarity"] is None else f"\tsimilarity {r['similarity']:.3f}"
             print(f"{r['image']}\t{r['label']}\t{r['score']:.3f}{sim}")
+    return 0
+
+
+def _predict_anomaly(model, args) -> int:
+    from edge_tl.runtime.anomaly import overlay
+
+    results = model.score([str(p) for p in args.images], maps=args.maps is not None)
+    if args.maps is not None:
+        args.maps.mkdir(parents=True, exist_ok=True)
+        for r in results:
+            out = args.maps / f"{Path(r['image']).stem}.png"
+            overlay(r.pop("pil"), r.pop("map"), r["threshold"], r["score"], None).save(out)
+            r["map_png"] = str(out)
+    if args.json:
+        _print_json(results)
+    else:
+        for r in results:
+            extra = f"\t{r['map_png']}" if "map_png" in r else ""
+            thr = f"(threshold {r['threshold']:.3f})"
+            print(f"{r['image']}\t{r['verdict']}\t{r['score']:.3f}\t{thr}{extra}")
+    return 0
+
+
+def _anomaly(args) -> int:
+    from edge_tl.runtime import Model
+    from edge_tl.runtime.anomaly import DEFAULT_CORESET, DEFAULT_FALSE_ALARM, DEFAULT_MAX_MB
+
+    model = Model(args.bundle)
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    if args.good is None:
+        if args.false_alarm is None or args.add:
+            raise EdgeTLError(
+                f"pass GOOD_DIR (a folder of good images), or --false-alarm R alone to "
+                f"re-calibrate the current bank: `edge-tl anomaly {args.bundle} GOOD_DIR`"
+            )
+        state = model.set_false_alarm(args.false_alarm)
+    elif args.add:
+        if args.coreset is not None or args.max_mb is not None:
+            raise EdgeTLError(
+                "--add keeps the bank's --coreset and --max-mb; build a new bank to change them"
+            )
+        state = model.add_good(args.good)
+        if args.false_alarm is not None:
+            state = model.set_false_alarm(args.false_alarm)
+    else:
+        state = model.fit_anomaly(
+            args.good,
+            stages,
+            args.pool,
+            DEFAULT_CORESET if args.coreset is None else args.coreset,
+            DEFAULT_MAX_MB if args.max_mb is None else args.max_mb,
+            DEFAULT_FALSE_ALARM if args.false_alarm is None else args.false_alarm,
+        )
+    summary = state.summary()
+    if args.json:
+        _print_json(summary)
+    else:
+        print(
+            f"{args.bundle}: anomaly bank v{summary['version']} ({summary['op']}): "
+            f"{summary['images']} good images, {summary['bank_patches']} patches "
+            f"({summary['bank_mb']} MB, cap {summary['max_mb']} MB), threshold "
+            f"{summary['threshold']} for {summary['false_alarm']:.1%} false alarms"
+        )
     return 0
 
 
@@ -584,14 +712,19 @@ def _learn(args) -> int:
 
 def _rollback(args) -> int:
     from edge_tl.bundle import read_manifest
+    from edge_tl.runtime.anomaly import AnomalyStore
     from edge_tl.runtime.learner import HeadStore
 
-    store = HeadStore(args.bundle, read_manifest(args.bundle, verify=True))
+    manifest = read_manifest(args.bundle, verify=True)
+    if args.anomaly:
+        return _rollback_anomaly(AnomalyStore(args.bundle, manifest), args)
+    store = HeadStore(args.bundle, manifest)
     if args.list:
         history = store.history()
         if args.json:
             _print_json(history)
-        elif not history:
+            return 0
+        if not history:
             print(f"{args.bundle}: no learned head yet (the exported head is in use)")
         for h in history:
             if "error" in h:
@@ -612,6 +745,35 @@ def _rollback(args) -> int:
         print(
             f"{args.bundle}: head v{summary['version']} is current again ({summary['head']}, "
             f"{len(summary['labels'])} classes: {', '.join(summary['labels'])})"
+        )
+    return 0
+
+
+def _rollback_anomaly(store, args) -> int:
+    if args.list:
+        history = store.history()
+        if args.json:
+            _print_json(history)
+            return 0
+        if not history:
+            print(f"{args.bundle}: no anomaly bank yet")
+        for h in history:
+            if "error" in h:
+                print(f"  v{h['version']}: unreadable ({h['error']})")
+                continue
+            mark = "*" if h["current"] else " "
+            print(
+                f"{mark} v{h['version']} {h['created']} {h['op']:<9} {h['images']} images, "
+                f"{h['bank_patches']} patches, threshold {h['threshold']}"
+            )
+        return 0
+    summary = store.rollback(args.to).summary()
+    if args.json:
+        _print_json(summary)
+    else:
+        print(
+            f"{args.bundle}: anomaly bank v{summary['version']} is current again "
+            f"({summary['images']} images, threshold {summary['threshold']})"
         )
     return 0
 
@@ -655,6 +817,15 @@ def _evaluate(args) -> int:
     from edge_tl.runtime import Model
 
     model = Model(args.bundle)
+    if model.anomaly_state is not None and (Path(args.data) / "test").is_dir():
+        return _evaluate_anomaly(model, args)
+    if (Path(args.data) / "test").is_dir():
+        raise EdgeTLError(
+            f"{args.data} is an MVTec-layout folder but {args.bundle} has no anomaly bank; "
+            f"build one with `edge-tl anomaly {args.bundle} {args.data}`"
+        )
+    if args.maps:
+        raise EdgeTLError("--maps is for anomaly banks on an MVTec-layout folder")
     ds = open_dataset(args.data)
     if args.split != "all":
         split = model.manifest.source.get("split")
@@ -687,18 +858,51 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _evaluate_anomaly(model, args) -> int:
+    if args.split != "all":
+        raise EdgeTLError("--split is for classification; an MVTec folder has its own test/")
+    res = model.evaluate_anomaly(args.data, args.maps)
+    if args.json:
+        _print_json(res)
+        return 0
+    pix = "n/a (no masks)" if res["pixel_auroc"] is None else f"{res['pixel_auroc']:.4f}"
+    print(
+        f"image AUROC {res['image_auroc']:.4f}, pixel AUROC {pix} on {res['n_good']} good + "
+        f"{res['n_defective']} defective images ({res['artifact']}, bank v"
+        f"{res['bank']['version']}, {res['ms_per_image']} ms/image)"
+    )
+    print(
+        f"at threshold {res['threshold']:.3f}: F1 {res['f1']:.4f}, recall {res['recall']:.4f}, "
+        f"precision {res['precision']:.4f}, false alarms {res['false_alarm_rate']:.1%} "
+        f"(target {res['target_false_alarm']:.1%})"
+    )
+    for name, a in res["per_defect_auroc"].items():
+        print(f"  {name:<24} image AUROC {a:.4f}")
+    if res["maps"]:
+        print(f"overlays -> {res['maps']}")
+    return 0
+
+
 def _inspect(args) -> int:
     from edge_tl.bundle import read_manifest
     from edge_tl.fidelity import table
+    from edge_tl.runtime.anomaly import AnomalyStore
     from edge_tl.runtime.learner import HeadStore
 
     m = read_manifest(args.bundle, verify=True)
     report_path = args.bundle / "fidelity.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     learned = HeadStore(args.bundle, m).history()
+    banks = AnomalyStore(args.bundle, m).history()
     if args.json:
         _print_json(
-            {**m.to_dict(), "hashes_verified": True, "fidelity": report, "learned_heads": learned}
+            {
+                **m.to_dict(),
+                "hashes_verified": True,
+                "fidelity": report,
+                "learned_heads": learned,
+                "anomaly_banks": banks,
+            }
         )
         return 0
     a = m.artifact
@@ -726,6 +930,13 @@ def _inspect(args) -> int:
                 f"  learned head: v{h['version']} of {len(learned)} ({h['head']}, {h['op']}, "
                 f"{h['created']}), {len(h['labels'])} classes, open-set threshold "
                 f"{h['threshold']}; `edge-tl rollback {args.bundle} --list` for all"
+            )
+    for h in banks:
+        if h.get("current"):
+            print(
+                f"  anomaly bank: v{h['version']} of {len(banks)} ({h['op']}, {h['created']}), "
+                f"{h['images']} good images, {h['bank_patches']} patches ({h['bank_mb']} MB), "
+                f"threshold {h['threshold']} for {h['false_alarm']:.1%} false alarms"
             )
     if report is not None:
         print(

@@ -23,6 +23,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 def test_runtime_imports_without_torch():
     res = _run("""
         import edge_tl.runtime, edge_tl.runtime.bench, edge_tl.runtime.learner, edge_tl.data
+        import edge_tl.runtime.anomaly, edge_tl.runtime.patchcore
         import edge_tl.bundle, edge_tl.spec, edge_tl.cli
         try:
             import torch
@@ -67,3 +68,26 @@ def test_learning_and_rollback_run_without_torch(bundles, neu_small, tmp_path):
     """)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n")[:2] == ["['crazing', 'patches', 'scratches']", "[]"]
+
+
+@pytest.mark.slow
+def test_anomaly_bank_builds_scores_and_grows_without_torch(bundles, tmp_path):
+    import shutil
+
+    from tests.conftest import SHARED, need
+
+    good = sorted((need(SHARED / "magnetic_tile") / "train/good").iterdir())
+    bundle = shutil.copytree(bundles["ort-int8"], tmp_path / "b")
+    res = _run(f"""
+        from edge_tl.runtime import Model
+        m = Model({str(bundle)!r})
+        m.fit_anomaly({[str(p) for p in good[:6]]!r})
+        m.add_good({[str(p) for p in good[6:9]]!r})
+        r = m.score({[str(good[9])]!r}, maps=True)[0]
+        print(Model({str(bundle)!r}).anomaly_state.summary()["images"], r["map"].shape[::-1]
+              == r["pil"].size)
+        print(sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "torchvision")
+                     and sys.modules[k] is not None))
+    """)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:2] == ["9 True", "[]"]

@@ -367,11 +367,24 @@ def relabel(state: HeadState, old: str, new: str) -> HeadState:
 
 # ---- versioned store ----------------------------------------------------------------------
 class HeadStore:
-    """The versions of a bundle's learned head: ``heads/vNNNN.npz`` and ``heads/CURRENT``."""
+    """The versions of a bundle's learned head: ``heads/vNNNN.npz`` and ``heads/CURRENT``.
+
+    Subclasses keep other device-learned state the same way (``dirname``, ``state_cls``: a
+    class with ``from_arrays(z, where)``, ``to_arrays()``, ``meta`` and ``summary()``).
+    """
+
+    dirname = HEADS_DIR
+    noun = "head"
+    command = "edge-tl learn"
+    rollback_flag = ""
+
+    @property
+    def state_cls(self) -> Any:
+        return HeadState
 
     def __init__(self, bundle: str | Path, manifest: Manifest, keep: int = KEEP_VERSIONS):
         self.bundle = Path(bundle)
-        self.dir = self.bundle / HEADS_DIR
+        self.dir = self.bundle / self.dirname
         self.backbone = backbone_sha256(manifest)
         self.keep = keep
 
@@ -397,41 +410,43 @@ class HeadStore:
             v = -1
         if not self._path(v).is_file():
             raise EdgeTLError(
-                f"{f} names head version {f.read_text().strip()!r}, which is not in {self.dir}; "
-                f"run `edge-tl rollback {self.bundle} --to N` with one of {self.versions()}"
+                f"{f} names {self.noun} version {f.read_text().strip()!r}, which is not in "
+                f"{self.dir}; run `edge-tl rollback {self.bundle}{self.rollback_flag} --to N` "
+                f"with one of {self.versions()}"
             )
         return v
 
-    def load(self, version: int | None = None) -> HeadState | None:
+    def load(self, version: int | None = None) -> Any:
         """The current (or a given) version; None when nothing was learned yet."""
         v = self.current() if version is None else version
         if v is None:
             return None
         if not self._path(v).is_file():
             raise EdgeTLError(
-                f"head version {v} does not exist in {self.dir}; versions: {self.versions()}"
+                f"{self.noun} version {v} does not exist in {self.dir}; versions: {self.versions()}"
             )
         return self.read(self._path(v))
 
-    def read(self, path: Path) -> HeadState:
-        """Read a head-state file and check it belongs to this bundle's backbone."""
+    def read(self, path: Path) -> Any:
+        """Read a state file and check it belongs to this bundle's backbone."""
         try:
             with np.load(path, allow_pickle=False) as z:
-                state = HeadState.from_arrays(z, str(path))
+                state = self.state_cls.from_arrays(z, str(path))
         except (OSError, ValueError) as e:
             raise EdgeTLError(
-                f"{path} is not a readable head state ({e}); pass a file written by `edge-tl learn`"
+                f"{path} is not a readable {self.noun} state ({e}); pass a file written by "
+                f"`{self.command}`"
             ) from None
         theirs = state.meta.get("backbone_sha256")
         if theirs != self.backbone:
             raise EdgeTLError(
                 f"{path} was learned on another backbone (sha256 {str(theirs)[:12]}, this "
-                f"bundle's is {self.backbone[:12]}); its embeddings do not match, so learn "
-                "the head again on this bundle with `edge-tl learn`"
+                f"bundle's is {self.backbone[:12]}); its features do not match, so learn "
+                f"the {self.noun} again on this bundle with `{self.command}`"
             )
         return state
 
-    def save(self, state: HeadState, op: str) -> HeadState:
+    def save(self, state: Any, op: str) -> Any:
         """Write ``state`` as the next version and make it current; returns it with its meta."""
         with self._lock():
             parent = self.current()
@@ -451,24 +466,30 @@ class HeadStore:
             self._prune(version)
         return state
 
-    def rollback(self, to: int | None = None) -> HeadState:
+    def rollback(self, to: int | None = None) -> Any:
         """Make an earlier version current (default: the current one's parent)."""
+        if self.current() is None:  # checked before the lock, which creates the folder
+            raise EdgeTLError(
+                f"{self.bundle} has no learned {self.noun} to roll back; run `{self.command}` first"
+            )
         with self._lock():
             cur = self.current()
             if cur is None:
                 raise EdgeTLError(
-                    f"{self.bundle} has no learned head to roll back; run `edge-tl learn` first"
+                    f"{self.bundle} has no learned {self.noun} to roll back; run "
+                    f"`{self.command}` first"
                 )
             if to is None:
                 to = self.read(self._path(cur)).meta.get("parent")
                 if to is None:
                     raise EdgeTLError(
-                        f"head version {cur} is the first one; there is nothing before it "
+                        f"{self.noun} version {cur} is the first one; there is nothing before it "
                         f"(versions: {self.versions()})"
                     )
             if not self._path(to).is_file():
                 raise EdgeTLError(
-                    f"head version {to} does not exist in {self.dir}; versions: {self.versions()}"
+                    f"{self.noun} version {to} does not exist in {self.dir}; "
+                    f"versions: {self.versions()}"
                 )
             state = self.read(self._path(to))
             _atomic_write(self.dir / CURRENT, lambda f: f.write(f"{to}\n".encode()))

@@ -717,64 +717,55 @@ def _rollback(args) -> int:
 
     manifest = read_manifest(args.bundle, verify=True)
     if args.anomaly:
-        return _rollback_anomaly(AnomalyStore(args.bundle, manifest), args)
-    store = HeadStore(args.bundle, manifest)
-    if args.list:
-        history = store.history()
-        if args.json:
-            _print_json(history)
-            return 0
-        if not history:
-            print(f"{args.bundle}: no learned head yet (the exported head is in use)")
-        for h in history:
-            if "error" in h:
-                print(f"  v{h['version']}: unreadable ({h['error']})")
-                continue
-            mark = "*" if h["current"] else " "
-            print(
-                f"{mark} v{h['version']} {h['created']} {h['op']:<16} {h['head']:<9} "
-                f"{len(h['labels'])} classes: {', '.join(h['labels'][:6])}"
-                + (" ..." if len(h["labels"]) > 6 else "")
+        store: HeadStore = AnomalyStore(args.bundle, manifest)
+        empty = "no anomaly bank yet"
+
+        def line(h: dict) -> str:
+            return (
+                f"{h['op']:<9} {h['images']} images, {h['bank_patches']} patches, "
+                f"threshold {h['threshold']}"
             )
-        return 0
-    state = store.rollback(args.to)
-    summary = state.summary()
-    if args.json:
-        _print_json(summary)
+
+        def done(h: dict) -> str:
+            return (
+                f"anomaly bank v{h['version']} is current again ({h['images']} images, "
+                f"threshold {h['threshold']})"
+            )
     else:
-        print(
-            f"{args.bundle}: head v{summary['version']} is current again ({summary['head']}, "
-            f"{len(summary['labels'])} classes: {', '.join(summary['labels'])})"
-        )
-    return 0
+        store = HeadStore(args.bundle, manifest)
+        empty = "no learned head yet (the exported head is in use)"
 
+        def line(h: dict) -> str:
+            more = " ..." if len(h["labels"]) > 6 else ""
+            return (
+                f"{h['op']:<16} {h['head']:<9} {len(h['labels'])} classes: "
+                f"{', '.join(h['labels'][:6])}{more}"
+            )
 
-def _rollback_anomaly(store, args) -> int:
+        def done(h: dict) -> str:
+            return (
+                f"head v{h['version']} is current again ({h['head']}, "
+                f"{len(h['labels'])} classes: {', '.join(h['labels'])})"
+            )
+
     if args.list:
         history = store.history()
         if args.json:
             _print_json(history)
             return 0
         if not history:
-            print(f"{args.bundle}: no anomaly bank yet")
+            print(f"{args.bundle}: {empty}")
         for h in history:
             if "error" in h:
                 print(f"  v{h['version']}: unreadable ({h['error']})")
                 continue
-            mark = "*" if h["current"] else " "
-            print(
-                f"{mark} v{h['version']} {h['created']} {h['op']:<9} {h['images']} images, "
-                f"{h['bank_patches']} patches, threshold {h['threshold']}"
-            )
+            print(f"{'*' if h['current'] else ' '} v{h['version']} {h['created']} {line(h)}")
         return 0
     summary = store.rollback(args.to).summary()
     if args.json:
         _print_json(summary)
     else:
-        print(
-            f"{args.bundle}: anomaly bank v{summary['version']} is current again "
-            f"({summary['images']} images, threshold {summary['threshold']})"
-        )
+        print(f"{args.bundle}: {done(summary)}")
     return 0
 
 

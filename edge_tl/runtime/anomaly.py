@@ -241,10 +241,10 @@ def build(
     bank, owner = flat[idx], (idx // p).astype(np.int32)
     calib = pc.blur(_leave_one_out(x, np.arange(n), bank, owner, grid), sigma)
     meta = {"images_added": n, "fit_s": round(time.perf_counter() - t0, 2)}
+    settings = {"coreset": coreset, "max_mb": max_mb, "false_alarm": false_alarm}
     return AnomalyState(
-        stages, pool, grid, mean, scale, bank, owner, calib, coreset, max_mb, false_alarm,
-        sigma, meta,
-    )  # fmt: skip
+        stages, pool, grid, mean, scale, bank, owner, calib, **settings, sigma=sigma, meta=meta
+    )
 
 
 def add(state: AnomalyState, feats: np.ndarray) -> AnomalyState:

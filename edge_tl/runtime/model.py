@@ -7,7 +7,7 @@ when there is one, else the head the bundle was exported with.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -93,15 +93,22 @@ class Model:
         self, images: Sequence[ImageLike], batch_size: int = 16, desc: str | None = None
     ) -> np.ndarray:
         """Pooled embeddings ``float32[N, D]`` of image files or PIL images."""
-        pre = self.manifest.preprocess
-        starts = range(0, len(images), batch_size)
-        it = progress(starts, desc=desc) if desc else starts
-        out = [
-            self.engine.run(batch_inputs(images[i : i + batch_size], pre), (EMBEDDING,))[EMBEDDING]
-            for i in it
-        ]
+        out = [o[EMBEDDING] for o in self._batches(images, (EMBEDDING,), batch_size, desc)]
         dim = self.manifest.outputs[EMBEDDING][-1]
         return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+
+    def _batches(
+        self,
+        images: Sequence[ImageLike],
+        outputs: tuple[str, ...],
+        batch_size: int,
+        desc: str | None,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """The engine's ``outputs`` for ``images``, ``batch_size`` at a time."""
+        pre = self.manifest.preprocess
+        starts = range(0, len(images), batch_size)
+        for i in progress(starts, desc=desc) if desc else starts:
+            yield self.engine.run(batch_inputs(images[i : i + batch_size], pre), outputs)
 
     def _require_head(self) -> HeadState:
         if self.state is None:
@@ -284,16 +291,9 @@ class Model:
                 f"bundle {self.path} has no {', '.join(missing)} output (it has "
                 f"{', '.join(self.manifest.outputs)}); re-export it with `edge-tl export`"
             )
-        pre = self.manifest.preprocess
-        starts = range(0, len(images), batch_size)
-        it = progress(starts, desc=desc) if desc else starts
         out = [
-            patchcore.patch_features(
-                self.engine.run(batch_inputs(images[i : i + batch_size], pre), stages),
-                stages,
-                pool,
-            )
-            for i in it
+            patchcore.patch_features(o, stages, pool)
+            for o in self._batches(images, stages, batch_size, desc)
         ]
         return np.concatenate(out)
 
@@ -385,9 +385,8 @@ class Model:
         y = np.array([it.defect != anomaly.GOOD for it in items], np.int64)
         t0 = time.perf_counter()
         scores, grids = [], []
-        for i in progress(range(0, len(paths), batch_size), desc="scoring"):
-            s, m = state.score(self.patch_features(paths[i : i + batch_size], state.stages,
-                                                   state.pool))  # fmt: skip
+        for feats in self._batches(paths, state.stages, batch_size, "scoring"):
+            s, m = state.score(patchcore.patch_features(feats, state.stages, state.pool))
             scores.append(s)
             grids.append(m)
         seconds = time.perf_counter() - t0

@@ -85,13 +85,12 @@ def kcenter(
         return np.zeros(0, np.int64)
     rng = np.random.default_rng(seed)
     proj = (rng.standard_normal((x.shape[1], dim)) / np.sqrt(dim)).astype(np.float32)
-    z = x @ proj if x.shape[1] > dim else x.astype(np.float32)
     if x.shape[1] <= dim:
-        proj = None
+        proj = np.eye(x.shape[1], dtype=np.float32)  # already small: distances as they are
+    z = x @ proj
     zsq = np.einsum("ij,ij->i", z, z)
     if centres is not None and len(centres):
-        zc = centres @ proj if proj is not None else centres.astype(np.float32)
-        best = nearest(z, zc)
+        best = nearest(z, centres @ proj)
         first = int(best.argmax())
     else:
         best = np.full(n, np.inf, np.float32)

@@ -40,6 +40,7 @@ os.environ.setdefault("EDGE_TL_QUIET", "1")
 
 from edge_tl.runtime import Model  # noqa: E402
 from edge_tl.runtime import anomaly as an  # noqa: E402
+from edge_tl.runtime import evaluation as ev  # noqa: E402
 from edge_tl.runtime import patchcore as pc  # noqa: E402
 from edge_tl.runtime.engine import make_engine  # noqa: E402
 from edge_tl.runtime.preprocess import batch_inputs, load_image, to_input  # noqa: E402
@@ -54,7 +55,7 @@ def bundles(work: Path) -> dict[str, Path]:
     for precision, recipe in RECIPES.items():
         path = work / f"magnetic_tile-{precision}"
         if not (path / "manifest.json").is_file():
-            from edge_tl.pipeline import export_bundle
+            from edge_tl.export import export_bundle
 
             print(f"  exporting {path.name} ({recipe}, calibrated on train/good)", flush=True)
             export_bundle(path, recipe, backbone="efficientnet_lite0", calib=DATA / "train/good")
@@ -87,22 +88,22 @@ class Test:
     """The test set with its labels, masks and image sizes."""
 
     def __init__(self) -> None:
-        self.items = an.mvtec_test(DATA)
+        self.items = ev.mvtec_test(DATA)
         self.paths = [it.path for it in self.items]
         self.y = np.array([it.defect != an.GOOD for it in self.items], np.int64)
-        self.masks = [an.load_mask(it.mask) if it.mask else None for it in self.items]
+        self.masks = [ev.load_mask(it.mask) if it.mask else None for it in self.items]
         self.sizes = []
         for p in self.paths:
             with Image.open(p) as im:
                 self.sizes.append(im.size)
 
     def metrics(self, scores: np.ndarray, maps: np.ndarray, thr: float | None) -> dict:
-        pix = an.PixelAuroc(float(maps.min()), float(maps.max()))
+        pix = ev.PixelAuroc(float(maps.min()), float(maps.max()))
         for g, mask, size in zip(maps, self.masks, self.sizes, strict=True):
             pix.update(pc.resize_map(g, size), mask)
-        out = {"image_auroc": pc.auroc(scores, self.y), "pixel_auroc": pix.value()}
+        out = {"image_auroc": ev.auroc(scores, self.y), "pixel_auroc": pix.value()}
         if thr is not None:
-            out.update(an.at_threshold(scores, self.y, thr))
+            out.update(ev.at_threshold(scores, self.y, thr))
         return out
 
 
@@ -141,7 +142,7 @@ def latency(bundle: Path, train: np.ndarray, test: Test, repeats: int = 3) -> di
     threads not spinning, the search on one BLAS thread), next to the engine alone and to
     the same loop with both libraries' default threading."""
     state = an.build(train, (14, 14))
-    Model(bundle, self_test=False)._commit_bank(state, "build")
+    Model(bundle, self_test=False).detector.store.save(state, "build")
     model = Model(bundle)  # a bundle with a bank: the engine is opened without spinning
     plain = Model(bundle, self_test=False)
     plain.engine = make_engine(bundle, plain.manifest.artifact)  # ORT defaults
@@ -178,7 +179,7 @@ def latency(bundle: Path, train: np.ndarray, test: Test, repeats: int = 3) -> di
         r["search_over_engine_alone"] = r["search"] / r["engine_alone"]
         out[tag] = r
     t0 = time.perf_counter()
-    model.score(images)
+    model.detector.predict(images)
     out["model_score_ms"] = (time.perf_counter() - t0) / len(images) * 1e3
     return out
 
@@ -209,8 +210,8 @@ def field_update(o_train, o_test, test: Test, train_paths: list[str], n_add: int
         out[tag] = {
             "wide_good_flagged": float((s[wide_good] > state.threshold).mean()),
             "other_good_flagged": float((s[~w_test & (test.y == 0)] > state.threshold).mean()),
-            "image_auroc": pc.auroc(s, test.y),
-            "wide_image_auroc": pc.auroc(s[w_test], test.y[w_test]),
+            "image_auroc": ev.auroc(s, test.y),
+            "wide_image_auroc": ev.auroc(s[w_test], test.y[w_test]),
             "threshold": state.threshold,
             "bank_patches": len(state.bank),
         }

@@ -56,7 +56,7 @@ def bundles(data: Path, work: Path) -> dict[str, Path]:
     for precision, recipe in RECIPES.items():
         path = work / f"{data.name}-{precision}"
         if not (path / "manifest.json").is_file():
-            from edge_tl.pipeline import export_bundle
+            from edge_tl.export import export_bundle
 
             print(f"  exporting {path.name} ({recipe}, calibrated on {data.name})", flush=True)
             export_bundle(path, recipe, backbone="efficientnet_lite0", calib=data)
@@ -164,7 +164,8 @@ def workstation_imprint(emb: dict[str, np.ndarray], shots: int = 5, seed: int = 
     head, as ``edge-tl train --strategy linear-probe`` fits it), 20 exemplars per class as
     the export stores them; then the held-out class is imprinted from ``shots`` images.
     Accuracy on the other half, each class in turn the new one."""
-    from edge_tl.runtime.heads import LinearHead, imprint
+    from edge_tl.runtime.heads import LinearHead
+    from edge_tl.runtime.imprint import imprint
 
     x, y = emb["x"], emb["y"]
     k = int(y.max()) + 1

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edge_tl.errors import EdgeTLError  # noqa: E402
-from edge_tl.pipeline import export_bundle  # noqa: E402
+from edge_tl.export import export_bundle  # noqa: E402
 
 
 def main() -> None:

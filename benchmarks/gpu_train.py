@@ -48,15 +48,16 @@ def _images(data: Path, n: int, size: int) -> torch.Tensor:
 
 def _throughput(name: str, variant: dict, pixels, labels, n_classes, batch, steps) -> float:
     from edge_tl.backbones import build
+    from edge_tl.train import TrainConfig
     from edge_tl.train.augment import augment, normalise, parse_augment
-    from edge_tl.train.core import Classifier, TrainConfig, _param_groups
+    from edge_tl.train.loop import ClassifierNet, _param_groups
     from edge_tl.train.policies import make_policy
 
     dev = torch.device("cuda")
     pretrained = name.startswith("efficientnet")  # torchvision weights need --weights
     features, _ = build(name, pretrained=pretrained)
     policy = make_policy(features, "full")
-    model = Classifier(features, None, n_classes, 0.2).to(dev).train()
+    model = ClassifierNet(features, None, n_classes, 0.2).to(dev).train()
     fmt = torch.channels_last if variant["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=fmt)
     opt = torch.optim.AdamW(_param_groups(model, policy, TrainConfig(strategy="full")))

@@ -28,7 +28,7 @@ import numpy as np
 os.environ.setdefault("EDGE_TL_QUIET", "1")
 
 from edge_tl.data import image_folder  # noqa: E402
-from edge_tl.pipeline import export_bundle  # noqa: E402
+from edge_tl.export import export_bundle  # noqa: E402
 from edge_tl.runtime import Model  # noqa: E402
 from edge_tl.runtime.preprocess import load_image, to_input  # noqa: E402
 from edge_tl.spec import EMBEDDING  # noqa: E402
@@ -70,7 +70,7 @@ def _worker(case: str, images: list[str], out: Path) -> None:
         pre = model.manifest.preprocess
 
         def predict(path):
-            return model.predict([path])
+            return model.classifier.predict([path])
 
         def raw(x):
             return model.engine.run(x, (EMBEDDING,))

@@ -23,10 +23,11 @@ from pathlib import Path
 
 os.environ.setdefault("EDGE_TL_QUIET", "1")
 
-from edge_tl.data import image_folder, stratified_split  # noqa: E402
-from edge_tl.pipeline import export_bundle  # noqa: E402
+from edge_tl.data import image_folder, split  # noqa: E402
+from edge_tl.export import export_bundle  # noqa: E402
 from edge_tl.runtime import Model  # noqa: E402
 from edge_tl.runtime.heads import LinearHead  # noqa: E402
+from edge_tl.spec import SplitRecord  # noqa: E402
 from edge_tl.train import TrainConfig, train  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -35,23 +36,23 @@ RECIPES = ("onnx-fp32", "ort-int8", "openvino-int8")
 
 def run(data: Path, work: Path) -> dict:
     ds = image_folder(data)
-    split = stratified_split(ds.labels, 0.2, 0.0, seed=0)
+    parts = split(ds, SplitRecord(test_frac=0.2, val_frac=0.0, seed=0))
     t0 = time.perf_counter()
     train(data, work / "run", TrainConfig(strategy="linear-probe", test_frac=0.2, val_frac=0.0))
     print(f"  {data.name}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
-    test = ds.subset(split["test"])
+    test = ds.subset(parts["test"])
     acc = {}
     for recipe in RECIPES:
         export_bundle(work / recipe, recipe, run=work / "run")
-        acc[recipe] = Model(work / recipe).evaluate(test)["accuracy"]
+        acc[recipe] = Model(work / recipe).evaluate(test).accuracy
         print(f"  {data.name}: {recipe} {acc[recipe]:.4f}", flush=True)
 
     from sklearn.linear_model import LogisticRegression
 
     fp32 = Model(work / "onnx-fp32")
-    x_train = fp32.embed(ds.subset(split["train"]).paths)
+    x_train = fp32.embed(ds.subset(parts["train"]).paths)
     x_test = fp32.embed(test.paths)
-    y_train, y_test = ds.labels[split["train"]], test.labels
+    y_train, y_test = ds.labels[parts["train"]], test.labels
     t0 = time.perf_counter()
     sk = LogisticRegression(max_iter=5000).fit(x_train, y_train)
     sk_fit = time.perf_counter() - t0

@@ -25,6 +25,18 @@ from edge_tl.bundle import sha256
 from edge_tl.errors import EdgeTLError
 from edge_tl.spec import Preprocess
 
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "BackboneSpec",
+    "FeatureModel",
+    "build",
+    "get_spec",
+    "imagenet_labels",
+    "load_strict",
+    "read_state_dict",
+    "weights_sha256",
+]
+
 TF_MEAN, TF_STD = (127.0, 127.0, 127.0), (128.0, 128.0, 128.0)
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # torchvision's (0.485, 0.456, 0.406) x 255
 IMAGENET_STD = (58.395, 57.12, 57.375)

@@ -1,7 +1,8 @@
 """Write, read and verify bundles: one folder with ``manifest.json``, the artifact and the head.
 
-Torch-free. Writes are atomic: everything goes to a temporary folder beside the
-destination, which is renamed into place only when complete.
+Torch-free. Writes are atomic: a folder goes to a temporary folder beside the destination,
+renamed into place only when complete (:func:`atomic_folder`); a file goes to a temporary
+file, fsynced and renamed (:func:`atomic_write`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,25 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 from edge_tl.errors import EdgeTLError
 from edge_tl.spec import Manifest
+
+__all__ = [
+    "MANIFEST",
+    "atomic_folder",
+    "atomic_write",
+    "check_destination",
+    "hash_files",
+    "read_json",
+    "read_manifest",
+    "sha256",
+    "verify_files",
+    "write_manifest",
+]
 
 MANIFEST = "manifest.json"
 OWN_MARKERS = (MANIFEST, "run.json", "compare.json")  # --force replaces only folders edge_tl wrote
@@ -94,6 +109,32 @@ def atomic_folder(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
             with contextlib.suppress(OSError):
                 p.rmdir()
         raise
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write ``path`` through ``write(binary file)``: a temporary file in the same folder,
+    fsynced, renamed over ``path``, then the folder fsynced. A crash at any point leaves
+    the old file (or none), never half of the new one, and no temporary file behind an
+    error."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a camera service may be another user
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -1,4 +1,5 @@
-"""Datasets as lists of (image path, label): ImageFolder and the ELPV package. Torch-free.
+"""Datasets as lists of (image path, label): ImageFolder and the ELPV package, the one image
+listing and the one split every part of edge_tl uses. Torch-free.
 
 Folders are checked up front (missing, empty class, non-image file), so a bad data set
 fails before any work starts.
@@ -15,9 +16,22 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from edge_tl.errors import EdgeTLError
-from edge_tl.spec import IMAGE_EXTENSIONS
+from edge_tl.spec import IMAGE_EXTENSIONS, SplitRecord
+
+__all__ = [
+    "ELPV",
+    "Dataset",
+    "elpv",
+    "fingerprint",
+    "image_folder",
+    "list_images",
+    "open_dataset",
+    "split",
+    "stratified_split",
+]
 
 ELPV = "elpv"
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,19 @@ class Dataset:
         return Dataset(
             self.name, self.classes, [self.paths[i] for i in idx], self.labels[idx], meta
         )
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files directly in ``folder`` (by extension, hidden files skipped), sorted.
+
+    Every flat folder of images edge_tl reads (calibration images, good images for an
+    anomaly bank, an MVTec ``test/<type>`` folder) is listed by this one function.
+    """
+    return [p for p in _visible_files(Path(folder)) if p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
 def image_folder(root: str | Path, check_images: bool = True) -> Dataset:
@@ -64,7 +91,7 @@ def image_folder(root: str | Path, check_images: bool = True) -> Dataset:
         )
     paths, labels = [], []
     for label, d in enumerate(class_dirs):
-        files = sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
+        files = _visible_files(d)
         if not files:
             raise EdgeTLError(f"class folder {d} is empty; add images or remove the folder")
         for p in files:
@@ -152,3 +179,22 @@ def stratified_split(
         out["val"] += idx[n_test : n_test + n_val].tolist()
         out["train"] += idx[n_test + n_val :].tolist()
     return {k: np.asarray(sorted(v), np.int64) for k, v in out.items()}
+
+
+def split(ds: Dataset, record: SplitRecord) -> dict[str, np.ndarray]:
+    """The one split of ``ds`` into ``train`` / ``val`` / ``test`` index arrays.
+
+    Training, export (head refit, held-out checks), ``evaluate --split`` and the demo all
+    call this, so a split named by a :class:`~edge_tl.spec.SplitRecord` is the same
+    everywhere: :func:`stratified_split` by ``record.seed``, then the training split capped
+    at ``record.train_per_class`` images per class (0: no cap).
+
+    Example:
+        >>> split(ds, SplitRecord(test_frac=0.2, val_frac=0.1, seed=0))["test"]  # doctest: +SKIP
+    """
+    splits = stratified_split(ds.labels, record.test_frac, record.val_frac, record.seed)
+    if record.train_per_class:
+        tr = splits["train"]
+        keep = [tr[ds.labels[tr] == k][: record.train_per_class] for k in range(len(ds.classes))]
+        splits["train"] = np.sort(np.concatenate(keep))
+    return splits

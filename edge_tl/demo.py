@@ -10,8 +10,10 @@ import json
 import time
 from pathlib import Path
 
-from edge_tl.data import elpv, stratified_split
+from edge_tl.data import elpv, split
 from edge_tl.errors import EdgeTLError
+
+__all__ = ["run_demo"]
 
 RECIPES = ("onnx-fp32", "ort-int8", "openvino-int8")
 PUBLISHED = 0.884  # Deitsch et al. 2019, VGG-19 fine-tuned on a GPU, binary ELPV
@@ -25,8 +27,10 @@ def run_demo(
     train_stages: int = 1,
     latency_images: int = 20,
 ) -> dict:
-    """Run the demo into ``out`` (re-running replaces the previous demo there)."""
-    from edge_tl.pipeline import export_bundle
+    """Run the demo into ``out`` (re-running replaces the previous demo there); returns the
+    summary it writes to ``out/summary.json``."""
+    from edge_tl.export import export_bundle
+    from edge_tl.report import read_report
     from edge_tl.runtime import Model
     from edge_tl.runtime.bench import bundle_size_mb, latency
     from edge_tl.train import TrainConfig, train
@@ -60,17 +64,18 @@ def run_demo(
         f"in {metrics['train_seconds']:.0f} s"
     )
 
-    test = ds.subset(stratified_split(ds.labels, 0.25, 0.1, 0)["test"])
+    test = ds.subset(split(ds, cfg.split)["test"])
     rows = []
     for i, recipe in enumerate(RECIPES):
         print(f"[2/4] exporting {recipe} ({i + 1}/{len(RECIPES)}) ...", flush=True)
         bundle = out / "bundles" / recipe
         bundle.parent.mkdir(exist_ok=True)
         manifest = export_bundle(bundle, recipe, run=out / "run", force=True)
-        report = json.loads((bundle / "fidelity.json").read_text())
+        report = read_report(bundle)
+        verdict = report.verdict if report is not None else "no report"
         print(
             f"      fidelity vs FP32 PyTorch: embedding cosine "
-            f"{manifest.metrics['embedding_cosine_vs_fp32']['mean']:.4f}, {report['verdict']} "
+            f"{manifest.metrics['embedding_cosine_vs_fp32']['mean']:.4f}, {verdict} "
             f"(report: {bundle / 'fidelity.md'})",
             flush=True,
         )
@@ -78,13 +83,13 @@ def run_demo(
             f"[3/4] evaluating {recipe} on the held-out split (torch-free runtime) ...", flush=True
         )
         model = Model(bundle)
-        res = model.evaluate(test)
+        res = model.classifier.evaluate(test)
         lat = latency(model, test.paths[:latency_images], repeats=2)
         rows.append(
             {
                 "artifact": recipe,
-                "accuracy": res["accuracy"],
-                "per_class": res["per_class"],
+                "accuracy": res.accuracy,
+                "per_class": res.per_class,
                 "size_mb": bundle_size_mb(bundle),
                 "predict_p50_ms": lat["predict_p50_ms"],
                 "engine_p50_ms": lat["engine_p50_ms"],
@@ -95,12 +100,11 @@ def run_demo(
     print("[4/4] a few predictions with the ORT INT8 bundle:")
     model = Model(out / "bundles" / "ort-int8")
     picks = [int(i) for c in (0, 1) for i in (test.labels == c).nonzero()[0][:2]]
-    for r, idx in zip(model.predict([test.paths[i] for i in picks]), picks, strict=True):
+    preds = model.classifier.predict([test.paths[i] for i in picks])
+    for r, idx in zip(preds, picks, strict=True):
         truth = test.classes[test.labels[idx]]
-        mark = "ok " if r["label"] == truth else "MISS"
-        print(
-            f"      {mark} {Path(r['image']).name}: {r['label']} ({r['score']:.2f}), truth {truth}"
-        )
+        mark = "ok " if r.label == truth else "MISS"
+        print(f"      {mark} {Path(r.image).name}: {r.label} ({r.score:.2f}), truth {truth}")
 
     fp32 = rows[0]["accuracy"]
     print()

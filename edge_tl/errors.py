@@ -1,5 +1,7 @@
 """One exception type for problems a user can fix; the CLI prints it as one line."""
 
+__all__ = ["EdgeTLError", "require"]
+
 
 class EdgeTLError(Exception):
     """Bad input or an unmet requirement. The message names the problem and the fix."""

@@ -1,12 +1,21 @@
-"""A dependency-free progress bar on stderr (the device side has no tqdm)."""
+"""The console: a dependency-free progress bar on stderr (the device side has no tqdm),
+and how edge_tl's log lines look there.
+
+Library modules report through :mod:`logging` (``edge_tl.*`` loggers); the command line
+decides what a user reads by calling :func:`log_to_stderr`. ``EDGE_TL_QUIET=1`` silences
+the bars and the status lines (warnings still show).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
+
+__all__ = ["log_to_stderr", "logging_to_stderr", "progress", "quiet"]
 
 T = TypeVar("T")
 
@@ -19,13 +28,13 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "") -> It
     """
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
-    quiet = os.environ.get("EDGE_TL_QUIET") == "1"
+    silent = quiet()
     tty = sys.stderr.isatty()
     start = time.perf_counter()
     last, next_quarter, i = 0.0, 1, 0
     for i, item in enumerate(items, 1):
         yield item
-        if quiet:
+        if silent:
             continue
         now = time.perf_counter()
         if tty and (now - last > 0.25 or i == total):
@@ -35,7 +44,7 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "") -> It
             next_quarter = i * 4 // total + 1
             sys.stderr.write(_line(desc, i, total, now - start) + "\n")
         sys.stderr.flush()
-    if not quiet and tty and i:
+    if not silent and tty and i:
         sys.stderr.write("\n")
         sys.stderr.flush()
 
@@ -50,8 +59,30 @@ def _line(desc: str, i: int, total: int | None, elapsed: float) -> str:
     return f"{desc:<22} [{bar}] {i}/{total}  {elapsed:5.1f}s  eta {eta:5.1f}s"
 
 
-def say(line: str) -> None:
-    """One status line on stderr (silenced by ``EDGE_TL_QUIET=1``)."""
-    if os.environ.get("EDGE_TL_QUIET") != "1":
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+def quiet() -> bool:
+    """True when ``EDGE_TL_QUIET=1``: no bars, no status lines."""
+    return os.environ.get("EDGE_TL_QUIET") == "1"
+
+
+class _Console(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        return msg if record.levelno < logging.WARNING else f"warning: {msg}"
+
+
+def log_to_stderr() -> None:
+    """Show edge_tl's status lines (INFO, unless :func:`quiet`) and warnings
+    (``warning: ...``) on stderr, one line each. Idempotent."""
+    log = logging.getLogger("edge_tl")
+    if not logging_to_stderr():
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_Console())
+        log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet() else logging.INFO)
+    log.propagate = False
+
+
+def logging_to_stderr() -> bool:
+    """Whether :func:`log_to_stderr` is in force in this process (a child process started
+    for a long job, e.g. one strategy of ``compare``, calls it again when so)."""
+    return any(isinstance(h.formatter, _Console) for h in logging.getLogger("edge_tl").handlers)

@@ -14,6 +14,29 @@ from typing import Any
 
 from edge_tl.errors import EdgeTLError
 
+__all__ = [
+    "EMBEDDING",
+    "FEATURES_S8",
+    "FEATURES_S16",
+    "FORMAT_VERSION",
+    "IMAGE_EXTENSIONS",
+    "INPUT_NAME",
+    "STRATEGIES",
+    "Artifact",
+    "DeviceProfile",
+    "HeadEntry",
+    "Manifest",
+    "Preprocess",
+    "Recipe",
+    "SelfTestSpec",
+    "Source",
+    "SplitRecord",
+    "builtin_profiles",
+    "builtin_recipes",
+    "load_profile",
+    "load_recipe",
+]
+
 FORMAT_VERSION = 1
 """Bundle and run-folder format version; readers refuse other versions."""
 
@@ -224,6 +247,81 @@ class Artifact:
 
 
 @dataclass(frozen=True)
+class SplitRecord:
+    """How a data set is split into train / val / test (see :func:`edge_tl.data.split`).
+
+    Stratified per class by ``seed``; ``val_frac`` and ``test_frac`` are shares of the whole
+    set; ``train_per_class`` caps the training split (0: no cap). ``data_fingerprint`` (the
+    SHA-256 of class and file names, :func:`edge_tl.data.fingerprint`) says which data set
+    the split belongs to: the same seed on other files is another split.
+    """
+
+    test_frac: float
+    val_frac: float
+    seed: int
+    train_per_class: int = 0
+    data_fingerprint: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SplitRecord:
+        return _from_dict(cls, d, "split")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a bundle came from: a training run (``kind="run"``) or a pretrained backbone
+    exported without training (``kind="imagenet"``)."""
+
+    kind: str
+    weights_sha256: str | None = None
+    run: str | None = None
+    strategy: str | None = None
+    data: str | None = None
+    split: SplitRecord | None = None
+    pytorch_test_accuracy: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Source:
+        s = _from_dict(cls, d, "source")
+        split = SplitRecord.from_dict(s.split) if isinstance(s.split, dict) else s.split
+        return dataclasses.replace(s, split=split)
+
+
+@dataclass(frozen=True)
+class HeadEntry:
+    """The head exported with the bundle: a linear head in ``file`` (plain arrays),
+    fitted on the artifact's own embeddings (``fit_on="artifact"``) or the run's own
+    (``"source"``); ``exemplars`` names the artifact embeddings of a few training images
+    per class that stand for the known classes when the device adds one."""
+
+    kind: str
+    file: str
+    fit_on: str
+    exemplars: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HeadEntry:
+        return _from_dict(cls, d, "head")
+
+
+@dataclass(frozen=True)
+class SelfTestSpec:
+    """The bundle's self-test: reference images with FP32 embeddings in ``file``; the device
+    refuses (``on_fail="refuse"``) or warns when its own embeddings of them reach a mean
+    cosine below ``min_cosine`` (``export_cosine`` was reached on ``export_host``)."""
+
+    file: str
+    min_cosine: float
+    export_cosine: float
+    export_host: str
+    on_fail: str = "refuse"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SelfTestSpec:
+        return _from_dict(cls, d, "self_test")
+
+
+@dataclass(frozen=True)
 class Manifest:
     """``manifest.json`` of a bundle (see DESIGN: the bundle contract)."""
 
@@ -235,11 +333,11 @@ class Manifest:
     outputs: dict[str, list[Any]]
     artifact: Artifact
     labels: list[str]
-    head: dict[str, Any] | None
+    head: HeadEntry | None
     metrics: dict[str, Any]
-    source: dict[str, Any]
+    source: Source
     files: dict[str, str]
-    self_test: dict[str, Any] | None = None
+    self_test: SelfTestSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -257,6 +355,9 @@ class Manifest:
             m,
             preprocess=Preprocess.from_dict(m.preprocess),
             artifact=Artifact.from_dict(m.artifact),
+            head=HeadEntry.from_dict(m.head) if m.head else None,
+            source=Source.from_dict(m.source),
+            self_test=SelfTestSpec.from_dict(m.self_test) if m.self_test else None,
         )
 
 

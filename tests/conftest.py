@@ -56,7 +56,7 @@ def bundles(lp_run, tmp_path_factory) -> dict[str, Path]:
     """
     import dataclasses
 
-    from edge_tl.pipeline import export_bundle
+    from edge_tl.export import export_bundle
     from edge_tl.spec import load_recipe
 
     root = tmp_path_factory.mktemp("bundles")

@@ -14,6 +14,7 @@ from PIL import Image
 
 from edge_tl.errors import EdgeTLError
 from edge_tl.runtime import anomaly as an
+from edge_tl.runtime import evaluation as ev
 from edge_tl.runtime import patchcore as pc
 from tests.conftest import SHARED, need
 from tests.test_cli import _one_line_error, cli
@@ -56,15 +57,15 @@ def test_kcenter_covers_every_cluster_and_grows_into_what_is_missing():
 
 
 def test_auroc_counts_ties_as_half_and_histogram_auroc_agrees():
-    assert pc.auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
-    assert pc.auroc(np.array([1.0, 1.0]), np.array([0, 1])) == 0.5
+    assert ev.auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
+    assert ev.auroc(np.array([1.0, 1.0]), np.array([0, 1])) == 0.5
     rng = np.random.default_rng(3)
     s = np.concatenate([rng.normal(0, 1, 5000), rng.normal(1, 1, 500)])
     y = np.r_[np.zeros(5000), np.ones(500)].astype(bool)
-    h = an.PixelAuroc(float(s.min()), float(s.max()))
+    h = ev.PixelAuroc(float(s.min()), float(s.max()))
     h.update(s[:2000], None)
     h.update(s[2000:], y[2000:])
-    assert abs(h.value() - pc.auroc(s, y)) < 1e-3
+    assert abs(h.value() - ev.auroc(s, y)) < 1e-3
 
 
 def test_calibration_scores_each_good_image_without_its_own_patches():
@@ -75,9 +76,9 @@ def test_calibration_scores_each_good_image_without_its_own_patches():
     for i in range(6):
         others = np.concatenate([x[j] for j in range(6) if j != i])
         d = np.sqrt(((x[i][:, None] - others[None]) ** 2).sum(-1).min(1))
-        assert np.allclose(state.calib[i].ravel(), d, atol=1e-4)
+        assert np.allclose(state.loo_maps[i].ravel(), d, atol=1e-4)
     # the threshold lets through all but the target share of those leave-one-out scores
-    scores = state.normalise(state.calib).reshape(6, -1).max(1)
+    scores = state.normalise(state.loo_maps).reshape(6, -1).max(1)
     assert state.threshold == pytest.approx(np.quantile(scores, 0.99))
 
 
@@ -88,7 +89,7 @@ def test_cap_bounds_the_bank_and_add_keeps_it():
     state = an.build(feats, (7, 7), coreset=0.5, max_mb=cap_mb)
     assert len(state.bank) == 100 and state.bank_mb <= cap_mb
     grown = an.add(state, rng.normal(size=(5, 49, 32)).astype(np.float32) + 3)
-    assert len(grown.bank) == 100 and len(grown.calib) == 25
+    assert len(grown.bank) == 100 and len(grown.loo_maps) == 25
     with pytest.raises(EdgeTLError, match="at least 2 good images"):
         an.build(feats[:1], (7, 7))
 
@@ -183,8 +184,10 @@ def test_field_update_flags_an_unseen_good_variant_less_and_rolls_back(bundle, t
 
     def measure() -> tuple[float, float]:
         m = Model(bundle)
-        flagged = np.mean([r["verdict"] == "anomalous" for r in m.score(tiles["wide_test"])])
-        return float(flagged), m.evaluate_anomaly(tiles["mvtec"])["image_auroc"]
+        flagged = np.mean(
+            [r.verdict == "anomalous" for r in m.detector.predict(tiles["wide_test"])]
+        )
+        return float(flagged), m.detector.evaluate(tiles["mvtec"]).image_auroc
 
     flagged0, auroc0 = measure()
     res = cli("anomaly", bundle, tiles["wide"], "--add", "--json")
@@ -200,7 +203,7 @@ def test_field_update_flags_an_unseen_good_variant_less_and_rolls_back(bundle, t
     t3 = json.loads(cli("anomaly", bundle, "--false-alarm", "0.2", "--json").stdout)["threshold"]
     assert t3 < t2
     assert cli("rollback", bundle, "--anomaly").returncode == 0
-    assert Model(bundle).anomaly_state.threshold == pytest.approx(t2, abs=1e-4)
+    assert Model(bundle).detector.state.threshold == pytest.approx(t2, abs=1e-4)
     res = cli("rollback", bundle, "--anomaly", "--to", "1", "--json")
     assert json.loads(res.stdout)["images"] == 60
     listing = json.loads(cli("rollback", bundle, "--anomaly", "--list", "--json").stdout)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("torch")
 
 from edge_tl.errors import EdgeTLError  # noqa: E402
-from edge_tl.pipeline import export_bundle  # noqa: E402
+from edge_tl.export import export_bundle  # noqa: E402
 from edge_tl.runtime import Model  # noqa: E402
 
 
@@ -186,5 +186,5 @@ def test_fused_logits_output_equals_the_bundle_head(lp_run, tmp_path, recipe):
 
     out = model.engine.run(normalise_pixels(x, m.preprocess), ("embedding", "logits"))
     np.testing.assert_allclose(
-        out["logits"], model.head.logits(out["embedding"]), rtol=1e-4, atol=1e-4
+        out["logits"], model.classifier.state.logits(out["embedding"]), rtol=1e-4, atol=1e-4
     )

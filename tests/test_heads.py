@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_tl.runtime.heads import LinearHead, _fit_softmax
+from edge_tl.runtime.heads import LinearHead
+from edge_tl.runtime.softmax import fit_softmax
 
 
 def _blobs(n=60, d=12, k=3, seed=0):
@@ -20,7 +21,7 @@ def test_lbfgs_reaches_the_same_optimum_as_scipy():
     x, y = _blobs()
     z = (x - x.mean(0)) / x.std(0)
     k, d, lam = 3, z.shape[1], 1e-2
-    w, b = _fit_softmax(z, y, k, lam)
+    w, b = fit_softmax(z, y, k, lam)
 
     def loss(theta):
         W, B = theta[: k * d].reshape(k, d), theta[k * d :]

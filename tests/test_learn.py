@@ -11,7 +11,9 @@ import pytest
 
 from edge_tl.errors import EdgeTLError
 from edge_tl.runtime import learner
-from edge_tl.runtime.heads import LinearHead, _fit_softmax, _map_back, _reduce, imprint
+from edge_tl.runtime.heads import LinearHead
+from edge_tl.runtime.imprint import imprint
+from edge_tl.runtime.softmax import fit_softmax, map_back, reduce_to_span
 from tests.conftest import NEU, need
 from tests.test_cli import _one_line_error, cli
 
@@ -54,11 +56,11 @@ def test_solving_in_the_span_of_few_examples_reaches_the_full_optimum():
     rng = np.random.default_rng(0)
     z = rng.normal(size=(12, 64))
     y = np.repeat(np.arange(3), 4)
-    w_full, b_full = _fit_softmax(z, y, 3, 1e-2, tol=1e-9, max_iter=5000)
-    zr, coef = _reduce(z)
+    w_full, b_full = fit_softmax(z, y, 3, 1e-2, tol=1e-9, max_iter=5000)
+    zr, coef = reduce_to_span(z)
     assert zr.shape == (12, 12)
-    w_r, b_r = _fit_softmax(zr, y, 3, 1e-2, tol=1e-9, max_iter=5000)
-    np.testing.assert_allclose(_map_back(w_r, coef, z), w_full, atol=1e-5)
+    w_r, b_r = fit_softmax(zr, y, 3, 1e-2, tol=1e-9, max_iter=5000)
+    np.testing.assert_allclose(map_back(w_r, coef, z), w_full, atol=1e-5)
     np.testing.assert_allclose(b_r, b_full, atol=1e-5)
 
 
@@ -110,16 +112,18 @@ def test_each_head_learns_six_defect_types_from_five_images(bundle, support, que
     from edge_tl.runtime import Model
 
     model = Model(bundle)
-    state = model.learn(support, head=head)
+    state = model.classifier.learn(support, head=head)
     assert state.labels == list(NEU_CLASSES) and state.meta["version"] == 1
     res = model.evaluate(image_folder(queries))
     # 6-way 5-shot on NEU-DET: ~90 % in benchmarks/fewshot.py; chance is 17 %
-    assert res["accuracy"] + res["unknown_rate"] >= 0.75, res
-    assert res["head"]["head"] == head
+    assert res.accuracy + res.unknown_rate >= 0.75, res
+    assert res.head["head"] == head
     again = Model(bundle)  # the learned head is what a restarted process uses
-    assert again.labels == list(NEU_CLASSES)
+    assert again.classifier.labels == list(NEU_CLASSES)
     x = again.embed(image_folder(queries).paths[:6])
-    np.testing.assert_allclose(again.state.predict_proba(x), state.predict_proba(x), atol=1e-5)
+    np.testing.assert_allclose(
+        again.classifier.state.predict_proba(x), state.predict_proba(x), atol=1e-5
+    )
 
 
 @pytest.mark.slow
@@ -131,18 +135,18 @@ def test_workstation_head_keeps_its_classes_and_gains_a_new_one(bundle, tmp_path
 
     model = Model(bundle)
     old = image_folder(_copy(NEU, tmp_path / "old", ("crazing", "patches", "scratches"), 40, 15))
-    before = model.evaluate(old)["accuracy"]
+    before = model.evaluate(old).accuracy
     new = _copy(NEU, tmp_path / "new", ("pitted_surface",), 20, 5)
     res = cli("learn", bundle, new, "--add")
     assert res.returncode == 0, res.stderr
     assert "v1 (linear, add): 4 classes" in res.stdout
     model = Model(bundle)
-    assert model.labels == ["crazing", "patches", "scratches", "pitted_surface"]
-    assert model.state.counts()["crazing"] > 0  # the exemplars stand for the known classes
+    assert model.classifier.labels == ["crazing", "patches", "scratches", "pitted_surface"]
+    assert model.classifier.state.counts()["crazing"] > 0  # the exemplars stand for the known
     after = model.evaluate(old)
-    assert after["accuracy"] >= before - 0.1, (before, after)
+    assert after.accuracy >= before - 0.1, (before, after)
     preds = model.predict(image_folder(queries).subset(range(45, 60)).paths)  # pitted
-    assert sum(p["label"] == "pitted_surface" for p in preds) >= 9, preds
+    assert sum(p.label == "pitted_surface" for p in preds) >= 9, preds
 
 
 @pytest.mark.slow
@@ -151,19 +155,19 @@ def test_versions_rollback_and_a_failed_write_keeps_the_previous_head(
 ):
     from edge_tl.runtime import Model
 
-    model = Model(bundle)
+    model = Model(bundle).classifier
     model.learn(support, head="prototype")
     model.add_class("extra", sorted((NEU / "scratches").iterdir())[60:63])
     model.remove_class("extra")
     model.relabel("patches", "patch")
-    assert [h["op"] for h in model.head_history()] == [
+    assert [h["op"] for h in model.history()] == [
         "learn",
         "add",
         "remove extra",
         "relabel patches",
     ]
     assert model.rollback().meta["version"] == 3
-    assert Model(bundle).labels == list(NEU_CLASSES)
+    assert Model(bundle).classifier.labels == list(NEU_CLASSES)
     assert model.rollback(to=2).labels[-1] == "extra"
     state = model.remove_class("pitted_surface")
     assert state.meta == {**state.meta, "version": 5, "parent": 2}
@@ -179,7 +183,7 @@ def test_versions_rollback_and_a_failed_write_keeps_the_previous_head(
         model.add_class("late", sorted((NEU / "scratches").iterdir())[60:63])
     monkeypatch.undo()
     assert _heads_bytes(bundle) == saved  # no temporary file left behind either
-    assert Model(bundle).state.meta["version"] == 5
+    assert Model(bundle).classifier.state.meta["version"] == 5
     with np.load(bundle / "heads" / "v0005.npz", allow_pickle=False) as z:
         assert all(z[k].dtype != object for k in z.files)
 
@@ -188,16 +192,16 @@ def test_versions_rollback_and_a_failed_write_keeps_the_previous_head(
 def test_open_set_threshold_and_overrides(bundle, support, queries):
     from edge_tl.runtime import Model
 
-    model = Model(bundle)
+    model = Model(bundle).classifier
     state = model.learn(support)
     assert state.threshold is not None and -1 < state.threshold < 1
     images = sorted(str(p) for p in (support / "crazing").iterdir())
-    assert all(p["label"] != learner.UNKNOWN for p in model.predict(images))
+    assert all(p.label != learner.UNKNOWN for p in model.predict(images))
     model.set_threshold(threshold=1.0)
-    assert all(p["label"] == learner.UNKNOWN for p in model.predict(images))
+    assert all(p.label == learner.UNKNOWN for p in model.predict(images))
     model.set_threshold(threshold=None, quantile=None)
     assert model.state.threshold is None
-    assert all(p["label"] != learner.UNKNOWN for p in model.predict(images))
+    assert all(p.label != learner.UNKNOWN for p in model.predict(images))
 
 
 @pytest.mark.slow
@@ -250,7 +254,7 @@ def test_bad_support_folders_fail_in_one_line_and_keep_the_head(bundle, support,
 def test_bench_reports_percentiles_memory_and_budgets_for_a_profile(bundles):
     import json
 
-    res = cli("bench", bundles["ort-int8"], "--device", "jetson-orin", "--repeats", "8", "--json")
+    res = cli("bench", bundles["ort-int8"], "--profile", "jetson-orin", "--repeats", "8", "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     for key in ("predict_p50_ms", "predict_p95_ms", "engine_p50_ms", "throughput_ips"):
@@ -260,7 +264,7 @@ def test_bench_reports_percentiles_memory_and_budgets_for_a_profile(bundles):
     assert out["approximated"] and any("TensorrtExecutionProvider" in n for n in out["notes"])
     assert set(out["budgets"]) == {"latency_p95_ms", "peak_rss_mb"}
     _one_line_error(
-        cli("bench", bundles["ort-int8"], "--device", "intel-core-ultra"),
+        cli("bench", bundles["ort-int8"], "--profile", "intel-core-ultra"),
         "runs openvino bundles",
         "--recipe openvino-int8",
     )

@@ -23,8 +23,9 @@ def _run(code: str) -> subprocess.CompletedProcess:
 def test_runtime_imports_without_torch():
     res = _run("""
         import edge_tl.runtime, edge_tl.runtime.bench, edge_tl.runtime.learner, edge_tl.data
-        import edge_tl.runtime.anomaly, edge_tl.runtime.patchcore
-        import edge_tl.bundle, edge_tl.spec, edge_tl.cli
+        import edge_tl.runtime.anomaly, edge_tl.runtime.patchcore, edge_tl.runtime.evaluation
+        import edge_tl.runtime.overlay, edge_tl.runtime.versions, edge_tl.report
+        import edge_tl.bundle, edge_tl.spec, edge_tl.cli, edge_tl.cli.parser, edge_tl.cli.output
         try:
             import torch
         except ImportError:
@@ -42,8 +43,8 @@ def test_bundles_run_without_torch(bundles, neu_small):
             from edge_tl.runtime import Model
             from edge_tl.data import image_folder
             m = Model({str(bundles[recipe])!r})
-            print(m.predict([{str(img)!r}])[0]["label"])
-            print(m.evaluate(image_folder({str(neu_small)!r}))["n"])
+            print(m.predict([{str(img)!r}])[0].label)
+            print(m.evaluate(image_folder({str(neu_small)!r})).n)
             print(sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "torchvision")
                          and sys.modules[k] is not None))
         """)
@@ -59,10 +60,10 @@ def test_learning_and_rollback_run_without_torch(bundles, neu_small, tmp_path):
     res = _run(f"""
         from edge_tl.runtime import Model
         m = Model({str(bundle)!r})
-        m.learn({str(neu_small)!r}, head="linear")
-        m.add_class("again", [{str(sorted((neu_small / "patches").iterdir())[0])!r}])
-        m.rollback()
-        print(Model({str(bundle)!r}).labels)
+        m.classifier.learn({str(neu_small)!r}, head="linear")
+        m.classifier.add_class("again", [{str(sorted((neu_small / "patches").iterdir())[0])!r}])
+        m.classifier.rollback()
+        print(Model({str(bundle)!r}).classifier.labels)
         print(sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "torchvision")
                      and sys.modules[k] is not None))
     """)
@@ -81,11 +82,12 @@ def test_anomaly_bank_builds_scores_and_grows_without_torch(bundles, tmp_path):
     res = _run(f"""
         from edge_tl.runtime import Model
         m = Model({str(bundle)!r})
-        m.fit_anomaly({[str(p) for p in good[:6]]!r})
-        m.add_good({[str(p) for p in good[6:9]]!r})
-        r = m.score({[str(good[9])]!r}, maps=True)[0]
-        print(Model({str(bundle)!r}).anomaly_state.summary()["images"], r["map"].shape[::-1]
-              == r["pil"].size)
+        from PIL import Image
+        m.detector.fit({[str(p) for p in good[:6]]!r})
+        m.detector.add({[str(p) for p in good[6:9]]!r})
+        r = m.detector.predict({[str(good[9])]!r}, maps=True)[0]
+        print(Model({str(bundle)!r}).detector.state.summary()["images"], r.map.shape[::-1]
+              == Image.open({str(good[9])!r}).size)
         print(sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "torchvision")
                      and sys.modules[k] is not None))
     """)

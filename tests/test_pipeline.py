@@ -14,7 +14,7 @@ onnx = pytest.importorskip("onnx")
 
 from edge_tl.data import image_folder  # noqa: E402
 from edge_tl.errors import EdgeTLError  # noqa: E402
-from edge_tl.pipeline import export_bundle  # noqa: E402
+from edge_tl.export import export_bundle  # noqa: E402
 from edge_tl.runtime import Model  # noqa: E402
 
 
@@ -59,12 +59,12 @@ def test_runtime_predicts_and_evaluates(bundles, neu_small):
     model = Model(bundles["ort-int8"])
     ds = image_folder(neu_small)
     res = model.evaluate(ds)
-    assert 0.9 <= res["accuracy"] <= 1.0 and res["n"] == len(ds)
-    assert sum(map(sum, res["confusion_matrix"])) == len(ds)
-    assert set(res["per_class"]) == set(ds.classes)
+    assert 0.9 <= res.accuracy <= 1.0 and res.n == len(ds)
+    assert sum(map(sum, res.confusion_matrix)) == len(ds)
+    assert set(res.per_class) == set(ds.classes)
     pred = model.predict([ds.paths[0], ds.paths[-1]], top_k=2)
-    assert [p["label"] for p in pred] == [ds.classes[0], ds.classes[-1]]
-    assert len(pred[0]["top_k"]) == 2 and pred[0]["score"] >= pred[0]["top_k"][1]["score"]
+    assert [p.label for p in pred] == [ds.classes[0], ds.classes[-1]]
+    assert len(pred[0].top_k) == 2 and pred[0].score >= pred[0].top_k[1]["score"]
 
 
 def test_failed_parity_leaves_nothing_at_out(lp_run, tmp_path):
@@ -78,7 +78,7 @@ def test_failed_parity_leaves_nothing_at_out(lp_run, tmp_path):
 def test_perturbed_graph_fails_the_parity_check(tmp_path):
     """A graph that is not the model it claims to be is caught."""
     from edge_tl.backbones import build
-    from edge_tl.export import export_onnx, parity
+    from edge_tl.export.graph import export_onnx, parity
 
     features, _ = build("efficientnet_lite0")
     export_onnx(features, tmp_path / "m.onnx", 224)
@@ -98,6 +98,6 @@ def test_backbone_export_without_a_run_classifies_imagenet(tmp_path):
     Image.fromarray(skimage_data.chelsea()).save(calib / "cat.png")
     Image.fromarray(skimage_data.astronaut()).save(calib / "astronaut.png")
     m = export_bundle(tmp_path / "b", "onnx-fp32", backbone="efficientnet_lite0", calib=calib)
-    assert len(m.labels) == 1000 and m.source["kind"] == "imagenet"
-    top = Model(tmp_path / "b").predict([calib / "cat.png"], top_k=5)[0]["top_k"]
+    assert len(m.labels) == 1000 and m.source.kind == "imagenet"
+    top = Model(tmp_path / "b").predict([calib / "cat.png"], top_k=5)[0].top_k
     assert any("cat" in t["label"] for t in top), top

@@ -20,7 +20,7 @@ from edge_tl.errors import EdgeTLError  # noqa: E402
 from edge_tl.train import TrainConfig, checkpoint_path, train  # noqa: E402
 from edge_tl.train.augment import Augment, augment, parse_augment  # noqa: E402
 from edge_tl.train.compare import negative_transfer  # noqa: E402
-from edge_tl.train.core import Classifier, _param_groups  # noqa: E402
+from edge_tl.train.loop import ClassifierNet, _param_groups  # noqa: E402
 from edge_tl.train.policies import make_policy  # noqa: E402
 
 # Small, fast settings for tests that train: PyTorch caching (no ONNX export), no workers.
@@ -81,7 +81,7 @@ def test_selection_that_matches_nothing_names_real_parameters(lite0):
 def test_learning_rates_decay_towards_the_input_and_norms_skip_weight_decay(lite0):
     policy = make_policy(lite0, "full")
     cfg = TrainConfig(strategy="full", layer_decay=0.5)
-    groups = _param_groups(Classifier(lite0, None, 3, 0.2), policy, cfg)
+    groups = _param_groups(ClassifierNet(lite0, None, 3, 0.2), policy, cfg)
     lr = {g["unit"]: g["lr"] for g in groups}
     assert lr["head"] == cfg.lr_head
     assert lr["head_modules"] == lr["stage6"] == cfg.lr_backbone
@@ -90,7 +90,7 @@ def test_learning_rates_decay_towards_the_input_and_norms_skip_weight_decay(lite
     for g in groups:
         assert (g["weight_decay"] == 0) == all(p.ndim <= 1 for p in g["params"])
     scratch = _param_groups(
-        Classifier(lite0, None, 3, 0.2), make_policy(lite0, "from-scratch"), cfg
+        ClassifierNet(lite0, None, 3, 0.2), make_policy(lite0, "from-scratch"), cfg
     )
     assert {g["lr"] for g in scratch} == {cfg.lr_head}
 
@@ -218,7 +218,7 @@ def test_each_strategy_trains_and_moves_only_its_parameters(neu_small, tmp_path,
 @pytest.mark.slow
 def test_resnet18_run_exports_and_runs_without_torch_classes(neu_small, tmp_path):
     tvm = pytest.importorskip("torchvision.models")
-    from edge_tl.pipeline import export_bundle
+    from edge_tl.export import export_bundle
     from edge_tl.runtime import Model
 
     torch.manual_seed(0)
@@ -229,7 +229,7 @@ def test_resnet18_run_exports_and_runs_without_torch_classes(neu_small, tmp_path
     assert m.backbone == "resnet18" and m.outputs["embedding"][-1] == 512
     res = Model(tmp_path / "b")
     out = res.predict([next((neu_small / "crazing").iterdir())])
-    assert out[0]["label"] in m.labels
+    assert out[0].label in m.labels
 
 
 def _free_port() -> int:
@@ -327,7 +327,7 @@ def test_resnet_weights_path_without_internet_asks_for_a_local_file(monkeypatch,
 
 
 def test_balanced_sampler_evens_out_a_rare_class():
-    from edge_tl.train.core import _epoch_batches
+    from edge_tl.train.loop import _epoch_batches
 
     y = np.array([0] * 90 + [1] * 10)
     gen = torch.Generator().manual_seed(0)

@@ -11,26 +11,43 @@ part vary more than its middle), the anomaly map is the distance in units of tha
 the threshold is the ``1 - false_alarm`` quantile of the good images' scores.
 
 A bank grows in the field (``add``: new good images, a new variant or lighting); each
-change is a new version in ``BUNDLE/anomaly/`` (see :class:`~edge_tl.runtime.learner.HeadStore`)
-and can be rolled back.
+change is a new version in ``BUNDLE/anomaly/`` (:class:`~edge_tl.runtime.versions.VersionedStore`,
+:func:`bank_store`) and can be rolled back. Metrics and the MVTec test layout live in
+:mod:`edge_tl.runtime.evaluation`, heat-map overlays in :mod:`edge_tl.runtime.overlay`.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
 
+from edge_tl.data import list_images
 from edge_tl.errors import EdgeTLError
 from edge_tl.runtime import patchcore as pc
-from edge_tl.runtime.learner import HeadStore
-from edge_tl.spec import IMAGE_EXTENSIONS
+from edge_tl.runtime.versions import StoreKind, VersionedStore
+from edge_tl.spec import IMAGE_EXTENSIONS, Manifest
+
+__all__ = [
+    "ANOMALOUS",
+    "BANK_VERSIONS",
+    "DEFAULT_CORESET",
+    "DEFAULT_FALSE_ALARM",
+    "DEFAULT_MAX_MB",
+    "DEFAULT_POOL",
+    "DEFAULT_STAGES",
+    "GOOD",
+    "AnomalyState",
+    "add",
+    "bank_store",
+    "build",
+    "check_settings",
+    "good_images",
+]
 
 DEFAULT_STAGES = ("features_s16",)
 """Stride-16 features only: on magnetic tiles they beat stride 8 + 16 by 2.5 pt image AUROC
@@ -48,9 +65,6 @@ KEEP_BANKS = 5
 """Bank versions kept on the device (a bank is megabytes, a head kilobytes)."""
 GOOD, ANOMALOUS = "good", "anomalous"
 
-Extract = Callable[[Sequence[Any]], np.ndarray]
-"""Images -> ``float32[N, P, C]`` patch features (the model's engine)."""
-
 
 @dataclass(frozen=True)
 class AnomalyState:
@@ -63,7 +77,7 @@ class AnomalyState:
     scale: np.ndarray  # float32[C], 1 / std
     bank: np.ndarray  # float32[K, C], standardised
     owner: np.ndarray  # int32[K], which good image each bank patch came from
-    calib: np.ndarray  # float32[n, h, w], leave-one-out smoothed distance maps of good images
+    loo_maps: np.ndarray  # float32[n, h, w], leave-one-out smoothed distance maps of good images
     coreset: float
     max_mb: float
     false_alarm: float
@@ -72,10 +86,10 @@ class AnomalyState:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_bank_sq", np.einsum("ij,ij->i", self.bank, self.bank))
-        mu, sd = _position_stats(self.calib)
+        mu, sd = _position_stats(self.loo_maps)
         object.__setattr__(self, "_pos", (mu, sd))
-        scores = self.normalise(self.calib).reshape(len(self.calib), -1).max(1)
-        object.__setattr__(self, "calib_scores", scores)
+        scores = self.normalise(self.loo_maps).reshape(len(self.loo_maps), -1).max(1)
+        object.__setattr__(self, "loo_scores", scores)
 
     # ---- scoring ----------------------------------------------------------------------
     def distances(self, feats: np.ndarray) -> np.ndarray:
@@ -98,7 +112,7 @@ class AnomalyState:
     @property
     def threshold(self) -> float:
         """The ``1 - false_alarm`` quantile of the good images' leave-one-out scores."""
-        return float(np.quantile(self.calib_scores, 1.0 - self.false_alarm))  # type: ignore[attr-defined]
+        return float(np.quantile(self.loo_scores, 1.0 - self.false_alarm))  # type: ignore[attr-defined]
 
     @property
     def bank_mb(self) -> float:
@@ -108,7 +122,7 @@ class AnomalyState:
         return {
             "version": self.meta.get("version"),
             "kind": "anomaly",
-            "images": int(len(self.calib)),
+            "images": int(len(self.loo_maps)),
             "bank_patches": int(len(self.bank)),
             "bank_mb": round(self.bank_mb, 2),
             "max_mb": self.max_mb,
@@ -132,7 +146,7 @@ class AnomalyState:
             "scale": self.scale.astype(np.float32),
             "bank": self.bank.astype(np.float32),
             "owner": self.owner.astype(np.int32),
-            "calib": self.calib.astype(np.float32),
+            "loo_maps": self.loo_maps.astype(np.float32),
             "meta": np.array(json.dumps(self.meta)),
         }
 
@@ -150,7 +164,7 @@ class AnomalyState:
                 np.asarray(z["scale"], np.float32),
                 np.asarray(z["bank"], np.float32),
                 np.asarray(z["owner"], np.int32),
-                np.asarray(z["calib"], np.float32),
+                np.asarray(z["loo_maps" if "loo_maps" in z.files else "calib"], np.float32),
                 coreset,
                 max_mb,
                 far,
@@ -164,30 +178,30 @@ class AnomalyState:
             ) from None
 
 
-class AnomalyStore(HeadStore):
-    """Versions of a bundle's anomaly bank: ``anomaly/vNNNN.npz`` and ``anomaly/CURRENT``."""
+BANK_VERSIONS = StoreKind(
+    ANOMALY_DIR,
+    "anomaly bank",
+    "edge-tl anomaly",
+    " --anomaly",
+    AnomalyState.from_arrays,
+    KEEP_BANKS,
+)
+"""Bank versions: ``BUNDLE/anomaly/vNNNN.npz`` + ``CURRENT``, the last 5 kept."""
 
-    dirname = ANOMALY_DIR
-    noun = "anomaly bank"
-    command = "edge-tl anomaly"
-    rollback_flag = " --anomaly"
 
-    def __init__(self, bundle: str | Path, manifest: Any, keep: int = KEEP_BANKS) -> None:
-        super().__init__(bundle, manifest, keep)
-
-    @property
-    def state_cls(self) -> Any:
-        return AnomalyState
+def bank_store(bundle: str | Path, manifest: Manifest) -> VersionedStore:
+    """The versions of ``bundle``'s anomaly bank."""
+    return VersionedStore(bundle, manifest, BANK_VERSIONS)
 
 
 # ---- building and growing -------------------------------------------------------------
-def _position_stats(calib: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _position_stats(loo_maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each grid position's mean and spread of good images' distances, shrunk towards the
     whole map's (few images give noisy per-position figures)."""
-    n = len(calib)
+    n = len(loo_maps)
     w = n / (n + PRIOR_IMAGES)
-    mu = w * calib.mean(0) + (1 - w) * calib.mean()
-    sd = w * calib.std(0) + (1 - w) * calib.std()
+    mu = w * loo_maps.mean(0) + (1 - w) * loo_maps.mean()
+    sd = w * loo_maps.std(0) + (1 - w) * loo_maps.std()
     return mu.astype(np.float32), np.maximum(sd, 1e-6).astype(np.float32)
 
 
@@ -239,11 +253,11 @@ def build(
     k = min(max(1, round(coreset * len(flat))), _cap_rows(max_mb, c))
     idx = np.sort(pc.kcenter(flat, k)) if k < len(flat) else np.arange(len(flat))
     bank, owner = flat[idx], (idx // p).astype(np.int32)
-    calib = pc.blur(_leave_one_out(x, np.arange(n), bank, owner, grid), sigma)
+    loo_maps = pc.blur(_leave_one_out(x, np.arange(n), bank, owner, grid), sigma)
     meta = {"images_added": n, "fit_s": round(time.perf_counter() - t0, 2)}
     settings = {"coreset": coreset, "max_mb": max_mb, "false_alarm": false_alarm}
     return AnomalyState(
-        stages, pool, grid, mean, scale, bank, owner, calib, **settings, sigma=sigma, meta=meta
+        stages, pool, grid, mean, scale, bank, owner, loo_maps, **settings, sigma=sigma, meta=meta
     )
 
 
@@ -262,7 +276,7 @@ def add(state: AnomalyState, feats: np.ndarray) -> AnomalyState:
             f"the new images give {c}-channel patches, the bank has {state.bank.shape[1]}; "
             "build a new bank with `edge-tl anomaly BUNDLE GOOD_DIR`"
         )
-    ids = np.arange(len(state.calib), len(state.calib) + m)  # images 0..n-1 are the bank's
+    ids = np.arange(len(state.loo_maps), len(state.loo_maps) + m)  # images 0..n-1: the bank's
     x = ((feats - state.mean) * state.scale).astype(np.float32)
     flat = x.reshape(-1, c)
     k = max(1, round(state.coreset * len(flat)))
@@ -273,11 +287,10 @@ def add(state: AnomalyState, feats: np.ndarray) -> AnomalyState:
     if len(bank) > cap:  # over the cap: one coreset of the union, old and new compete
         keep = np.sort(pc.kcenter(bank, cap))
         bank, owner = bank[keep], owner[keep]
-    calib_new = pc.blur(_leave_one_out(x, ids, bank, owner, state.grid), state.sigma)
+    loo_new = pc.blur(_leave_one_out(x, ids, bank, owner, state.grid), state.sigma)
     meta = {"images_added": m, "fit_s": round(time.perf_counter() - t0, 2)}
-    return replace(
-        state, bank=bank, owner=owner, calib=np.concatenate([state.calib, calib_new]), meta=meta
-    )
+    loo_maps = np.concatenate([state.loo_maps, loo_new])
+    return replace(state, bank=bank, owner=owner, loo_maps=loo_maps, meta=meta)
 
 
 def check_settings(coreset: float, max_mb: float, false_alarm: float) -> None:
@@ -291,15 +304,7 @@ def check_settings(coreset: float, max_mb: float, false_alarm: float) -> None:
         )
 
 
-# ---- folders --------------------------------------------------------------------------
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
-
-
+# ---- input ----------------------------------------------------------------------------
 def good_images(folder: str | Path) -> list[str]:
     """The good images of a flat folder, or of an MVTec-layout folder's ``train/good``."""
     root = Path(folder)
@@ -313,137 +318,9 @@ def good_images(folder: str | Path) -> list[str]:
                 f"training images in {good}, or pass a flat folder of good images"
             )
         root = good
-    paths = _images_in(root)
+    paths = list_images(root)
     if not paths:
         raise EdgeTLError(
             f"{root} has no images ({', '.join(IMAGE_EXTENSIONS)}); pass a folder of good images"
         )
     return [str(p) for p in paths]
-
-
-@dataclass(frozen=True)
-class TestItem:
-    path: str
-    defect: str  # "good" or the defect type
-    mask: str | None
-
-
-def mvtec_test(folder: str | Path) -> list[TestItem]:
-    """``test/<good|defect>/*`` of an MVTec-layout folder with ``ground_truth`` masks when
-    present. Masks are checked (exist, same size as their image) before anything runs."""
-    root = Path(folder)
-    test = root / "test"
-    if not test.is_dir():
-        raise EdgeTLError(
-            f"{root} has no test folder; lay it out as {root}/test/good and "
-            f"{root}/test/<defect type> (MVTec AD layout)"
-        )
-    classes = sorted(p for p in test.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not any(c.name == GOOD for c in classes) or len(classes) < 2:
-        raise EdgeTLError(
-            f"{test} needs a good folder and at least one defect folder (found "
-            f"{[c.name for c in classes]}); AUROC compares the two"
-        )
-    gt = root / "ground_truth"
-    items = []
-    for c in classes:
-        files = _images_in(c)
-        if not files:
-            raise EdgeTLError(f"{c} has no images; add some or remove the folder")
-        for f in files:
-            mask = None
-            if c.name != GOOD and gt.is_dir():
-                m = gt / c.name / f"{f.stem}_mask.png"
-                if not m.is_file():
-                    raise EdgeTLError(
-                        f"{f} has no mask {m}; add it, or remove {gt} to skip pixel metrics"
-                    )
-                with Image.open(f) as a, Image.open(m) as b:
-                    if a.size != b.size:
-                        raise EdgeTLError(
-                            f"mask {m} is {b.size[0]}x{b.size[1]} but its image {f} is "
-                            f"{a.size[0]}x{a.size[1]}; masks must match their images pixel "
-                            "for pixel"
-                        )
-                mask = str(m)
-            items.append(TestItem(str(f), c.name, mask))
-    return items
-
-
-def load_mask(path: str) -> np.ndarray:
-    with Image.open(path) as m:
-        return np.asarray(m.convert("L")) > 127
-
-
-# ---- metrics --------------------------------------------------------------------------
-class PixelAuroc:
-    """Pixel-level AUROC accumulated image by image in a fixed histogram (bounded memory)."""
-
-    def __init__(self, lo: float, hi: float, bins: int = 1 << 14) -> None:
-        self.lo, self.hi, self.bins = lo, max(hi, lo + 1e-6), bins
-        self.pos = np.zeros(bins, np.int64)
-        self.neg = np.zeros(bins, np.int64)
-
-    def update(self, scores: np.ndarray, mask: np.ndarray | None) -> None:
-        b = ((scores - self.lo) * ((self.bins - 1) / (self.hi - self.lo))).astype(np.int64)
-        np.clip(b, 0, self.bins - 1, out=b)
-        if mask is None:
-            self.neg += np.bincount(b.ravel(), minlength=self.bins)
-        else:
-            self.pos += np.bincount(b[mask], minlength=self.bins)
-            self.neg += np.bincount(b[~mask], minlength=self.bins)
-
-    def value(self) -> float | None:
-        p, n = self.pos.astype(np.float64), self.neg.astype(np.float64)
-        if p.sum() == 0 or n.sum() == 0:
-            return None
-        below = np.cumsum(n) - n
-        return float(((below + 0.5 * n) * p).sum() / (p.sum() * n.sum()))
-
-
-def at_threshold(scores: np.ndarray, y: np.ndarray, thr: float) -> dict[str, float]:
-    flagged = scores > thr
-    tp = int((flagged & (y == 1)).sum())
-    fp = int((flagged & (y == 0)).sum())
-    fn = int((~flagged & (y == 1)).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "f1": round(f1, 4),
-        "precision": round(precision, 4),
-        "recall": round(recall, 4),
-        "false_alarm_rate": round(fp / max(1, int((y == 0).sum())), 4),
-    }
-
-
-# ---- pictures -------------------------------------------------------------------------
-def _heat(v: np.ndarray) -> np.ndarray:
-    """``v`` in [0, 1] -> RGB uint8 (dark blue -> cyan -> yellow -> red)."""
-    stops = np.array([[0, 0, 128], [0, 160, 255], [255, 230, 0], [230, 0, 0]], np.float32)
-    pos = np.clip(v, 0, 1) * (len(stops) - 1)
-    i = np.minimum(pos.astype(int), len(stops) - 2)
-    f = (pos - i)[..., None]
-    return (stops[i] * (1 - f) + stops[i + 1] * f).astype(np.uint8)
-
-
-def overlay(
-    image: Image.Image, amap: np.ndarray, threshold: float, score: float, mask: np.ndarray | None
-) -> Image.Image:
-    """The image beside itself under the anomaly map (opaque where the map passes the
-    threshold), the true defect outlined in green when a mask is given."""
-    rgb = np.asarray(image.convert("RGB"), np.float32)
-    v = np.clip(amap / (1.5 * max(threshold, 1e-6)), 0, 1)
-    alpha = (0.15 + 0.6 * v)[..., None]
-    blend = rgb * (1 - alpha) + _heat(v).astype(np.float32) * alpha
-    if mask is not None:
-        inner = mask.copy()
-        inner[1:-1, 1:-1] &= mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
-        blend[mask & ~inner] = (0, 255, 0)
-    w, h = image.size
-    out = Image.new("RGB", (2 * w + 4, h + 16), "white")
-    out.paste(Image.fromarray(rgb.astype(np.uint8)), (0, 16))
-    out.paste(Image.fromarray(blend.astype(np.uint8)), (w + 4, 16))
-    verdict = ANOMALOUS if score > threshold else GOOD
-    ImageDraw.Draw(out).text((2, 2), f"{verdict}  score {score:.2f} / {threshold:.2f}", "black")
-    return out

@@ -22,25 +22,30 @@ from edge_tl.errors import EdgeTLError
 from edge_tl.runtime.host import host_info
 from edge_tl.runtime.model import Model
 from edge_tl.runtime.preprocess import ImageLike, load_image, to_input
+from edge_tl.runtime.selftest import reference_images
 from edge_tl.spec import EMBEDDING, DeviceProfile
+
+__all__ = ["bench", "bundle_size_mb", "latency", "peak_rss_mb", "resolve_device"]
 
 
 def latency(
     model: Model, images: Sequence[ImageLike], repeats: int = 3, warmup: int = 3
 ) -> dict[str, float]:
-    """p50/p95 milliseconds of ``model.predict([image])`` and of the raw engine call.
+    """p50/p95 milliseconds of the classifier's ``predict([image])`` (decode, preprocess,
+    engine, head) and of the raw engine call.
 
     The two are interleaved image by image, so a slow phase of the host hits both.
     """
     pre = model.manifest.preprocess
     inputs = [to_input(load_image(p), pre)[None] for p in images]
+    predict = model.classifier.predict
     for i in range(warmup):
-        model.predict([images[i % len(images)]])
+        predict([images[i % len(images)]])
     e2e, raw = [], []
     for _ in range(repeats):
         for path, x in zip(images, inputs, strict=True):
             t0 = time.perf_counter()
-            model.predict([path])
+            predict([path])
             t1 = time.perf_counter()
             model.engine.run(x, (EMBEDDING,))
             t2 = time.perf_counter()
@@ -78,7 +83,9 @@ def peak_rss_mb() -> float:
 
 
 def resolve_device(profile: DeviceProfile, artifact_format: str) -> dict[str, Any]:
-    """The engine settings of ``profile`` that this host can honour, and what it cannot."""
+    """The engine settings of ``profile`` that this host can honour, and what it cannot:
+    ``{"engine", "device", "missing"}``, ``device`` being ONNX Runtime execution providers
+    (comma-separated) or an OpenVINO device string."""
     from edge_tl.runtime.engine import openvino_device, ort_providers
 
     engine = {"onnx": "onnxruntime", "openvino": "openvino"}[artifact_format]
@@ -124,6 +131,7 @@ def bench(
         json.dumps(
             {
                 "bundle": str(bundle),
+                "engine": settings["engine"],
                 "device": settings["device"],
                 "threads": threads,
                 "images": list(images),
@@ -181,7 +189,13 @@ def _budget(limit: float, measured: float) -> dict[str, Any]:
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     """Runs in the fresh process: load, warm up, time, and report the peak RSS."""
     t0 = time.perf_counter()
-    model = Model(spec["bundle"], threads=spec["threads"], device=spec["device"])
+    ort = spec["engine"] in ("onnx", "onnxruntime")
+    model = Model(
+        spec["bundle"],
+        threads=spec["threads"],
+        providers=spec["device"] if ort else None,
+        ov_device=None if ort else spec["device"],
+    )
     load_ms = (time.perf_counter() - t0) * 1e3
     images: list[ImageLike] = list(spec["images"]) or _selftest_images(model)
     lat = latency(model, images, repeats=max(1, spec["repeats"] // len(images)), warmup=3)
@@ -199,7 +213,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "bundle": spec["bundle"],
         "artifact": f"{model.manifest.artifact.format}-{model.manifest.artifact.precision}",
-        "head": model.state.summary() if model.state is not None else None,
+        "head": model.classifier.state.summary() if model.classifier.state is not None else None,
         "load_ms": round(load_ms, 1),
         **{k: round(v, 2) for k, v in lat.items() if k != "n"},
         "n": lat["n"],
@@ -211,17 +225,12 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _selftest_images(model: Model) -> list[ImageLike]:
-    from PIL import Image
-
     spec = model.manifest.self_test
-    if not spec:
+    if spec is None:
         raise EdgeTLError(
             f"bundle {model.path} has no self-test images to time; pass some with --images"
         )
-    with np.load(model.path / spec["file"], allow_pickle=False) as z:
-        pixels = z["pixels"]
-    hwc = [np.ascontiguousarray(p.transpose(1, 2, 0)) for p in pixels]  # stored CHW
-    return [Image.fromarray(p[..., 0] if p.shape[2] == 1 else p) for p in hwc]
+    return list(reference_images(model.path, spec))
 
 
 if __name__ == "__main__":  # the fresh process of bench()

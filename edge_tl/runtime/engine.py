@@ -1,4 +1,9 @@
-"""Inference engines behind one call: ONNX Runtime and OpenVINO, imported lazily."""
+"""Inference engines behind one call: ONNX Runtime and OpenVINO, imported lazily.
+
+Where an engine runs: ONNX Runtime takes *execution providers* (``CUDAExecutionProvider``,
+``TensorrtExecutionProvider``, ...; the CPU provider always last), OpenVINO a *device
+string* (``CPU``, ``GPU``, ``NPU``, ``AUTO:NPU,CPU``). Torch-free.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,17 @@ import numpy as np
 
 from edge_tl.errors import EdgeTLError, require
 from edge_tl.spec import EMBEDDING, INPUT_NAME, Artifact
+
+__all__ = [
+    "CPU_PROVIDER",
+    "DISABLED_OPTIMIZERS",
+    "Engine",
+    "OpenVinoEngine",
+    "OrtEngine",
+    "make_engine",
+    "openvino_device",
+    "ort_providers",
+]
 
 DISABLED_OPTIMIZERS = "disabled_optimizers"
 """ONNX Runtime engine option: comma-separated graph optimizers to leave off."""
@@ -86,29 +102,38 @@ class OpenVinoEngine:
 
 
 def make_engine(
-    bundle: str | Path, artifact: Artifact, threads: int = 0, device: str | None = None
+    bundle: str | Path,
+    artifact: Artifact,
+    threads: int = 0,
+    providers: str | None = None,
+    ov_device: str | None = None,
 ) -> Engine:
     """Open the bundle's artifact with the engine its format needs.
 
-    ``device``: for ONNX Runtime, comma-separated execution providers in order of
-    preference (those this host lacks are skipped; the CPU provider is always last); for
-    OpenVINO, a device string (``CPU``, ``GPU``, ``NPU``, ``AUTO:NPU,CPU``).
+    Args:
+        threads: engine threads (0: the engine's default).
+        providers: ONNX Runtime execution providers, comma-separated, in order of
+            preference (those this host lacks are skipped; the CPU provider is always last).
+        ov_device: OpenVINO device string (default ``CPU``).
+
+    Raises:
+        EdgeTLError: an unknown format, or the engine cannot load the file.
     """
     path = Path(bundle) / artifact.files[0]
     if artifact.format == "onnx":
-        return OrtEngine(path, artifact.engine_options, threads, ort_providers(device)[0])
+        return OrtEngine(path, artifact.engine_options, threads, ort_providers(providers)[0])
     if artifact.format == "openvino":
-        return OpenVinoEngine(path, artifact.engine_options, threads, device or "CPU")
+        return OpenVinoEngine(path, artifact.engine_options, threads, ov_device or "CPU")
     raise EdgeTLError(f"artifact format {artifact.format!r} is unknown; re-export the bundle")
 
 
 CPU_PROVIDER = "CPUExecutionProvider"
 
 
-def ort_providers(device: str | None) -> tuple[list[str], list[str]]:
+def ort_providers(providers: str | None) -> tuple[list[str], list[str]]:
     """``(providers to use, providers asked for that this host's ONNX Runtime lacks)``."""
     ort = require("onnxruntime", "ort")
-    asked = [p.strip() for p in (device or CPU_PROVIDER).split(",") if p.strip()]
+    asked = [p.strip() for p in (providers or CPU_PROVIDER).split(",") if p.strip()]
     have = set(ort.get_available_providers())
     use = [p for p in asked if p in have and p != CPU_PROVIDER] + [CPU_PROVIDER]
     return use, [p for p in asked if p not in have]

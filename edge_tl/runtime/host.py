@@ -13,6 +13,8 @@ import os
 import platform
 from pathlib import Path
 
+__all__ = ["cpu_class", "host_info"]
+
 
 @functools.cache
 def host_info() -> dict[str, object]:

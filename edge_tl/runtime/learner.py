@@ -1,30 +1,27 @@
-"""On-device learning: head state that grows with the field, versioned and crash-safe.
+"""On-device learning: a head state that grows with the field.
 
 Torch-free (numpy only). A :class:`HeadState` is one head (prototype, linear or k-NN), its
 labels, the support embeddings it was learned from, and the open-set threshold. The
-:class:`HeadStore` keeps every version in ``BUNDLE/heads/vNNNN.npz`` (plain arrays, metadata
-as a JSON string; never pickles) and a ``CURRENT`` pointer. Each write is a temporary file,
-``fsync`` and ``rename``, so a power cut leaves the previous version in force, never half a
-file. Each state is bound to the SHA-256 of the bundle's backbone: a head learned on other
-embeddings is refused.
+operations (:func:`learn`, :func:`add`, :func:`remove`, :func:`relabel`) are pure: each
+returns a new state. Versions are kept in ``BUNDLE/heads/`` by
+:class:`~edge_tl.runtime.versions.VersionedStore` (:func:`head_store`).
+
+The exported head starts from the workstation's linear head; ``exemplars.npz`` (written
+by the export, read here) holds artifact embeddings of a few training images per class,
+which stand for the known classes when a new one is imprinted.
 
 Example:
     >>> from edge_tl.runtime import Model
     >>> model = Model("bundle")  # doctest: +SKIP
-    >>> model.learn("support/", head="prototype")  # doctest: +SKIP
-    >>> model.add_class("oil_stain", ["a.jpg", "b.jpg"])  # doctest: +SKIP
-    >>> model.rollback()  # doctest: +SKIP
+    >>> model.classifier.learn("support/", head="prototype")  # doctest: +SKIP
+    >>> model.classifier.add_class("oil_stain", ["a.jpg", "b.jpg"])  # doctest: +SKIP
+    >>> model.classifier.rollback()  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,11 +36,30 @@ from edge_tl.runtime.heads import (
     PrototypeHead,
     cl2n,
     class_means,
-    imprint,
     power,
     unit_rows,
 )
+from edge_tl.runtime.imprint import imprint
+from edge_tl.runtime.versions import StoreKind, VersionedStore
 from edge_tl.spec import Manifest
+
+__all__ = [
+    "DEFAULT_HEAD",
+    "DEFAULT_QUANTILE",
+    "HEADS",
+    "HEAD_VERSIONS",
+    "UNKNOWN",
+    "HeadState",
+    "add",
+    "check_labels",
+    "exported_state",
+    "head_store",
+    "learn",
+    "read_exemplars",
+    "relabel",
+    "remove",
+    "write_exemplars",
+]
 
 HEADS = ("linear", "prototype", "knn")
 DEFAULT_HEAD = "linear"
@@ -51,19 +67,10 @@ UNKNOWN = "unknown"
 """The label ``predict`` gives an image that is like none of the known classes."""
 DEFAULT_QUANTILE = 0.05
 """Open set: the threshold lets through all but this share of the support set (leave-one-out)."""
-HEADS_DIR = "heads"
-CURRENT = "CURRENT"
 KEEP_VERSIONS = 20
+EXEMPLARS = "exemplars.npz"
 
 Head = LinearHead | PrototypeHead | KnnHead
-
-
-def backbone_sha256(manifest: Manifest) -> str:
-    """One SHA-256 over the backbone artifact's files (their hashes in the manifest)."""
-    h = hashlib.sha256()
-    for f in sorted(manifest.artifact.files):
-        h.update(f"{f}:{manifest.files.get(f, '')}\n".encode())
-    return h.hexdigest()
 
 
 @dataclass
@@ -365,205 +372,39 @@ def relabel(state: HeadState, old: str, new: str) -> HeadState:
     return replace(state, labels=labels, meta={})
 
 
-# ---- versioned store ----------------------------------------------------------------------
-class HeadStore:
-    """The versions of a bundle's learned head: ``heads/vNNNN.npz`` and ``heads/CURRENT``.
-
-    Subclasses keep other device-learned state the same way (``dirname``, ``state_cls``: a
-    class with ``from_arrays(z, where)``, ``to_arrays()``, ``meta`` and ``summary()``).
-    """
-
-    dirname = HEADS_DIR
-    noun = "head"
-    command = "edge-tl learn"
-    rollback_flag = ""
-
-    @property
-    def state_cls(self) -> Any:
-        return HeadState
-
-    def __init__(self, bundle: str | Path, manifest: Manifest, keep: int = KEEP_VERSIONS):
-        self.bundle = Path(bundle)
-        self.dir = self.bundle / self.dirname
-        self.backbone = backbone_sha256(manifest)
-        self.keep = keep
-
-    def _path(self, version: int) -> Path:
-        return self.dir / f"v{version:04d}.npz"
-
-    def versions(self) -> list[int]:
-        if not self.dir.is_dir():
-            return []
-        out = []
-        for p in self.dir.glob("v*.npz"):
-            with contextlib.suppress(ValueError):
-                out.append(int(p.stem[1:]))
-        return sorted(out)
-
-    def current(self) -> int | None:
-        f = self.dir / CURRENT
-        if not f.is_file():
-            return None
-        try:
-            v = int(f.read_text().strip())
-        except ValueError:
-            v = -1
-        if not self._path(v).is_file():
-            raise EdgeTLError(
-                f"{f} names {self.noun} version {f.read_text().strip()!r}, which is not in "
-                f"{self.dir}; run `edge-tl rollback {self.bundle}{self.rollback_flag} --to N` "
-                f"with one of {self.versions()}"
-            )
-        return v
-
-    def load(self, version: int | None = None) -> Any:
-        """The current (or a given) version; None when nothing was learned yet."""
-        v = self.current() if version is None else version
-        if v is None:
-            return None
-        if not self._path(v).is_file():
-            raise EdgeTLError(
-                f"{self.noun} version {v} does not exist in {self.dir}; versions: {self.versions()}"
-            )
-        return self.read(self._path(v))
-
-    def read(self, path: Path) -> Any:
-        """Read a state file and check it belongs to this bundle's backbone."""
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                state = self.state_cls.from_arrays(z, str(path))
-        except (OSError, ValueError) as e:
-            raise EdgeTLError(
-                f"{path} is not a readable {self.noun} state ({e}); pass a file written by "
-                f"`{self.command}`"
-            ) from None
-        theirs = state.meta.get("backbone_sha256")
-        if theirs != self.backbone:
-            raise EdgeTLError(
-                f"{path} was learned on another backbone (sha256 {str(theirs)[:12]}, this "
-                f"bundle's is {self.backbone[:12]}); its features do not match, so learn "
-                f"the {self.noun} again on this bundle with `{self.command}`"
-            )
-        return state
-
-    def save(self, state: Any, op: str) -> Any:
-        """Write ``state`` as the next version and make it current; returns it with its meta."""
-        with self._lock():
-            parent = self.current()
-            version = (max(self.versions(), default=0)) + 1
-            meta = {
-                **state.meta,
-                "version": version,
-                "parent": parent,
-                "op": op,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "backbone_sha256": self.backbone,
-            }
-            state = replace(state, meta=meta)
-            self.dir.mkdir(exist_ok=True)
-            _atomic_write(self._path(version), lambda f: np.savez(f, **state.to_arrays()))
-            _atomic_write(self.dir / CURRENT, lambda f: f.write(f"{version}\n".encode()))
-            self._prune(version)
-        return state
-
-    def rollback(self, to: int | None = None) -> Any:
-        """Make an earlier version current (default: the current one's parent)."""
-        if self.current() is None:  # checked before the lock, which creates the folder
-            raise EdgeTLError(
-                f"{self.bundle} has no learned {self.noun} to roll back; run `{self.command}` first"
-            )
-        with self._lock():
-            cur = self.current()
-            if cur is None:
-                raise EdgeTLError(
-                    f"{self.bundle} has no learned {self.noun} to roll back; run "
-                    f"`{self.command}` first"
-                )
-            if to is None:
-                to = self.read(self._path(cur)).meta.get("parent")
-                if to is None:
-                    raise EdgeTLError(
-                        f"{self.noun} version {cur} is the first one; there is nothing before it "
-                        f"(versions: {self.versions()})"
-                    )
-            if not self._path(to).is_file():
-                raise EdgeTLError(
-                    f"{self.noun} version {to} does not exist in {self.dir}; "
-                    f"versions: {self.versions()}"
-                )
-            state = self.read(self._path(to))
-            _atomic_write(self.dir / CURRENT, lambda f: f.write(f"{to}\n".encode()))
-        return state
-
-    def history(self) -> list[dict[str, Any]]:
-        cur = self.current()
-        out = []
-        for v in self.versions():
-            try:
-                s = self.read(self._path(v))
-            except EdgeTLError as e:
-                out.append({"version": v, "error": str(e)})
-                continue
-            out.append({**s.summary(), "current": v == cur})
-        return out
-
-    def _prune(self, current: int) -> None:
-        old = [v for v in self.versions() if v != current]
-        for v in old[: max(0, len(old) - (self.keep - 1))]:
-            with contextlib.suppress(OSError):
-                self._path(v).unlink()
-
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        """One writer at a time (another process learning on the same bundle waits)."""
-        self.dir.mkdir(exist_ok=True)
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX
-            yield
-            return
-        with open(self.dir / ".lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+def _read_state(z: Any, where: str) -> HeadState:
+    return HeadState.from_arrays(z, where)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, fsync it, rename, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a camera service may be another user
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+HEAD_VERSIONS = StoreKind("heads", "head", "edge-tl learn", "", _read_state, KEEP_VERSIONS)
+"""Head versions: ``BUNDLE/heads/vNNNN.npz`` + ``CURRENT``, the last 20 kept."""
 
 
-def workstation_state(
-    head: LinearHead, labels: list[str], exemplars: Path | None = None
-) -> HeadState:
+def head_store(bundle: str | Path, manifest: Manifest) -> VersionedStore:
+    """The versions of ``bundle``'s learned head."""
+    return VersionedStore(bundle, manifest, HEAD_VERSIONS)
+
+
+def write_exemplars(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    """``exemplars.npz``: artifact embeddings ``x[N, D]`` (float32) of training images with
+    their class indices ``y[N]`` (int64); plain arrays."""
+    np.savez(path, x=np.asarray(x, np.float32), y=np.asarray(y, np.int64))
+
+
+def read_exemplars(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(x[N, D] float32, y[N] int64)`` from :func:`write_exemplars`."""
+    with np.load(path, allow_pickle=False) as z:
+        return z["x"].astype(np.float32), z["y"].astype(np.int64)
+
+
+def exported_state(head: LinearHead, labels: list[str], exemplars: Path | None = None) -> HeadState:
     """The bundle's own head (trained on the workstation) as a state. Its support is the
     exemplars the export stored (artifact embeddings of some training images per class),
     or nothing for bundles without them. Open-set rejection starts off."""
     d = head.weight.shape[1]
     x, y = np.zeros((0, d), np.float32), np.zeros(0, np.int64)
     if exemplars is not None and exemplars.is_file():
-        with np.load(exemplars, allow_pickle=False) as z:
-            x, y = z["x"].astype(np.float32), z["y"].astype(np.int64)
+        x, y = read_exemplars(exemplars)
     # open set off: the exported head answers as it did at export (evaluate matches the
     # export's figures); `edge-tl learn BUNDLE --quantile 0.05` turns it on
     return HeadState("linear", list(labels), head, x, y, quantile=None, meta={"op": "export"})

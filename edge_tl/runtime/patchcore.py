@@ -1,5 +1,5 @@
-"""The numpy side of the anomaly scorer: patch features, coreset, nearest-neighbour search,
-anomaly maps and AUROC. No torch, no scikit-learn: this runs on the device.
+"""The numpy side of the anomaly scorer: patch features, coreset, nearest-neighbour search
+and anomaly maps. No torch, no scikit-learn: this runs on the device.
 
 Patch features are "locally aware" (PatchCore, Roth et al. 2022): each backbone stage is
 averaged over a 3x3 neighbourhood, the coarser stage is upsampled to the finer stage's grid,
@@ -14,6 +14,18 @@ from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
+
+__all__ = [
+    "STAGES",
+    "avg_pool",
+    "blur",
+    "kcenter",
+    "nearest",
+    "one_blas_thread",
+    "patch_features",
+    "resize_map",
+    "upsample",
+]
 
 STAGES = ("features_s8", "features_s16")
 """Backbone outputs with patch features (strides 8 and 16)."""
@@ -148,26 +160,6 @@ def blur(maps: np.ndarray, sigma: float) -> np.ndarray:
 def resize_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A ``float[h, w]`` map bilinearly resized to an image's ``(width, height)``."""
     return np.asarray(Image.fromarray(m.astype(np.float32), "F").resize(size, Image.BILINEAR))
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (ties count one half), ``labels`` 1 = anomalous."""
-    scores = np.asarray(scores, np.float64).ravel()
-    labels = np.asarray(labels).ravel().astype(bool)
-    n_pos = int(labels.sum())
-    n_neg = len(labels) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    s = scores[order]
-    ranks = np.empty(len(s), np.float64)
-    # average ranks over ties
-    edges = np.flatnonzero(np.diff(s)) + 1
-    starts = np.concatenate(([0], edges))
-    ends = np.concatenate((edges, [len(s)]))
-    avg = (starts + ends + 1) / 2.0
-    ranks[order] = np.repeat(avg, ends - starts)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 _CONTROLLER: list = []

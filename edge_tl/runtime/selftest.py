@@ -1,24 +1,94 @@
 """On-device self-test: does this host's engine still produce the bundle's embeddings?
 
 The same INT8 file can be right on one CPU and wrong on another (integer kernels differ by
-instruction set), so a bundle carries a few reference images with their FP32 embeddings and
-the device checks them when it loads the bundle. Torch-free.
+instruction set), so a bundle carries a few reference images with their FP32 embeddings
+(``selftest.npz``, written by the export with :func:`write_self_test`) and the device
+checks them when it loads the bundle (:func:`run_self_test`). Torch-free.
 """
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from edge_tl.errors import EdgeTLError
 from edge_tl.runtime.engine import Engine
 from edge_tl.runtime.host import host_info
 from edge_tl.runtime.preprocess import normalise_pixels
-from edge_tl.spec import EMBEDDING, Manifest
+from edge_tl.spec import EMBEDDING, Manifest, SelfTestSpec
+
+__all__ = [
+    "SELF_TEST_FILE",
+    "enforce",
+    "read_pixels",
+    "reference_images",
+    "run_self_test",
+    "write_self_test",
+]
+
+_logger = logging.getLogger(__name__)
+
+SELF_TEST_FILE = "selftest.npz"
+SELF_TEST_IMAGES = 4
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
+def write_self_test(
+    folder: Path,
+    pixels: np.ndarray,
+    reference: np.ndarray,
+    got: np.ndarray,
+    on_fail: str,
+    margin: float,
+) -> SelfTestSpec | None:
+    """Write ``selftest.npz`` into ``folder``: four of the check images and their FP32
+    embeddings, for the device to check its own kernels on first load.
+
+    Args:
+        pixels: ``uint8[N, 3, S, S]`` resized check images; four, evenly spaced, are kept.
+        reference: ``float32[N, D]`` their FP32 PyTorch embeddings.
+        got: ``float32[N, D]`` the artifact's embeddings of them on this (the export) host.
+        on_fail: ``refuse``, ``warn`` or ``off`` (nothing written).
+        margin: the device passes at the cosine reached here minus ``margin``.
+    """
+    if on_fail == "off":
+        return None
+    idx = np.linspace(0, len(pixels) - 1, min(SELF_TEST_IMAGES, len(pixels))).round().astype(int)
+    cos = _cosine(got[idx], reference[idx])
+    np.savez(
+        folder / SELF_TEST_FILE,
+        pixels=pixels[idx],
+        embedding=reference[idx].astype(np.float32),
+        export_cosine=cos.astype(np.float32),
+    )
+    return SelfTestSpec(
+        file=SELF_TEST_FILE,
+        min_cosine=round(max(0.0, float(cos.mean()) - margin), 5),
+        export_cosine=round(float(cos.mean()), 5),
+        export_host=str(host_info()["cpu"]),
+        on_fail=on_fail,
+    )
+
+
+def read_pixels(bundle: Path, spec: SelfTestSpec) -> tuple[np.ndarray, np.ndarray]:
+    """``(pixels uint8[N, 3, S, S], FP32 embeddings float32[N, D])`` of the self-test."""
+    with np.load(bundle / spec.file, allow_pickle=False) as z:
+        return z["pixels"], z["embedding"]
+
+
+def reference_images(bundle: Path, spec: SelfTestSpec) -> list[Image.Image]:
+    """The self-test images as PIL images (to time a bundle without images of one's own)."""
+    pixels, _ = read_pixels(bundle, spec)
+    hwc = [np.ascontiguousarray(p.transpose(1, 2, 0)) for p in pixels]  # stored CHW
+    return [Image.fromarray(p[..., 0] if p.shape[2] == 1 else p) for p in hwc]
 
 
 def run_self_test(bundle: Path, manifest: Manifest, engine: Engine) -> dict[str, Any] | None:
@@ -28,29 +98,32 @@ def run_self_test(bundle: Path, manifest: Manifest, engine: Engine) -> dict[str,
         ``{"cosine", "min_cosine", "passed", ...}``, or None when the bundle has no self-test.
     """
     spec = manifest.self_test
-    if not spec or spec.get("on_fail") == "off":
+    if spec is None or spec.on_fail == "off":
         return None
-    with np.load(bundle / spec["file"], allow_pickle=False) as z:
-        pixels, ref = z["pixels"], z["embedding"]
+    pixels, ref = read_pixels(bundle, spec)
     t0 = time.perf_counter()
     got = engine.run(normalise_pixels(pixels, manifest.preprocess), (EMBEDDING,))[EMBEDDING]
-    cos = np.sum(got * ref, 1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
+    cos = _cosine(got, ref)
     return {
         "cosine": round(float(cos.mean()), 5),
         "cosine_min": round(float(cos.min()), 5),
-        "min_cosine": spec["min_cosine"],
-        "export_cosine": spec.get("export_cosine"),
-        "export_host": spec.get("export_host"),
+        "min_cosine": spec.min_cosine,
+        "export_cosine": spec.export_cosine,
+        "export_host": spec.export_host,
         "host": host_info()["cpu"],
         "cpu_class": host_info()["cpu_class"],
-        "passed": bool(cos.mean() >= spec["min_cosine"]),
-        "on_fail": spec.get("on_fail", "refuse"),
+        "passed": bool(cos.mean() >= spec.min_cosine),
+        "on_fail": spec.on_fail,
         "ms": round((time.perf_counter() - t0) * 1e3, 1),
     }
 
 
 def enforce(bundle: Path, result: dict[str, Any] | None) -> None:
-    """Refuse (or warn, as the recipe said) when the self-test failed."""
+    """Refuse (or warn, as the recipe said) when the self-test failed.
+
+    Raises:
+        EdgeTLError: the self-test failed and the bundle says ``refuse``.
+    """
     if result is None or result["passed"]:
         return
     msg = (
@@ -61,6 +134,6 @@ def enforce(bundle: Path, result: dict[str, Any] | None) -> None:
         "session.x64quantprecision for ONNX Runtime on AVX2) or use an FP32/FP16 bundle"
     )
     if result["on_fail"] == "warn":
-        print(f"warning: {msg}", file=sys.stderr)
+        _logger.warning(msg)
         return
     raise EdgeTLError(msg)

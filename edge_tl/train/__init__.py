@@ -7,7 +7,9 @@ Example:
 """
 
 from edge_tl.spec import DEFAULT_STRATEGY, STRATEGIES
-from edge_tl.train.core import TrainConfig, checkpoint_path, load_run, run_splits, train
+from edge_tl.train.config import TrainConfig
+from edge_tl.train.core import train
+from edge_tl.train.runs import checkpoint_path, load_run
 
 __all__ = [
     "DEFAULT_STRATEGY",
@@ -15,6 +17,5 @@ __all__ = [
     "TrainConfig",
     "checkpoint_path",
     "load_run",
-    "run_splits",
     "train",
 ]

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from edge_tl.errors import EdgeTLError
 
+__all__ = ["PRESETS", "Augment", "augment", "normalise", "parse_augment"]
+
 
 @dataclass(frozen=True)
 class Augment:

@@ -18,10 +18,12 @@ import torch
 from torch import nn
 
 from edge_tl.errors import EdgeTLError
-from edge_tl.export import onnx_export
 from edge_tl.progress import progress
 from edge_tl.runtime.preprocess import batch_inputs
 from edge_tl.spec import Preprocess
+from edge_tl.train.onnx import torch_to_onnx
+
+__all__ = ["PrefixRunner", "cache_activations"]
 
 
 class _Prefix(nn.Module):
@@ -60,7 +62,7 @@ class PrefixRunner:
 
             self._tmp = tempfile.TemporaryDirectory(prefix="edge_tl_cache_")
             path = Path(self._tmp.name) / "prefix.onnx"
-            onnx_export(self.prefix, path, self.size, ("out",))
+            torch_to_onnx(self.prefix, path, self.size, ("out",))
             self._engine = OrtEngine(path)
         return self
 
@@ -105,7 +107,8 @@ def cache_activations(
     desc: str = "caching activations",
     use_onnx: bool = True,
 ) -> np.ndarray:
-    """:func:`run_prefix` over image files, preprocessed as the manifest says."""
+    """Activations ``float32[N, ...]`` of the frozen prefix (up to ``block``; the pooled
+    embedding when None) for image files, preprocessed as the manifest says."""
     starts = range(0, len(paths), batch_size)
     batches = (batch_inputs(paths[i : i + batch_size], pre) for i in progress(starts, desc=desc))
     with PrefixRunner(features, pre.size, block, use_onnx) as run:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -19,8 +20,22 @@ from typing import Any
 
 from edge_tl.bundle import check_destination, read_json
 from edge_tl.errors import EdgeTLError
+from edge_tl.progress import log_to_stderr, logging_to_stderr
 from edge_tl.spec import STRATEGIES
-from edge_tl.train.core import RUN_FILE, TrainConfig
+from edge_tl.train.config import TrainConfig
+from edge_tl.train.runs import RUN_FILE
+
+__all__ = [
+    "COMPARE_FILE",
+    "compare",
+    "markdown",
+    "negative_transfer",
+    "parse_strategies",
+    "partial_path",
+    "plot_curves",
+]
+
+_logger = logging.getLogger(__name__)
 
 COMPARE_FILE = "compare.json"
 
@@ -31,9 +46,11 @@ def partial_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def _child(data: str, out: str, config: dict[str, Any], error_file: str) -> None:
+def _child(data: str, out: str, config: dict[str, Any], error_file: str, console: bool) -> None:
     from edge_tl.train.core import train
 
+    if console:  # the parent shows status lines: so does this (spawned) process
+        log_to_stderr()
     try:
         train(data, out, TrainConfig.from_dict(config), force=True)
     except EdgeTLError as e:
@@ -91,12 +108,15 @@ def compare(
         cfg = dataclasses.replace(base, strategy=strategy)
         run = work / "runs" / strategy
         if resume and _finished(run, cfg):
-            print(f"[{i}/{len(strategies)}] {strategy}: reusing {run}", flush=True)
+            _logger.info(f"[{i}/{len(strategies)}] {strategy}: reusing {run}")
         else:
-            print(f"[{i}/{len(strategies)}] training {strategy}", flush=True)
+            _logger.info(f"[{i}/{len(strategies)}] training {strategy}")
             err = work / f".{strategy}.error"
             err.unlink(missing_ok=True)
-            p = ctx.Process(target=_child, args=(str(data), str(run), cfg.to_dict(), str(err)))
+            p = ctx.Process(
+                target=_child,
+                args=(str(data), str(run), cfg.to_dict(), str(err), logging_to_stderr()),
+            )
             p.start()
             p.join()
             if p.exitcode != 0:
@@ -223,7 +243,7 @@ def _f(v: Any, fmt: str = "{:.4f}") -> str:
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
-    from edge_tl.train.plots import pyplot, save
+    from edge_tl.plots import pyplot, save
 
     plt = pyplot()
     if plt is None:  # pragma: no cover - matplotlib is in the train extra

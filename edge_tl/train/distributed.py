@@ -18,6 +18,8 @@ from torch import nn
 
 from edge_tl.errors import EdgeTLError
 
+__all__ = ["Context", "barrier", "device_for", "setup", "teardown", "wrap"]
+
 
 @dataclass(frozen=True)
 class Context:

@@ -4,29 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edge_tl.plots import pyplot, save
 
-def pyplot():
-    """matplotlib's pyplot on the Agg backend (files only), or None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is in the train extra
-        return None
-    return plt
-
-
-def save(fig, path: str | Path, title: str) -> None:
-    """Integer epochs on every x axis, a title, tight layout; written and closed."""
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in fig.axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    pyplot().close(fig)
+__all__ = ["plot_history"]
 
 
 def plot_history(history: list[dict], path: str | Path, title: str) -> bool:

@@ -31,6 +31,8 @@ from edge_tl.backbones import FeatureModel
 from edge_tl.errors import EdgeTLError
 from edge_tl.spec import STRATEGIES
 
+__all__ = ["Policy", "Unit", "make_policy", "set_train_modes", "units_of"]
+
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+__all__ = ["QAT", "enable_qat"]
+
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.Hardtanh)
 NORMS = (nn.BatchNorm2d,)
 MOMENTUM = 0.01

@@ -21,7 +21,17 @@ from pathlib import Path
 import numpy as np
 
 from edge_tl.errors import EdgeTLError, require
+from edge_tl.progress import progress
 from edge_tl.spec import EMBEDDING, INPUT_NAME, Recipe
+
+__all__ = [
+    "build_artifact",
+    "conv_nodes",
+    "first_convolutions",
+    "ort_preprocessed",
+    "quantize_nncf",
+    "quantize_ort",
+]
 
 _ORT_TYPES = {"u8": "QUInt8", "s8": "QInt8"}
 _ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -89,14 +99,13 @@ def quantize_ort(
 
     class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(
-                [{INPUT_NAME: calib[i : i + step]} for i in range(0, len(calib), step)]
-            )
+            batches = [{INPUT_NAME: calib[i : i + step]} for i in range(0, len(calib), step)]
+            self.batches = iter(progress(batches, desc="calibrating (ORT)"))
 
         def get_next(self):
             return next(self.batches, None)
 
-    pre = preprocessed(src, work)
+    pre = ort_preprocessed(src, work)
     key = hashlib.sha256(np.ascontiguousarray(calib[:, :, ::8, ::8]).tobytes()).hexdigest()[:12]
     cache = work / f"calib-{recipe.calibration_method}-{len(calib)}-{key}.json"
     with warnings.catch_warnings(), _quiet_stdout():
@@ -115,7 +124,7 @@ def quantize_ort(
         )
 
 
-def preprocessed(src: str | Path, work: Path) -> Path:
+def ort_preprocessed(src: str | Path, work: Path) -> Path:
     """ORT's quantization pre-processing (shape inference, Conv+BN fusion), done once."""
     from onnxruntime import quantization as q
 
@@ -161,7 +170,7 @@ def quantize_nncf(
         OverflowFix,
     )
 
-    dataset = nncf.Dataset([calib[i : i + 1] for i in range(len(calib))])
+    dataset = nncf.Dataset(_Counted([calib[i : i + 1] for i in range(len(calib))], "calibrating"))
     params = AdvancedQuantizationParameters(overflow_fix=OverflowFix(recipe.overflow_fix))
     ignored = (
         nncf.IgnoredScope(names=list(recipe.nodes_to_exclude), validate=False)
@@ -211,6 +220,20 @@ def quantize_nncf(
         )
 
 
+class _Counted:
+    """A list whose every pass draws a progress bar (NNCF iterates its dataset once per
+    statistics pass)."""
+
+    def __init__(self, items: list, desc: str) -> None:
+        self.items, self.desc = items, desc
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(progress(self.items, desc=self.desc))
+
+
 @contextlib.contextmanager
 def _restore(logger: logging.Logger, level: int):
     try:
@@ -226,51 +249,12 @@ def _quiet_stdout():
         yield
 
 
-LOGITS = "logits"
-
-
-def append_logits(folder: Path, files: list[str], weight_t: np.ndarray, bias: np.ndarray) -> None:
-    """Fuse a linear head into the artifact as a ``logits`` output (``embedding @ W + b``),
-    in FP32, next to the existing outputs; for users who need no on-device learning."""
-    path = folder / files[0]
-    weight_t = np.ascontiguousarray(weight_t, np.float32)
-    bias = np.ascontiguousarray(bias, np.float32)
-    if path.suffix == ".onnx":
-        import onnx
-        from onnx import helper, numpy_helper
-
-        model = onnx.load(str(path))
-        g = model.graph
-        g.initializer.extend(
-            [
-                numpy_helper.from_array(weight_t, "head_weight"),
-                numpy_helper.from_array(bias, "head_bias"),
-            ]
-        )
-        g.node.extend(
-            [
-                helper.make_node(
-                    "MatMul", [EMBEDDING, "head_weight"], ["head_matmul"], "head_MatMul"
-                ),
-                helper.make_node("Add", ["head_matmul", "head_bias"], [LOGITS], "head_Add"),
-            ]
-        )
-        g.output.append(
-            helper.make_tensor_value_info(LOGITS, onnx.TensorProto.FLOAT, ["batch", len(bias)])
-        )
-        onnx.save(model, str(path))
-        return
+def first_convolutions(onnx_path: Path, n: int) -> list[str]:
+    """OpenVINO names of the first ``n`` convolutions (NNCF ignored-scope names)."""
     ov = require("openvino", "export")
-    from openvino import opset13 as ops
-
-    core = ov.Core()
-    model = core.read_model(str(path))
-    emb = model.output(EMBEDDING).get_node().input_value(0)  # what feeds the Result node
-    logits = ops.add(ops.matmul(emb, ops.constant(weight_t), False, False), ops.constant(bias))
-    logits.output(0).set_names({LOGITS})
-    model.add_outputs([logits.output(0)])
-    tmp = folder / "with_logits.xml"  # the .bin being replaced may be memory-mapped
-    ov.save_model(model, str(tmp), compress_to_fp16=False)
-    del model, core
-    os.replace(tmp, path)
-    os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
+    ops = ov.convert_model(str(onnx_path)).get_ordered_ops()
+    return [
+        op.get_friendly_name()
+        for op in ops
+        if op.get_type_name() in ("Convolution", "GroupConvolution")
+    ][:n]

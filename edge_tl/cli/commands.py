@@ -1,0 +1,282 @@
+"""One function per ``edge-tl`` subcommand: parsed flags in, one library call, output out.
+
+Each returns the exit code. Decisions (which face answers, which split, what a change
+means) are the library's; printing is :mod:`edge_tl.cli.output`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import fields
+from typing import TYPE_CHECKING
+
+from edge_tl.cli import output
+from edge_tl.errors import EdgeTLError
+
+__all__ = [
+    "anomaly",
+    "bench",
+    "compare",
+    "demo",
+    "evaluate",
+    "export",
+    "inspect",
+    "learn",
+    "predict",
+    "rollback",
+    "train",
+    "verify",
+]
+
+if TYPE_CHECKING:
+    from edge_tl.train import TrainConfig
+
+_logger = logging.getLogger("edge_tl.cli")
+
+
+def _config(args: argparse.Namespace, strategy: str) -> TrainConfig:
+    """The training flags as a :class:`~edge_tl.train.TrainConfig` (field by field)."""
+    from edge_tl.train import TrainConfig
+
+    try:
+        stages = tuple(int(s) for s in args.stages.split(",") if s.strip())
+    except ValueError:
+        raise EdgeTLError(f"--stages {args.stages!r} must be integers like 5,6") from None
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values.update(
+        strategy=strategy,
+        stages=stages,
+        params=tuple(p.strip() for p in args.params.split(",") if p.strip()),
+        cache=not args.no_cache,
+        onnx_cache=not args.no_onnx_cache,
+        channels_last=not args.no_channels_last,
+    )
+    return TrainConfig(**values)
+
+
+def train(args: argparse.Namespace) -> int:
+    from edge_tl.train import train as train_run
+
+    cfg = _config(args, args.strategy)
+    metrics = train_run(args.data, args.out, cfg, force=args.force, resume=args.resume)
+    if args.json:
+        output.print_json(metrics)
+    elif int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"trained {cfg.strategy} on {args.data}: test accuracy "
+            f"{metrics['test_accuracy']:.4f} (n={metrics['n_test']}) -> {args.out}"
+        )
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    from edge_tl.train.compare import compare as compare_runs
+    from edge_tl.train.compare import markdown, parse_strategies
+
+    strategies = parse_strategies(args.strategies)
+    result = compare_runs(
+        args.data,
+        args.out,
+        strategies,
+        _config(args, strategies[0]),
+        threshold=args.threshold / 100,
+        force=args.force,
+        resume=args.resume,
+    )
+    if args.json:
+        output.print_json(result)
+    else:
+        print(markdown(result))
+        print(f"table, curves and runs -> {args.out}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from edge_tl.export import export_bundle
+
+    m = export_bundle(
+        args.out,
+        args.recipe,
+        run=args.run,
+        backbone=args.backbone,
+        calib=args.calib,
+        head_fit=args.head_fit,
+        force=args.force,
+        weights=args.weights,
+        logits=args.logits,
+    )
+    if args.json:
+        output.print_json(m.metrics)
+    else:
+        output.export(m, args.out)
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    from edge_tl.runtime import Model
+
+    results = Model(args.bundle).predict(
+        [str(p) for p in args.images],
+        top_k=args.top_k,
+        task="classify" if args.classify else None,
+        maps_dir=args.maps,
+    )
+    if args.json:
+        output.print_json([r.to_dict() for r in results])
+    else:
+        output.predictions(results)
+    return 0
+
+
+def anomaly(args: argparse.Namespace) -> int:
+    from edge_tl.runtime import BankChange, Model
+
+    change = BankChange(
+        good=args.good,
+        add=args.add,
+        coreset=args.coreset,
+        max_mb=args.max_mb,
+        false_alarm=args.false_alarm,
+        stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()),
+        pool=args.pool,
+    )
+    summary = Model(args.bundle).detector.apply(change).summary()
+    if args.json:
+        output.print_json(summary)
+    else:
+        output.bank_summary(args.bundle, summary)
+    return 0
+
+
+def learn(args: argparse.Namespace) -> int:
+    from edge_tl.runtime import HeadChange, Model
+
+    change = HeadChange(
+        data=args.data,
+        add=args.add,
+        remove=args.remove,
+        relabel=args.relabel,
+        import_path=args.import_,
+        head=args.head,
+        k=args.k,
+        quantile=args.quantile,
+        threshold=args.threshold,
+        open_set=not args.no_open_set,
+    )
+    classifier = Model(args.bundle).classifier
+    before = classifier.state.summary() if classifier.state is not None else None
+    state = classifier.apply(change)
+    summary = state.summary()
+    if args.json:
+        output.print_json({"bundle": str(args.bundle), "head": summary, "previous": before})
+    else:
+        hint = summary["threshold"] is None and change.open_set and not state.open_set_ready
+        output.head_summary(args.bundle, summary, hint)
+    return 0
+
+
+def rollback(args: argparse.Namespace) -> int:
+    from edge_tl.bundle import read_manifest
+    from edge_tl.runtime.anomaly import bank_store
+    from edge_tl.runtime.learner import head_store
+
+    manifest = read_manifest(args.bundle, verify=True)
+    store = (bank_store if args.anomaly else head_store)(args.bundle, manifest)
+    if args.list:
+        versions = store.history()
+        if args.json:
+            output.print_json(versions)
+        else:
+            output.history(args.bundle, versions, args.anomaly)
+        return 0
+    summary = store.rollback(args.to).summary()
+    if args.json:
+        output.print_json(summary)
+    else:
+        output.rolled_back(args.bundle, summary, args.anomaly)
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    from edge_tl.runtime.bench import bench as bench_bundle
+    from edge_tl.spec import load_profile
+
+    if args.device_alias:
+        if args.profile:
+            raise EdgeTLError("--device is the old name of --profile; give only --profile")
+        _logger.warning("--device is now --profile (device profile); it still works for now")
+        args.profile = args.device_alias
+    res = bench_bundle(
+        args.bundle,
+        load_profile(args.profile) if args.profile else None,
+        args.images,
+        args.repeats,
+        args.batch,
+    )
+    if args.json:
+        output.print_json(res)
+    else:
+        output.bench(args.bundle, res, args.profile and res["profile"]["name"])
+    failed = [k for k, b in res.get("budgets", {}).items() if not b["holds"]]
+    return 3 if args.check and failed else 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from edge_tl.runtime import Model
+
+    res = Model(args.bundle).evaluate(args.data, split=args.split, maps_dir=args.maps)
+    if args.json:
+        output.print_json(res.to_dict())
+    else:
+        output.evaluation(res)
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    from edge_tl.bundle import read_manifest
+    from edge_tl.report import read_report
+    from edge_tl.runtime.anomaly import bank_store
+    from edge_tl.runtime.learner import head_store
+
+    m = read_manifest(args.bundle, verify=True)
+    report = read_report(args.bundle)
+    heads = head_store(args.bundle, m).history()
+    banks = bank_store(args.bundle, m).history()
+    if args.json:
+        output.print_json(
+            {
+                **m.to_dict(),
+                "hashes_verified": True,
+                "fidelity": report.to_dict() if report is not None else None,
+                "learned_heads": heads,
+                "anomaly_banks": banks,
+            }
+        )
+    else:
+        output.inspect(args.bundle, m, report, heads, banks)
+    return 0
+
+
+def verify(args: argparse.Namespace) -> int:
+    from edge_tl.runtime import Model
+    from edge_tl.runtime.selftest import enforce
+
+    model = Model(args.bundle, self_test=False)  # hashes checked here
+    result = model.check_self_test()
+    if args.json:
+        output.print_json(
+            {"bundle": str(args.bundle), "hashes_verified": True, "self_test": result}
+        )
+    else:
+        output.verify(args.bundle, result)
+    enforce(model.path, result)
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from edge_tl.demo import run_demo
+
+    run_demo(args.out, strategy=args.strategy, epochs=args.epochs, train_stages=args.train_stages)
+    return 0

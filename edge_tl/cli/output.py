@@ -1,0 +1,246 @@
+"""What ``edge-tl`` prints for a person: one function per result, plain text on stdout.
+
+Nothing here decides anything; ``--json`` prints the library's own records instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edge_tl.report import FidelityReport, table
+from edge_tl.runtime.results import AnomalyEvaluation, Evaluation, Prediction, Verdict
+from edge_tl.spec import Manifest
+
+__all__ = [
+    "bank_summary",
+    "bench",
+    "evaluation",
+    "export",
+    "head_summary",
+    "history",
+    "inspect",
+    "predictions",
+    "print_json",
+    "rolled_back",
+    "verify",
+]
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def export(manifest: Manifest, out: Path) -> None:
+    mt = manifest.metrics
+    cos = mt["embedding_cosine_vs_fp32"]
+    line = (
+        f"exported {manifest.artifact.recipe} -> {out}: parity max abs diff "
+        f"{mt['parity_max_abs_diff']['embedding']:.1e}, embedding cosine vs FP32 "
+        f"{cos['mean']:.4f} (min {cos['min']:.4f})"
+    )
+    if "test_accuracy" in mt:
+        line += (
+            f", held-out accuracy {mt['test_accuracy']:.4f} (FP32 {mt['fp32_test_accuracy']:.4f}, "
+            f"n={mt['test_n']})"
+        )
+    if "accuracy_control" in mt:
+        line += f"; accuracy control: {mt['accuracy_control']}"
+    print(line + f"; report {out / 'fidelity.md'}")
+
+
+def predictions(results: list[Prediction] | list[Verdict]) -> None:
+    for r in results:
+        if isinstance(r, Verdict):
+            extra = f"\t{r.map_png}" if r.map_png else ""
+            print(f"{r.image}\t{r.verdict}\t{r.score:.3f}\t(threshold {r.threshold:.3f}){extra}")
+        else:
+            sim = "" if r.similarity is None else f"\tsimilarity {r.similarity:.3f}"
+            print(f"{r.image}\t{r.label}\t{r.score:.3f}{sim}")
+
+
+def evaluation(res: Evaluation | AnomalyEvaluation) -> None:
+    if isinstance(res, AnomalyEvaluation):
+        _anomaly_evaluation(res)
+        return
+    head = res.head
+    version = "exported head" if head["version"] is None else f"head v{head['version']}"
+    print(
+        f"accuracy {res.accuracy:.4f} on {res.n} images ({res.artifact}, {version}, "
+        f"{head['head']})"
+        + (f"; {res.unknown_rate:.1%} called unknown" if res.unknown_rate else "")
+    )
+    for name, pc in res.per_class.items():
+        print(f"  {name:<24} {pc['accuracy']:.4f}  (n={pc['n']})")
+
+
+def _anomaly_evaluation(res: AnomalyEvaluation) -> None:
+    pix = "n/a (no masks)" if res.pixel_auroc is None else f"{res.pixel_auroc:.4f}"
+    print(
+        f"image AUROC {res.image_auroc:.4f}, pixel AUROC {pix} on {res.n_good} good + "
+        f"{res.n_defective} defective images ({res.artifact}, bank v{res.bank['version']}, "
+        f"{res.ms_per_image} ms/image)"
+    )
+    print(
+        f"at threshold {res.threshold:.3f}: F1 {res.f1:.4f}, recall {res.recall:.4f}, "
+        f"precision {res.precision:.4f}, false alarms {res.false_alarm_rate:.1%} "
+        f"(target {res.target_false_alarm:.1%})"
+    )
+    for name, a in res.per_defect_auroc.items():
+        print(f"  {name:<24} image AUROC {a:.4f}")
+    if res.maps:
+        print(f"overlays -> {res.maps}")
+
+
+def bank_summary(bundle: Path, s: dict[str, Any]) -> None:
+    print(
+        f"{bundle}: anomaly bank v{s['version']} ({s['op']}): {s['images']} good images, "
+        f"{s['bank_patches']} patches ({s['bank_mb']} MB, cap {s['max_mb']} MB), threshold "
+        f"{s['threshold']} for {s['false_alarm']:.1%} false alarms"
+    )
+
+
+def head_summary(bundle: Path, s: dict[str, Any], open_set_hint: bool) -> None:
+    counts = ", ".join(f"{n} {c}" for n, c in s["support"].items())
+    thr = s["threshold"]
+    print(
+        f"{bundle}: head v{s['version']} ({s['head']}, {s['op']}): {len(s['labels'])} classes "
+        f"({counts} support images); "
+        + ("open set off" if thr is None else f"unknown below similarity {thr:.3f}")
+        + (f"; fit {s['fit_ms']:.1f} ms" if "fit_ms" in s else "")
+    )
+    if open_set_hint:
+        missing = [n for n, c in s["support"].items() if c == 0]
+        print(f"  open set needs support images of every class; none for {', '.join(missing)}")
+
+
+def _version_line(h: dict[str, Any], anomaly: bool) -> str:
+    if anomaly:
+        return (
+            f"{h['op']:<9} {h['images']} images, {h['bank_patches']} patches, "
+            f"threshold {h['threshold']}"
+        )
+    more = " ..." if len(h["labels"]) > 6 else ""
+    return (
+        f"{h['op']:<16} {h['head']:<9} {len(h['labels'])} classes: "
+        f"{', '.join(h['labels'][:6])}{more}"
+    )
+
+
+def history(bundle: Path, versions: list[dict[str, Any]], anomaly: bool) -> None:
+    if not versions:
+        what = (
+            "no anomaly bank yet"
+            if anomaly
+            else "no learned head yet (the exported head is in use)"
+        )
+        print(f"{bundle}: {what}")
+    for h in versions:
+        if "error" in h:
+            print(f"  v{h['version']}: unreadable ({h['error']})")
+            continue
+        mark = "*" if h["current"] else " "
+        print(f"{mark} v{h['version']} {h['created']} {_version_line(h, anomaly)}")
+
+
+def rolled_back(bundle: Path, h: dict[str, Any], anomaly: bool) -> None:
+    if anomaly:
+        what = (
+            f"anomaly bank v{h['version']} is current again ({h['images']} images, "
+            f"threshold {h['threshold']})"
+        )
+    else:
+        what = (
+            f"head v{h['version']} is current again ({h['head']}, "
+            f"{len(h['labels'])} classes: {', '.join(h['labels'])})"
+        )
+    print(f"{bundle}: {what}")
+
+
+def bench(bundle: Path, res: dict[str, Any], profile: str | None) -> None:
+    print(
+        f"{bundle} ({res['artifact']}) on {res['host']['cpu']}"
+        + (f", profile {profile} (device {res['device_used']})" if profile else "")
+    )
+    print(
+        f"  predict batch 1: p50 {res['predict_p50_ms']:.1f} ms, p95 "
+        f"{res['predict_p95_ms']:.1f} ms (engine alone p50 {res['engine_p50_ms']:.1f}, "
+        f"p95 {res['engine_p95_ms']:.1f}); throughput {res['throughput_ips']:.0f} img/s at "
+        f"batch {res['batch']}; peak RSS {res['peak_rss_mb']:.0f} MB; load "
+        f"{res['load_ms']:.0f} ms"
+    )
+    for name, b in res.get("budgets", {}).items():
+        verdict = "holds" if b["holds"] else "MISSED"
+        print(f"  budget {name}: {b['measured']} vs {b['budget']} -> {verdict}")
+    for note in res.get("notes", []):
+        print(f"  note: {note}")
+
+
+def inspect(
+    bundle: Path,
+    m: Manifest,
+    report: FidelityReport | None,
+    heads: list[dict[str, Any]],
+    banks: list[dict[str, Any]],
+) -> None:
+    a = m.artifact
+    print(f"bundle {bundle}: {m.backbone}, {a.format} {a.precision} (recipe {a.recipe})")
+    print(
+        f"  input {m.input_name} {m.preprocess.size}x{m.preprocess.size} {m.preprocess.colour}, "
+        f"mean {m.preprocess.mean}, std {m.preprocess.std}"
+    )
+    print(f"  outputs: {', '.join(f'{k} {v}' for k, v in m.outputs.items())}")
+    print(
+        f"  labels ({len(m.labels)}): {', '.join(m.labels[:8])}"
+        + (" ..." if len(m.labels) > 8 else "")
+    )
+    if a.engine_options:
+        print(f"  engine options: {a.engine_options}")
+    if m.self_test:
+        st = m.self_test
+        print(
+            f"  self-test: {st.file}, cosine >= {st.min_cosine} on load "
+            f"({st.on_fail} otherwise; {st.export_cosine} on {st.export_host})"
+        )
+    for h in heads:
+        if h.get("current"):
+            print(
+                f"  learned head: v{h['version']} of {len(heads)} ({h['head']}, {h['op']}, "
+                f"{h['created']}), {len(h['labels'])} classes, open-set threshold "
+                f"{h['threshold']}; `edge-tl rollback {bundle} --list` for all"
+            )
+    for h in banks:
+        if h.get("current"):
+            print(
+                f"  anomaly bank: v{h['version']} of {len(banks)} ({h['op']}, {h['created']}), "
+                f"{h['images']} good images, {h['bank_patches']} patches ({h['bank_mb']} MB), "
+                f"threshold {h['threshold']} for {h['false_alarm']:.1%} false alarms"
+            )
+    if report is not None:
+        print(
+            f"fidelity ({report.checked_on}, {report.n_images} images, on "
+            f"{report.host['cpu']}): {report.verdict}"
+        )
+        print(table(report))
+        for step in report.accuracy_control:
+            drop = "" if step.top1_drop is None else f", top-1 drop {step.top1_drop:.4f}"
+            print(
+                f"  {'pass' if step.passed else 'miss'}: {step.step} (cosine "
+                f"{step.cosine_mean:.4f}{drop})"
+            )
+    for f, h in m.files.items():
+        print(f"verified {f} sha256 {h[:16]}...")
+
+
+def verify(bundle: Path, result: dict[str, Any] | None) -> None:
+    if result is None:
+        print(f"{bundle}: hashes verified; the bundle has no self-test")
+        return
+    verdict = "passed" if result["passed"] else "FAILED"
+    print(
+        f"{bundle}: hashes verified; self-test {verdict} on {result['host']} "
+        f"({result['cpu_class']}): embedding cosine vs FP32 {result['cosine']:.4f} "
+        f"(min {result['cosine_min']:.4f}; needs >= {result['min_cosine']:.4f}; "
+        f"{result['export_cosine']} at export), {result['ms']:.0f} ms"
+    )

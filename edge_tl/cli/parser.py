@@ -1,0 +1,416 @@
+"""The ``edge-tl`` argument parser: subcommands, flags and their help."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from edge_tl import __version__
+from edge_tl.cli import commands
+from edge_tl.spec import STRATEGIES
+
+__all__ = ["EPILOG", "build_parser"]
+
+EPILOG = "Docs and examples: README.md. Every command exits 2 with a one-line error on bad input."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every ``edge-tl`` subcommand and its flags; each calls :mod:`edge_tl.cli.commands`."""
+    p = argparse.ArgumentParser(
+        prog="edge-tl",
+        description="Transfer learning that ends on a device: train on a workstation, export "
+        "to ONNX Runtime / OpenVINO (FP32 or INT8), run and evaluate without PyTorch.",
+        epilog=EPILOG,
+    )
+    p.add_argument("--version", action="version", version=f"edge_tl {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train a classifier on an ImageFolder (or 'elpv') and write a run folder",
+        description="Train on DATA (an ImageFolder <class>/<image>, or 'elpv' for the ELPV "
+        "solar-cell package) with a transfer strategy: linear-probe, finetune (default: the "
+        "last --train-stages stages + head), full, selective, bn-only, bias-only, gradual, "
+        "from-scratch. When everything before the first trainable block is frozen, its "
+        "activations are computed once and cached. Interrupted runs continue with --resume. "
+        "Under torchrun (torchrun --nproc-per-node N -m edge_tl.cli train ...) it trains "
+        "with DistributedDataParallel.",
+    )
+    t.add_argument("data", help="ImageFolder path, or 'elpv'")
+    t.add_argument("--out", required=True, type=Path, help="run folder to create")
+    _training_args(t)
+    t.add_argument("--strategy", default="finetune", help=f"one of {', '.join(STRATEGIES)}")
+    t.add_argument("--force", action="store_true", help="replace an existing --out")
+    t.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from OUT.checkpoint.pt"
+    )
+    t.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    t.set_defaults(func=commands.train)
+
+    c = sub.add_parser(
+        "compare",
+        help="train several strategies on the same splits; table, curves, negative transfer",
+        description="Train each of --strategies on DATA with the same splits and settings, "
+        "each in its own process; print and save a table (accuracy, macro-F1, train time, "
+        "trainable parameters, peak memory) and the learning curves, and flag negative "
+        "transfer (from-scratch as good as a transfer strategy, or transfer gaining less "
+        "than --threshold).",
+    )
+    c.add_argument("data", help="ImageFolder path, or 'elpv'")
+    c.add_argument(
+        "--strategies",
+        default="linear-probe,finetune,full,bn-only,from-scratch",
+        help="comma-separated (default linear-probe,finetune,full,bn-only,from-scratch)",
+    )
+    c.add_argument("--out", required=True, type=Path, help="comparison folder to create")
+    _training_args(c)
+    c.add_argument(
+        "--threshold",
+        type=float,
+        default=2.0,
+        help="flag transfer that beats from-scratch by fewer points than this (default 2)",
+    )
+    c.add_argument("--force", action="store_true", help="replace an existing --out")
+    c.add_argument(
+        "--resume", action="store_true", help="continue an interrupted comparison, keep its runs"
+    )
+    c.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    c.set_defaults(func=commands.compare)
+
+    e = sub.add_parser(
+        "export",
+        help="export a run (or a pretrained backbone) into a checked bundle",
+        description="Export RUN (from `edge-tl train`) or --backbone NAME (ImageNet features "
+        "and classifier) with a recipe: onnx-fp32, ort-int8, openvino-fp32, openvino-fp16, "
+        "openvino-int8, or a path to a recipe .toml. The ONNX graph is checked against "
+        "PyTorch on real images; INT8 is calibrated on real images; the bundle is written "
+        "to a temporary folder and renamed into place.",
+    )
+    e.add_argument("run", nargs="?", help="run folder from `edge-tl train`")
+    e.add_argument("--backbone", help="export a pretrained backbone instead of a run")
+    e.add_argument("--weights", help="with --backbone: local pretrained weights file")
+    e.add_argument("--recipe", default="onnx-fp32", help="recipe name or .toml path")
+    e.add_argument(
+        "--calib",
+        help="calibration images (ImageFolder or flat folder); default: the run's training split",
+    )
+    e.add_argument("--out", required=True, type=Path, help="bundle folder to create")
+    e.add_argument(
+        "--head-fit",
+        default="artifact",
+        choices=["artifact", "source"],
+        help="artifact (default): refit the head on this artifact's own embeddings "
+        "of the training split; source: keep the head trained in PyTorch",
+    )
+    e.add_argument(
+        "--logits",
+        action="store_true",
+        help="also fuse the head into the graph as a 'logits' output (for engines used "
+        "directly, without on-device learning)",
+    )
+    e.add_argument("--force", action="store_true", help="replace an existing bundle")
+    e.add_argument("--json", action="store_true", help="print the checks as JSON")
+    e.set_defaults(func=commands.export)
+
+    pr = sub.add_parser(
+        "predict",
+        help="classify images, or score them for anomalies, with a bundle (torch-free)",
+        description="Classify IMAGES with BUNDLE's head; on a bundle with an anomaly bank "
+        "(`edge-tl anomaly`), give each image's anomaly score, the threshold and a verdict "
+        "(good/anomalous) instead (--classify forces the head).",
+    )
+    pr.add_argument("bundle", type=Path)
+    pr.add_argument("images", nargs="+", type=Path)
+    pr.add_argument("--top-k", type=int, default=1)
+    pr.add_argument("--classify", action="store_true", help="use the head, not the bank")
+    pr.add_argument(
+        "--maps", type=Path, metavar="DIR", help="anomaly: write heat-map overlay PNGs here"
+    )
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=commands.predict)
+
+    an = sub.add_parser(
+        "anomaly",
+        help="learn what good parts look like, for defect detection (torch-free)",
+        description="Build BUNDLE's anomaly bank from GOOD_DIR (a folder of good images, or "
+        "an MVTec-layout folder's train/good): patch features of the backbone, a greedy "
+        "k-centre coreset, exact nearest-neighbour search in numpy. The threshold is "
+        "calibrated for --false-alarm on the good images, each scored leave-one-out. --add "
+        "grows the current bank with new good images (a new variant, new lighting) and "
+        "re-calibrates; --false-alarm alone re-calibrates. Each change is a new version in "
+        "BUNDLE/anomaly (`edge-tl rollback BUNDLE --anomaly` goes back).",
+        epilog=EPILOG,
+    )
+    an.add_argument("bundle", type=Path)
+    an.add_argument("good", nargs="?", metavar="GOOD_DIR", help="folder of good images")
+    an.add_argument("--add", action="store_true", help="add GOOD_DIR to the current bank")
+    an.add_argument(
+        "--coreset",
+        type=float,
+        default=None,
+        help="share of the good patches kept in the bank (default 0.1)",
+    )
+    an.add_argument(
+        "--max-mb", type=float, default=None, help="cap on the bank's size in MB (default 16)"
+    )
+    an.add_argument(
+        "--false-alarm",
+        type=float,
+        default=None,
+        help="share of good parts the threshold may flag (default 0.01)",
+    )
+    an.add_argument(
+        "--stages",
+        default="features_s16",
+        help="backbone outputs for patch features, comma-separated (default features_s16; "
+        "features_s8,features_s16 gives a finer map at 4x the search)",
+    )
+    an.add_argument("--pool", type=int, default=3, help="neighbourhood size (default 3)")
+    an.add_argument("--json", action="store_true")
+    an.set_defaults(func=commands.anomaly)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="accuracy of a bundle on a labelled data set, or anomaly AUROC (torch-free)",
+        description="Evaluate BUNDLE on DATA (ImageFolder, or 'elpv'). --split test uses the "
+        "held-out split the bundle's run was trained with. On a bundle with an anomaly bank "
+        "and an MVTec-layout DATA (test/good, test/<defect>, optional "
+        "ground_truth/<defect>/<name>_mask.png): image AUROC, pixel AUROC, F1 and "
+        "false-alarm rate at the stored threshold; --maps DIR writes overlays.",
+    )
+    ev.add_argument("bundle", type=Path)
+    ev.add_argument("data")
+    ev.add_argument("--split", default="all", choices=["all", "train", "val", "test"])
+    ev.add_argument(
+        "--maps", type=Path, metavar="DIR", help="anomaly: write heat-map overlay PNGs here"
+    )
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=commands.evaluate)
+
+    le = sub.add_parser(
+        "learn",
+        help="teach a bundle classes from a few images, on the device (torch-free)",
+        description="Learn a head on BUNDLE's embeddings from DATA (an ImageFolder of "
+        "support images: DATA/<class>/<images>), or change the current head: --add grows "
+        "it (new examples, new classes), --remove forgets a class, --relabel renames one, "
+        "--import adopts a head learned on another device with the same backbone. Each "
+        "change is a new version in BUNDLE/heads (written atomically; `edge-tl rollback` "
+        "goes back).",
+        epilog=EPILOG,
+    )
+    le.add_argument("bundle", type=Path)
+    le.add_argument("data", nargs="?", help="ImageFolder of support images")
+    le.add_argument(
+        "--head",
+        default="linear",
+        choices=["linear", "prototype", "knn"],
+        help="linear (default): softmax regression; prototype: SimpleShot class means; "
+        "knn: nearest support images",
+    )
+    le.add_argument("--k", type=int, default=1, help="neighbours for --head knn (default 1)")
+    le.add_argument("--add", action="store_true", help="add DATA to the current head")
+    le.add_argument("--remove", metavar="CLASS", help="forget a class")
+    le.add_argument("--relabel", metavar="OLD=NEW", help="rename a class")
+    le.add_argument("--import", dest="import_", metavar="HEAD.npz", help="adopt a head file")
+    le.add_argument(
+        "--quantile",
+        type=float,
+        default=None,
+        help="open set: share of support images (left out one at a time) the threshold "
+        "may call unknown (default 0.05)",
+    )
+    le.add_argument("--threshold", type=float, help="open set: a fixed cosine threshold")
+    le.add_argument("--no-open-set", action="store_true", help="never answer unknown")
+    le.add_argument("--json", action="store_true")
+    le.set_defaults(func=commands.learn)
+
+    rb = sub.add_parser(
+        "rollback",
+        help="go back to an earlier learned head or anomaly bank (torch-free)",
+        description="Make an earlier head version (--anomaly: bank version) current: by "
+        "default the one before the current; --to N picks one; --list shows them all. "
+        "Nothing is deleted.",
+    )
+    rb.add_argument("bundle", type=Path)
+    rb.add_argument("--anomaly", action="store_true", help="the anomaly bank, not the head")
+    rb.add_argument("--to", type=int, metavar="N")
+    rb.add_argument("--list", action="store_true", help="list the versions, change nothing")
+    rb.add_argument("--json", action="store_true")
+    rb.set_defaults(func=commands.rollback)
+
+    be = sub.add_parser(
+        "bench",
+        help="latency p50/p95, throughput and peak memory of a bundle (torch-free)",
+        description="Measure BUNDLE in a fresh process: batch-1 predict (end to end) and "
+        "engine latency p50/p95, throughput at --batch, peak RSS. With --profile PROFILE "
+        "(raspberry-pi-5, x86-64-avx2, x86-64-vnni, intel-core-ultra, jetson-orin, or a "
+        ".toml) the profile's engine, device and threads are used where this host has "
+        "them, and its budgets are checked; on other hardware the figures approximate it.",
+    )
+    be.add_argument("bundle", type=Path)
+    be.add_argument("--profile", metavar="PROFILE", help="device profile name or .toml path")
+    be.add_argument("--device", dest="device_alias", metavar="PROFILE", help=argparse.SUPPRESS)
+    be.add_argument(
+        "--images",
+        nargs="*",
+        default=[],
+        help="images to time (default: the bundle's self-test images)",
+    )
+    be.add_argument("--repeats", type=int, default=40, help="timed predictions (default 40)")
+    be.add_argument("--batch", type=int, default=8, help="batch for throughput (default 8)")
+    be.add_argument("--check", action="store_true", help="exit 3 when a budget does not hold")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(func=commands.bench)
+
+    ins = sub.add_parser(
+        "inspect",
+        help="print a bundle's manifest, fidelity table and verified hashes",
+        description="Read BUNDLE's manifest, check every file's SHA-256 and print the "
+        "artifact, preprocessing, outputs, the fidelity table measured at export and the "
+        "accuracy-control steps. Nothing is run.",
+    )
+    ins.add_argument("bundle", type=Path)
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=commands.inspect)
+
+    ver = sub.add_parser(
+        "verify",
+        help="check a bundle on this host: hashes and the embedding self-test (torch-free)",
+        description="Check every file's SHA-256, load the engine and run the bundle's "
+        "reference images: their embeddings must match FP32 within the tolerance the export "
+        "recorded. Exit 0 when the bundle is fit to run here, 2 when not (or when the recipe "
+        "says warn: 0 with a warning).",
+    )
+    ver.add_argument("bundle", type=Path)
+    ver.add_argument("--json", action="store_true")
+    ver.set_defaults(func=commands.verify)
+
+    d = sub.add_parser(
+        "demo",
+        help="the whole story on ELPV: train, export FP32/INT8, evaluate, compare",
+        description="Train on ELPV (75/25 split, seed 0), export ONNX FP32, ORT INT8 and "
+        "OpenVINO INT8, evaluate each on the held-out split and print accuracy, size and "
+        "latency per artifact.",
+    )
+    d.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo-output"),
+        help="folder for the run and bundles (default ./demo-output)",
+    )
+    d.add_argument("--strategy", default="finetune")
+    d.add_argument("--epochs", type=int, default=6)
+    d.add_argument("--train-stages", type=int, default=1)
+    d.set_defaults(func=commands.demo)
+    return p
+
+
+def _training_args(t: argparse.ArgumentParser) -> None:
+    """Options shared by ``train`` and ``compare`` (defaults: see TrainConfig)."""
+    t.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        help="efficientnet_lite0 (default), efficientnet_lite1/2, resnet18, resnet50, "
+        "mobilenet_v3_large, vgg16",
+    )
+    t.add_argument(
+        "--weights",
+        help="local pretrained weights (state dict .pth/.safetensors) for the backbone; "
+        "needed for torchvision backbones without internet",
+    )
+    t.add_argument("--epochs", type=int, default=8, help="maximum epochs (default 8)")
+    t.add_argument(
+        "--train-stages",
+        type=int,
+        default=2,
+        help="finetune/gradual: how many final stages train (default 2)",
+    )
+    t.add_argument(
+        "--stages", default="", help="selective: stage indices, e.g. 5,6 (negative from the end)"
+    )
+    t.add_argument(
+        "--params", default="", help="selective: parameter-name patterns, e.g. 'net.layer4.*'"
+    )
+    t.add_argument(
+        "--unfreeze-every", type=int, default=1, help="gradual: epochs per unfrozen stage"
+    )
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr-head", type=float, default=1e-3, help="head learning rate (1e-3)")
+    t.add_argument(
+        "--lr-backbone", type=float, default=1e-4, help="last-stage learning rate (1e-4)"
+    )
+    t.add_argument(
+        "--layer-decay",
+        type=float,
+        default=0.8,
+        help="learning-rate factor per stage towards the input (default 0.8)",
+    )
+    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--label-smoothing", type=float, default=0.1)
+    t.add_argument("--dropout", type=float, default=0.2, help="dropout before the head (0.2)")
+    t.add_argument(
+        "--patience",
+        type=int,
+        default=4,
+        help="stop after this many epochs without a better validation score (0: never)",
+    )
+    t.add_argument(
+        "--balance",
+        default="none",
+        choices=["none", "sampler", "loss"],
+        help="class balancing for imbalanced data: sampler or loss weights (default none)",
+    )
+    t.add_argument(
+        "--augment",
+        default="auto",
+        help="auto (default: inspection for grey data, natural for colour), inspection, "
+        "natural, none; overrides like 'inspection,rotate=5,blur=0'",
+    )
+    t.add_argument(
+        "--views",
+        type=int,
+        default=1,
+        help="cached training: activations of this many views per image (1 clean + "
+        "augmented ones; default 1)",
+    )
+    t.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="run the frozen prefix on every step instead of caching its activations",
+    )
+    t.add_argument(
+        "--freeze-bn", action="store_true", help="keep every batch-norm layer's statistics"
+    )
+    t.add_argument("--test-frac", type=float, default=0.2, help="held-out test share (default 0.2)")
+    t.add_argument("--val-frac", type=float, default=0.1, help="validation share (default 0.1)")
+    t.add_argument(
+        "--train-per-class",
+        type=int,
+        default=0,
+        help="cap the training split per class (a CPU budget; default 0 = all)",
+    )
+    t.add_argument("--seed", type=int, default=0, help="split and training seed (default 0)")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 autocast on GPUs that support it, fp32 on CPUs",
+    )
+    t.add_argument("--compile", action="store_true", help="torch.compile the trained part")
+    t.add_argument(
+        "--no-channels-last", action="store_true", help="keep NCHW memory format on images"
+    )
+    t.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    t.add_argument(
+        "--qat",
+        action="store_true",
+        help="quantization-aware fine-tuning: train through simulated INT8 rounding (weights "
+        "per channel, activations per tensor) so an INT8 export keeps the accuracy; runs "
+        "uncached",
+    )
+    t.add_argument(
+        "--no-onnx-cache",
+        action="store_true",
+        help="cache boundary activations with PyTorch instead of ONNX Runtime",
+    )

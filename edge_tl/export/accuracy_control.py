@@ -1,0 +1,431 @@
+"""Accuracy control: INT8 that misses its recipe's tolerance is escalated step by step, and
+refused when nothing reaches it.
+
+Each step builds the artifact with other settings and measures it on the check images
+against FP32 PyTorch: mean embedding cosine (``min_cosine``) and top-1 drop of both the head
+that ships and the run's own FP32-trained head (``max_top1_drop``). Every try is recorded.
+The steps follow each backend's own advice: ONNX Runtime's saturation-safe requantization
+(its docs for AVX2 CPUs without VNNI), other calibration methods, then the most sensitive
+convolutions kept in FP32 (ranked one at a time, as NNCF's accuracy-control ranker does);
+OpenVINO's overflow fix, full bias correction, the first convolutions in FP32, then
+``nncf.quantize_with_accuracy_control``.
+
+Example:
+    >>> control = AccuracyControl(fp32, recipe, calib, bdir, work, check, ref, ref_head, heads)
+    >>> chosen = control.run()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_tl.errors import EdgeTLError
+from edge_tl.export.fidelity import (
+    Agreement,
+    HeadFit,
+    Images,
+    accuracy,
+    agreement,
+    cosine,
+    embed,
+    engine_runner,
+)
+from edge_tl.export.quantize import (
+    build_artifact,
+    conv_nodes,
+    first_convolutions,
+    ort_preprocessed,
+    quantize_ort,
+)
+from edge_tl.progress import progress
+from edge_tl.report import ControlStep
+from edge_tl.runtime.engine import DISABLED_OPTIMIZERS, OrtEngine, make_engine
+from edge_tl.runtime.heads import LinearHead
+from edge_tl.runtime.host import host_info
+from edge_tl.spec import EMBEDDING, Artifact, Recipe
+
+__all__ = ["AccuracyControl", "Attempt", "Candidate", "ToleranceError"]
+
+_logger = logging.getLogger(__name__)
+
+SENSITIVITY_IMAGES = 32
+EXCLUSION_STEPS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass
+class Attempt:
+    """One try of the ladder: the settings, what they reached, whether it passed."""
+
+    step: str
+    recipe: Recipe
+    cosine_mean: float
+    cosine_min: float
+    accuracy: float | None
+    top1_drop: float | None  # the larger of the shipped head's and the run head's drop
+    passed: bool
+    seconds: float
+    note: str = ""
+
+    def record(self) -> ControlStep:
+        """The try as the fidelity report keeps it (the settings that matter per backend)."""
+        r = self.recipe
+        settings: dict[str, Any] = {
+            "calibration_method": r.calibration_method,
+            "overflow_fix": r.overflow_fix,
+            "fast_bias_correction": r.fast_bias_correction,
+            "nodes_in_fp32": list(r.nodes_to_exclude),
+            "engine_options": dict(r.engine_options),
+        }
+        if r.quantization == "ort-static":
+            settings.pop("overflow_fix")
+            settings.pop("fast_bias_correction")
+        elif r.quantization == "nncf":
+            settings.pop("calibration_method")
+        else:
+            settings = {"engine_options": dict(r.engine_options)}
+        return ControlStep(
+            step=self.step,
+            settings=settings,
+            cosine_mean=round(self.cosine_mean, 5),
+            cosine_min=round(self.cosine_min, 5),
+            accuracy=self.accuracy,
+            top1_drop=self.top1_drop,
+            passed=self.passed,
+            seconds=round(self.seconds, 1),
+            note=self.note,
+        )
+
+
+class ToleranceError(EdgeTLError):
+    """The artifact missed its recipe's tolerance after every step; ``attempts`` says each."""
+
+    def __init__(self, attempts: list[Attempt], message: str) -> None:
+        super().__init__(message)
+        self.attempts = list(attempts)
+
+
+@dataclass
+class Candidate:
+    """An artifact built in the bundle folder and measured: what the export ships when it
+    passes. ``emb`` are its embeddings of the check images."""
+
+    artifact: Artifact
+    engine: Any
+    recipe: Recipe
+    head: LinearHead
+    emb: np.ndarray
+
+
+@dataclass
+class AccuracyControl:
+    """Builds the recipe's artifact into ``out_dir`` and measures it against the FP32
+    reference on the check images; escalates INT8 that misses the tolerance.
+
+    Args:
+        fp32_onnx: the FP32 graph every artifact is built from.
+        calib: calibration inputs ``float32[N, 3, S, S]`` (INT8), or None.
+        work: a folder for calibration caches and trial graphs.
+        check: the check images (the run's held-out split, labelled, or calibration images).
+        reference: FP32 PyTorch embeddings of ``check``.
+        reference_head: the head FP32 accuracy is measured with.
+        heads: how the head that ships with an artifact is made.
+    """
+
+    fp32_onnx: Path
+    recipe: Recipe
+    calib: np.ndarray | None
+    out_dir: Path
+    work: Path
+    check: Images
+    reference: np.ndarray
+    reference_head: LinearHead
+    heads: HeadFit
+    attempts: list[Attempt] = field(default_factory=list)
+    sensitivity: list[dict[str, Any]] = field(default_factory=list)
+    last: Candidate | None = None
+
+    # ---- building and measuring -------------------------------------------------------
+    def build(
+        self,
+        recipe: Recipe,
+        calib: np.ndarray | None = None,
+        validation: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> tuple[Artifact, Any]:
+        """The artifact of ``recipe`` in ``out_dir`` (replacing a previous try's) and its
+        engine; calibrated on ``calib`` (default: the export's calibration images)."""
+        for p in self.out_dir.iterdir():  # a previous attempt's artifact
+            if p.name.startswith("backbone."):
+                p.unlink()
+        files, options = build_artifact(
+            self.fp32_onnx,
+            recipe,
+            self.calib if calib is None else calib,
+            self.out_dir,
+            self.work,
+            validation,
+        )
+        artifact = Artifact(recipe.format, recipe.precision, tuple(files), recipe.name, options)
+        return artifact, make_engine(self.out_dir, artifact)
+
+    def measure(self, engine: Any) -> tuple[Agreement, LinearHead, np.ndarray]:
+        """The artifact's agreement with FP32, with the head that would ship with it, and its
+        embeddings of the check images."""
+        head = self.heads.for_engine(engine)
+        emb = embed(engine_runner(engine), self.check, desc="checking the artifact")
+        return (
+            agreement(emb, self.reference, head, self.check.labels, self.reference_head),
+            head,
+            emb,
+        )
+
+    def _top1_drop(self, m: Agreement, head: LinearHead, emb: np.ndarray) -> float | None:
+        """The larger drop of the head that ships and of the run's own FP32-trained head on
+        this artifact's embeddings (what ``--head-fit source`` would ship): both must hold."""
+        labels = self.check.labels
+        if labels is None or m.accuracy is None:
+            return None
+        drop = accuracy(self.reference_head, self.reference, labels) - m.accuracy
+        source = self.heads.source
+        if source is not head:
+            own = accuracy(source, self.reference, labels) - accuracy(source, emb, labels)
+            drop = max(drop, own)
+        return round(drop, 6)
+
+    def attempt(
+        self,
+        step: str,
+        recipe: Recipe,
+        validation: tuple[np.ndarray, np.ndarray] | None = None,
+        note: str = "",
+    ) -> Attempt:
+        """Build and measure one step; record it as the latest candidate."""
+        _logger.info(f"  accuracy control: {step}")
+        t0 = time.perf_counter()
+        artifact, engine = self.build(recipe, validation=validation)
+        m, head, emb = self.measure(engine)
+        drop = self._top1_drop(m, head, emb)
+        passed = m.cosine_mean >= self.recipe.min_cosine and (
+            drop is None or drop <= self.recipe.max_top1_drop + 1e-9
+        )
+        a = Attempt(
+            step,
+            recipe,
+            m.cosine_mean,
+            m.cosine_min,
+            m.accuracy,
+            drop,
+            passed,
+            time.perf_counter() - t0,
+            note,
+        )
+        self.attempts.append(a)
+        self.last = Candidate(artifact, engine, recipe, head, emb)
+        return a
+
+    # ---- the ladder ---------------------------------------------------------------------
+    def run(self) -> Candidate:
+        """The recipe as written; if it misses the tolerance and is INT8, escalate.
+
+        Raises:
+            ToleranceError: nothing tried reaches the tolerance.
+        """
+        rec = self.recipe
+        if self.attempt("recipe as written", rec).passed:
+            return self._chosen()
+        if rec.precision == "int8" and rec.accuracy_control:
+            ladder = _ort_ladder if rec.quantization == "ort-static" else _nncf_ladder
+            for passed in ladder(self):
+                if passed:
+                    return self._chosen()
+        raise self._refusal()
+
+    def _chosen(self) -> Candidate:
+        assert self.last is not None  # set by every attempt
+        return self.last
+
+    @property
+    def step(self) -> str | None:
+        """The step that passed, when accuracy control had to climb; else None."""
+        return self.attempts[-1].step if len(self.attempts) > 1 else None
+
+    def best(self) -> Attempt:
+        return max(self.attempts, key=lambda a: (a.cosine_mean, -(a.top1_drop or 0)))
+
+    def _refusal(self) -> ToleranceError:
+        rec = self.recipe
+        tried = "; ".join(
+            f"{a.step}: cosine {a.cosine_mean:.4f}"
+            + (f", top-1 drop {a.top1_drop * 100:.1f} pt" if a.top1_drop is not None else "")
+            for a in self.attempts
+        )
+        fixes = (
+            "fine-tune with quantization-aware training (`edge-tl train ... --qat`) and export "
+            "again, use an FP32/FP16 recipe, or loosen min_cosine / max_top1_drop in a copy of "
+            "the recipe"
+            if rec.precision == "int8"
+            else "report this with the backbone name, or loosen min_cosine in a copy of the recipe"
+        )
+        return ToleranceError(
+            self.attempts,
+            f"{rec.name} misses its tolerance (cosine >= {rec.min_cosine}, top-1 drop <= "
+            f"{rec.max_top1_drop * 100:.1f} pt) after {len(self.attempts)} tries [{tried}]; "
+            f"nothing was written; {fixes}",
+        )
+
+    def sensitivity_set(self) -> tuple[np.ndarray, np.ndarray]:
+        """Calibration images (training split, no labels) with their FP32 embeddings: what
+        the layer ranking is measured on, so the held-out check stays a check."""
+        assert self.calib is not None  # INT8 ladders only
+        x = self.calib[:SENSITIVITY_IMAGES]
+        return x, OrtEngine(self.fp32_onnx).run(x, (EMBEDDING,))[EMBEDDING]
+
+    # ---- how much the calibration images matter -----------------------------------------
+    def calibration_spread(
+        self, chosen: Recipe, pool: Sequence[str], size: int, subsets: int
+    ) -> dict[str, Any] | None:
+        """INT8 accuracy and cosine over ``subsets`` disjoint calibration subsets of ``pool``,
+        each built with the ``chosen`` settings (NNCF accuracy control is not re-run per
+        subset: too slow)."""
+        if subsets < 1 or chosen.precision != "int8":
+            return None
+        per = min(size, len(pool) // subsets)
+        if per < 1:
+            return {"skipped": f"only {len(pool)} calibration images for {subsets} subsets"}
+        order = np.random.default_rng(1).permutation(len(pool))
+        rows = []
+        for s in range(subsets):
+            paths = [pool[i] for i in sorted(order[s * per : (s + 1) * per])]
+            _logger.info(f"  calibration subset {s + 1}/{subsets} ({per} images)")
+            calib = Images(paths, self.check.pre, desc="decoding calibration subset").inputs()
+            _, engine = self.build(chosen, calib=calib)
+            m, _, _ = self.measure(engine)
+            row: dict[str, Any] = {
+                "cosine_mean": m.cosine_mean,
+                "cosine_min": m.cosine_min,
+                "top1_agreement": m.top1_agreement,
+            }
+            if m.accuracy is not None:
+                row["accuracy"] = m.accuracy
+            rows.append(row)
+        accs = [r["accuracy"] for r in rows if "accuracy" in r]
+        coss = [r["cosine_mean"] for r in rows]
+        return {
+            "settings": self.attempts[-1].step if self.attempts else "recipe as written",
+            "images_per_subset": per,
+            "subsets": rows,
+            "accuracy_spread": float(max(accs) - min(accs)) if accs else None,
+            "cosine_spread": float(max(coss) - min(coss)),
+        }
+
+
+def _ort_ladder(c: AccuracyControl) -> Iterator[bool]:
+    """ORT: saturation-safe kernels, other calibration methods, then the most sensitive
+    convolutions kept in FP32 (ranked by a one-at-a-time sensitivity pass)."""
+    rec = c.recipe
+    if "session.x64quantprecision" not in rec.engine_options and host_info()["machine"] in (
+        "x86_64",
+        "AMD64",
+    ):
+        opts = {**rec.engine_options, "session.x64quantprecision": "1"}
+        yield c.attempt(
+            "saturation-safe integer kernels (exact requantization on x86-64)",
+            dataclasses.replace(rec, engine_options=opts),
+        ).passed
+    base = c.best().recipe
+    # not entropy: ORT 1.32's entropy calibrator yields the MinMax ranges on these CNNs
+    # (byte-identical quantized files for efficientnet_lite0), so it would only cost time
+    for method in ("percentile", "minmax"):
+        if method != base.calibration_method:
+            yield c.attempt(
+                f"calibration {method}", dataclasses.replace(base, calibration_method=method)
+            ).passed
+    base = c.best().recipe
+    if rec.max_excluded_nodes == 0:
+        return
+    # FP32 nodes in a QDQ graph only stay FP32 with ORT's WeightBiasQuantization off (it
+    # would quantize their weights again at session start): the bundle records that
+    base = dataclasses.replace(
+        base,
+        engine_options={**base.engine_options, DISABLED_OPTIMIZERS: "WeightBiasQuantization"},
+    )
+    ranking = ort_sensitivity(c, base)
+    c.sensitivity = ranking
+    for k in EXCLUSION_STEPS:
+        k = min(k, rec.max_excluded_nodes, len(ranking))
+        names = tuple(r["name"] for r in ranking[:k])
+        if names == base.nodes_to_exclude:
+            break
+        yield c.attempt(
+            f"{k} most sensitive convolutions kept in FP32",
+            dataclasses.replace(base, nodes_to_exclude=names),
+        ).passed
+        if k == rec.max_excluded_nodes or k == len(ranking):
+            break
+
+
+def ort_sensitivity(c: AccuracyControl, base: Recipe) -> list[dict[str, Any]]:
+    """Per convolution: the embedding cosine gained when it alone stays in FP32.
+
+    Reuses the cached calibration, so each node costs one quantization without calibrating
+    (about a second on a 2-core CPU) and one pass over a few images.
+    """
+    x, ref = c.sensitivity_set()
+    trial = c.work / "sensitivity.onnx"
+    assert c.calib is not None  # INT8 ladders only
+
+    def cos_of(recipe: Recipe) -> float:
+        quantize_ort(c.fp32_onnx, trial, c.calib, recipe, c.work)
+        got = OrtEngine(trial, recipe.engine_options).run(x, (EMBEDDING,))[EMBEDDING]
+        return float(cosine(got, ref).mean())
+
+    t0 = time.perf_counter()
+    base_cos = cos_of(base)
+    nodes = conv_nodes(ort_preprocessed(c.fp32_onnx, c.work))
+    for node in progress(nodes, desc="sensitivity per convolution"):
+        if node["name"] in base.nodes_to_exclude:
+            node["gain"] = 0.0
+            continue
+        one = dataclasses.replace(base, nodes_to_exclude=(*base.nodes_to_exclude, node["name"]))
+        node["gain"] = round(cos_of(one) - base_cos, 6)
+    _logger.info(
+        f"  sensitivity pass: {len(nodes)} convolutions in {time.perf_counter() - t0:.0f} s"
+    )
+    return sorted(nodes, key=lambda r: -r["gain"])
+
+
+def _nncf_ladder(c: AccuracyControl) -> Iterator[bool]:
+    """OpenVINO/NNCF: overflow fix, full bias correction, then NNCF's accuracy control."""
+    rec = c.recipe
+    if rec.overflow_fix != "enable":
+        yield c.attempt(
+            "overflow fix on (saturation-safe without VNNI)",
+            dataclasses.replace(rec, overflow_fix="enable"),
+        ).passed
+    base = c.best().recipe
+    if base.fast_bias_correction:
+        yield c.attempt(
+            "full bias correction", dataclasses.replace(base, fast_bias_correction=False)
+        ).passed
+    base = c.best().recipe
+    if rec.max_excluded_nodes == 0:
+        return
+    first = first_convolutions(c.fp32_onnx, 2)
+    yield c.attempt(
+        "first 2 convolutions kept in FP32 (they see raw pixels)",
+        dataclasses.replace(base, nodes_to_exclude=(*base.nodes_to_exclude, *first)),
+    ).passed
+    validation = c.sensitivity_set()
+    yield c.attempt(
+        "NNCF accuracy control (most costly layers back to FP32)",
+        base,
+        validation,
+        note="nncf.quantize_with_accuracy_control on embedding cosine",
+    ).passed

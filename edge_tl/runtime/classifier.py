@@ -1,0 +1,319 @@
+"""The classifier face of a loaded bundle: its head, learned on the device or exported.
+
+Torch-free. The head in force is the current version in ``BUNDLE/heads/`` when there is
+one, else the head the bundle was exported with. Every change (:meth:`Classifier.learn`,
+:meth:`~Classifier.add`, :meth:`~Classifier.remove_class`, ...) writes a new version;
+:meth:`~Classifier.rollback` goes back.
+
+Example:
+    >>> from edge_tl.runtime import Model
+    >>> clf = Model("bundle").classifier  # doctest: +SKIP
+    >>> clf.learn("support/")  # doctest: +SKIP
+    >>> clf.predict(["part.jpg"])[0].label  # doctest: +SKIP
+    'scratches'
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edge_tl.data import Dataset, image_folder
+from edge_tl.errors import EdgeTLError
+from edge_tl.runtime import learner
+from edge_tl.runtime.evaluation import confusion
+from edge_tl.runtime.heads import LinearHead
+from edge_tl.runtime.learner import UNKNOWN, HeadState
+from edge_tl.runtime.preprocess import ImageLike, load_image, to_input
+from edge_tl.runtime.results import Evaluation, Prediction
+from edge_tl.spec import EMBEDDING
+
+if TYPE_CHECKING:
+    from edge_tl.runtime.model import Model
+
+__all__ = ["Classifier", "HeadChange", "SupportLike"]
+
+SupportLike = str | Path | Dataset | dict[str, list[ImageLike]]
+"""Support images: an ImageFolder path, a Dataset, or ``{class name: [images]}``."""
+
+
+@dataclass(frozen=True)
+class HeadChange:
+    """One change to a bundle's head, as ``edge-tl learn`` asks for it.
+
+    Exactly one of ``data`` (learn a new head; with ``add``, grow the current one),
+    ``remove``, ``relabel`` (``"OLD=NEW"``) or ``import_path``, and/or an open-set setting:
+    ``quantile`` (the leave-one-out share the threshold may reject; default
+    :data:`~edge_tl.runtime.learner.DEFAULT_QUANTILE`), a fixed ``threshold``, or
+    ``open_set=False``.
+
+    Raises:
+        EdgeTLError: on construction, for a change that asks for two things, nothing, or a
+            setting out of range.
+    """
+
+    data: SupportLike | None = None
+    add: bool = False
+    remove: str | None = None
+    relabel: str | None = None
+    import_path: str | Path | None = None
+    head: str = learner.DEFAULT_HEAD
+    k: int = 1
+    quantile: float | None = None
+    threshold: float | None = None
+    open_set: bool = True
+
+    def __post_init__(self) -> None:
+        given = [
+            name
+            for name, value in (
+                ("DATA", self.data),
+                ("--remove", self.remove),
+                ("--relabel", self.relabel),
+                ("--import", self.import_path),
+            )
+            if value
+        ]
+        if len(given) > 1:
+            raise EdgeTLError(f"give one of {', '.join(given)} per call; run learn once for each")
+        if not given and not self.sets_open_set:
+            raise EdgeTLError(
+                "nothing to learn: give DATA (an ImageFolder of support images), --remove, "
+                "--relabel, --import, or an open-set setting (--quantile/--threshold/--no-open-set)"
+            )
+        if self.add and not self.data:
+            raise EdgeTLError("--add needs DATA, the images to add")
+        if self.quantile is not None and not 0 <= self.quantile < 1:
+            raise EdgeTLError(f"--quantile must be in [0, 1), not {self.quantile}")
+        if self.k < 1:
+            raise EdgeTLError(f"--k must be at least 1, not {self.k}")
+        if self.relabel is not None:
+            old, sep, new = self.relabel.partition("=")
+            if not sep or not old or not new:
+                raise EdgeTLError(f"--relabel takes OLD=NEW, not {self.relabel!r}")
+
+    @property
+    def sets_open_set(self) -> bool:
+        return self.quantile is not None or self.threshold is not None or not self.open_set
+
+    @property
+    def effective_quantile(self) -> float | None:
+        """The open-set quantile this change leaves in force (None: rejection off)."""
+        if not self.open_set:
+            return None
+        return learner.DEFAULT_QUANTILE if self.quantile is None else self.quantile
+
+
+class Classifier:
+    """Classification with a bundle's head (see the module docstring)."""
+
+    def __init__(self, model: Model) -> None:
+        self._model = model
+        self.store = learner.head_store(model.path, model.manifest)
+        self.state: HeadState | None = self.store.load() or self._exported()
+
+    def _exported(self) -> HeadState | None:
+        entry = self._model.manifest.head
+        if entry is None:
+            return None
+        path = self._model.path
+        return learner.exported_state(
+            LinearHead.load(path / entry.file),
+            self._model.manifest.labels,
+            path / entry.exemplars if entry.exemplars else None,
+        )
+
+    @property
+    def labels(self) -> list[str]:
+        """The classes the current head knows."""
+        return self.state.labels if self.state is not None else self._model.manifest.labels
+
+    def require(self) -> HeadState:
+        """The head in force.
+
+        Raises:
+            EdgeTLError: the bundle has no head.
+        """
+        if self.state is None:
+            path = self._model.path
+            raise EdgeTLError(
+                f"bundle {path} has no head; learn one with `edge-tl learn {path} DATA`, or "
+                "export the bundle from a trained run"
+            )
+        return self.state
+
+    # ---- answering --------------------------------------------------------------------
+    def classify(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(proba[N, K], predicted index[N], similarity[N] or None)`` for embeddings
+        ``float32[N, D]``; index ``-1`` is unknown (similarity below the threshold)."""
+        state = self.require()
+        proba = state.predict_proba(emb)
+        pred = proba.argmax(1)
+        sim = state.similarity(emb, pred)
+        thr = state.threshold
+        if sim is not None and thr is not None:
+            pred = np.where(sim >= thr, pred, -1)
+        return proba, pred, sim
+
+    def predict(self, images: Sequence[ImageLike], top_k: int = 1) -> list[Prediction]:
+        """Label, score and top-k per image (one at a time, batch 1, as a camera would)."""
+        state = self.require()
+        if top_k < 1:
+            raise EdgeTLError(f"--top-k must be at least 1, not {top_k}")
+        engine, pre = self._model.engine, self._model.manifest.preprocess
+        labels = self.labels
+        results = []
+        for src in images:
+            x = to_input(load_image(src), pre)[None]
+            probas, pred, sim = self.classify(engine.run(x, (EMBEDDING,))[EMBEDDING])
+            proba = probas[0]
+            order = np.argsort(-proba)[:top_k]
+            results.append(
+                Prediction(
+                    image=str(src) if not hasattr(src, "size") else "<image>",
+                    label=UNKNOWN if pred[0] < 0 else labels[order[0]],
+                    score=float(proba[order[0]]),
+                    similarity=None if sim is None else round(float(sim[0]), 4),
+                    threshold=None if state.threshold is None else round(state.threshold, 4),
+                    top_k=[{"label": labels[i], "score": float(proba[i])} for i in order],
+                )
+            )
+        return results
+
+    def evaluate(self, ds: Dataset, batch_size: int = 16) -> Evaluation:
+        """Accuracy, per-class accuracy and the confusion matrix on ``ds``.
+
+        Raises:
+            EdgeTLError: a class of ``ds`` is not a label of the head, or ``ds`` is empty.
+        """
+        state = self.require()
+        labels = self.labels
+        unknown = [c for c in ds.classes if c not in labels]
+        if unknown:
+            raise EdgeTLError(
+                f"class folder(s) {', '.join(unknown)} are not labels of this bundle "
+                f"({', '.join(labels[:10])}{'...' if len(labels) > 10 else ''}); "
+                "rename or remove them"
+            )
+        if len(ds) == 0:
+            raise EdgeTLError("nothing to evaluate: the data set is empty")
+        y = np.asarray([labels.index(ds.classes[i]) for i in ds.labels])
+        t0 = time.perf_counter()
+        _, pred, _ = self.classify(self._model.embed(ds.paths, batch_size, desc="evaluating"))
+        seconds = time.perf_counter() - t0
+        cm, per_class, present = confusion(y, pred, labels)
+        artifact = self._model.manifest.artifact
+        return Evaluation(
+            accuracy=float((pred == y).mean()),
+            n=int(len(y)),
+            unknown_rate=float((pred < 0).mean()),
+            head=state.summary(),
+            per_class=per_class,
+            labels=[labels[c] for c in present],
+            confusion_matrix=cm[np.ix_(present, present)].tolist(),
+            seconds=round(seconds, 2),
+            bundle=str(self._model.path),
+            artifact=f"{artifact.format}-{artifact.precision}",
+        )
+
+    # ---- learning (each change writes a new version) ----------------------------------
+    def _support(self, data: SupportLike) -> tuple[np.ndarray, list[str]]:
+        desc = "embedding support images"
+        if isinstance(data, dict):
+            empty = [n for n, imgs in data.items() if not imgs]
+            if empty:
+                raise EdgeTLError(f"class {empty[0]!r} has no images; add images or drop it")
+            names = [n for n, imgs in data.items() for _ in imgs]
+            paths = [p for imgs in data.values() for p in imgs]
+            return self._model.embed(paths, desc=desc), names
+        ds = data if isinstance(data, Dataset) else image_folder(data)
+        return self._model.embed(ds.paths, desc=desc), [ds.classes[i] for i in ds.labels]
+
+    def learn(
+        self,
+        data: SupportLike,
+        head: str = learner.DEFAULT_HEAD,
+        quantile: float | None = learner.DEFAULT_QUANTILE,
+        k: int = 1,
+    ) -> HeadState:
+        """A new head from support images (``head``: linear, prototype or knn). The
+        previous head stays as a version for :meth:`rollback`."""
+        x, names = self._support(data)
+        return self._commit(learner.learn(x, names, head, quantile, k), "learn")
+
+    def add(self, data: SupportLike) -> HeadState:
+        """Add examples and classes to the current head (or to the exported head)."""
+        state = self.require()
+        x, names = self._support(data)
+        return self._commit(learner.add(state, x, names), "add")
+
+    def add_class(self, name: str, images: list[ImageLike]) -> HeadState:
+        """Teach one new class from a few images."""
+        if name in self.labels:
+            raise EdgeTLError(
+                f"the head already has a class {name!r}; use add() to give it more examples"
+            )
+        return self.add({name: list(images)})
+
+    def remove_class(self, name: str) -> HeadState:
+        """Forget class ``name``: its weights, prototype and support images."""
+        return self._commit(learner.remove(self.require(), name), f"remove {name}")
+
+    def relabel(self, old: str, new: str) -> HeadState:
+        """Rename class ``old`` to ``new``."""
+        return self._commit(learner.relabel(self.require(), old, new), f"relabel {old}")
+
+    def set_threshold(
+        self, threshold: float | None = None, quantile: float | None = learner.DEFAULT_QUANTILE
+    ) -> HeadState:
+        """Open set: a fixed similarity ``threshold``, or the leave-one-out ``quantile``
+        (``None`` for both turns rejection off)."""
+        state = replace(self.require(), quantile=quantile, threshold_override=threshold, meta={})
+        return self._commit(state, "threshold")
+
+    def import_head(self, path: str | Path) -> HeadState:
+        """Adopt a head state learned elsewhere on the same backbone (e.g. another camera)."""
+        return self._commit(self.store.read(Path(path)), "import")
+
+    def apply(self, change: HeadChange) -> HeadState:
+        """Carry out one :class:`HeadChange` (what ``edge-tl learn`` does).
+
+        A new head takes the change's open-set quantile; a fixed threshold, or an open-set
+        setting given with another change, is one more version after it.
+        """
+        if change.data and not change.add:
+            state = self.learn(change.data, change.head, change.effective_quantile, change.k)
+        elif change.data:
+            state = self.add(change.data)
+        elif change.remove:
+            state = self.remove_class(change.remove)
+        elif change.relabel:
+            old, _, new = change.relabel.partition("=")
+            state = self.relabel(old, new)
+        elif change.import_path:
+            state = self.import_head(change.import_path)
+        else:
+            state = self.require()
+        fresh = bool(change.data) and not change.add
+        if change.threshold is not None or (change.sets_open_set and not fresh):
+            threshold = change.threshold if change.open_set else None
+            state = self.set_threshold(threshold, change.effective_quantile)
+        return state
+
+    def rollback(self, to: int | None = None) -> HeadState:
+        """Go back to an earlier head version (default: the one before the current)."""
+        self.state = self.store.rollback(to)
+        return self.state
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every head version's summary, oldest first."""
+        return self.store.history()
+
+    def _commit(self, state: HeadState, op: str) -> HeadState:
+        self.state = self.store.save(state, op)
+        return self.state

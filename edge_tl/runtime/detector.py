@@ -1,0 +1,261 @@
+"""The anomaly-detector face of a loaded bundle: a memory bank of good patches.
+
+Torch-free. The bank in force is the current version in ``BUNDLE/anomaly/``; every change
+(:meth:`AnomalyDetector.fit`, :meth:`~AnomalyDetector.add`,
+:meth:`~AnomalyDetector.set_false_alarm`) writes a new version and
+:meth:`~AnomalyDetector.rollback` goes back. The method is in :mod:`edge_tl.runtime.anomaly`.
+
+Example:
+    >>> from edge_tl.runtime import Model
+    >>> det = Model("bundle").detector  # doctest: +SKIP
+    >>> det.fit("good/")  # doctest: +SKIP
+    >>> det.predict(["part.jpg"], maps_dir="maps/")[0].verdict  # doctest: +SKIP
+    'anomalous'
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edge_tl.errors import EdgeTLError
+from edge_tl.runtime import anomaly, evaluation, patchcore
+from edge_tl.runtime.anomaly import AnomalyState
+from edge_tl.runtime.overlay import write_overlay
+from edge_tl.runtime.preprocess import ImageLike, load_image, to_input
+from edge_tl.runtime.results import AnomalyEvaluation, Verdict
+
+if TYPE_CHECKING:
+    from edge_tl.runtime.model import Model
+
+__all__ = ["AnomalyDetector", "BankChange", "GoodLike"]
+
+GoodLike = str | Path | Sequence[ImageLike]
+"""Good images: a folder, an MVTec-layout folder (its ``train/good``), or a list."""
+
+
+@dataclass(frozen=True)
+class BankChange:
+    """One change to a bundle's anomaly bank, as ``edge-tl anomaly`` asks for it.
+
+    With ``good``: build a new bank (``coreset``, ``max_mb``, ``false_alarm``, ``stages``,
+    ``pool``; None takes the default), or with ``add`` grow the current one (keeping its
+    coreset and cap). Without ``good``: ``false_alarm`` alone re-calibrates the threshold.
+
+    Raises:
+        EdgeTLError: on construction, for a change that asks for nothing or for settings
+            that do not go together.
+    """
+
+    good: GoodLike | None = None
+    add: bool = False
+    coreset: float | None = None
+    max_mb: float | None = None
+    false_alarm: float | None = None
+    stages: tuple[str, ...] = anomaly.DEFAULT_STAGES
+    pool: int = anomaly.DEFAULT_POOL
+
+    def __post_init__(self) -> None:
+        if self.good is None and (self.false_alarm is None or self.add):
+            raise EdgeTLError(
+                "pass GOOD_DIR (a folder of good images), or --false-alarm R alone to "
+                "re-calibrate the current bank: `edge-tl anomaly BUNDLE GOOD_DIR`"
+            )
+        if self.add and (self.coreset is not None or self.max_mb is not None):
+            raise EdgeTLError(
+                "--add keeps the bank's --coreset and --max-mb; build a new bank to change them"
+            )
+
+
+def _paths(good: GoodLike) -> list[Any]:
+    return anomaly.good_images(good) if isinstance(good, (str, Path)) else list(good)
+
+
+class AnomalyDetector:
+    """Defect detection from good images with a bundle (see the module docstring)."""
+
+    def __init__(self, model: Model) -> None:
+        self._model = model
+        self.store = anomaly.bank_store(model.path, model.manifest)
+        self._state: AnomalyState | None = None
+        self._loaded = False
+
+    @property
+    def state(self) -> AnomalyState | None:
+        """The bank in force, or None (``edge-tl anomaly BUNDLE GOOD_DIR`` builds one)."""
+        if not self._loaded:
+            self._state, self._loaded = self.store.load(), True
+        return self._state
+
+    def require(self) -> AnomalyState:
+        """The bank in force.
+
+        Raises:
+            EdgeTLError: the bundle has no bank.
+        """
+        if self.state is None:
+            path = self._model.path
+            raise EdgeTLError(
+                f"bundle {path} has no anomaly bank; build one from good images with "
+                f"`edge-tl anomaly {path} GOOD_DIR`"
+            )
+        return self.state
+
+    def _grid(self, stages: tuple[str, ...]) -> tuple[int, int]:
+        shape = self._model.manifest.outputs[stages[0]]
+        return int(shape[-2]), int(shape[-1])
+
+    # ---- learning (each change writes a new version) ----------------------------------
+    def fit(
+        self,
+        good: GoodLike,
+        stages: tuple[str, ...] = anomaly.DEFAULT_STAGES,
+        pool: int = anomaly.DEFAULT_POOL,
+        coreset: float = anomaly.DEFAULT_CORESET,
+        max_mb: float = anomaly.DEFAULT_MAX_MB,
+        false_alarm: float = anomaly.DEFAULT_FALSE_ALARM,
+    ) -> AnomalyState:
+        """Build a new bank from good images; the previous bank stays as a version."""
+        anomaly.check_settings(coreset, max_mb, false_alarm)
+        paths = _paths(good)
+        feats = self._model.patch_features(
+            paths, stages, pool, desc="patch features of good images"
+        )
+        state = anomaly.build(feats, self._grid(stages), stages, pool, coreset, max_mb, false_alarm)
+        return self._commit(state, "build")
+
+    def add(self, good: GoodLike) -> AnomalyState:
+        """Grow the bank with new good images and re-calibrate its threshold."""
+        state = self.require()
+        feats = self._model.patch_features(
+            _paths(good), state.stages, state.pool, desc="patch features"
+        )
+        return self._commit(anomaly.add(state, feats), "add")
+
+    def set_false_alarm(self, false_alarm: float) -> AnomalyState:
+        """Re-calibrate the threshold for another false-alarm rate on good parts."""
+        state = self.require()
+        anomaly.check_settings(state.coreset, state.max_mb, false_alarm)
+        return self._commit(replace(state, false_alarm=false_alarm, meta={}), "threshold")
+
+    def apply(self, change: BankChange) -> AnomalyState:
+        """Carry out one :class:`BankChange` (what ``edge-tl anomaly`` does)."""
+        if change.good is None:
+            return self.set_false_alarm(change.false_alarm)  # type: ignore[arg-type]
+        if change.add:
+            state = self.add(change.good)
+            if change.false_alarm is not None:
+                state = self.set_false_alarm(change.false_alarm)
+            return state
+        return self.fit(
+            change.good,
+            change.stages,
+            change.pool,
+            anomaly.DEFAULT_CORESET if change.coreset is None else change.coreset,
+            anomaly.DEFAULT_MAX_MB if change.max_mb is None else change.max_mb,
+            anomaly.DEFAULT_FALSE_ALARM if change.false_alarm is None else change.false_alarm,
+        )
+
+    def rollback(self, to: int | None = None) -> AnomalyState:
+        """Go back to an earlier bank version (default: the one before the current)."""
+        self._state, self._loaded = self.store.rollback(to), True
+        return self._state
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every bank version's summary, oldest first."""
+        return self.store.history()
+
+    def _commit(self, state: AnomalyState, op: str) -> AnomalyState:
+        self._state, self._loaded = self.store.save(state, op), True
+        return self._state
+
+    # ---- answering --------------------------------------------------------------------
+    def predict(
+        self,
+        images: Sequence[ImageLike],
+        maps: bool = False,
+        maps_dir: str | Path | None = None,
+    ) -> list[Verdict]:
+        """Score, threshold and verdict per image (batch 1, as a camera would).
+
+        With ``maps`` each verdict carries its anomaly map at the image's size; with
+        ``maps_dir`` an overlay PNG per image is written there (``<image stem>.png``).
+        """
+        state = self.require()
+        engine, pre = self._model.engine, self._model.manifest.preprocess
+        thr = state.threshold
+        out = []
+        for src in images:
+            img = load_image(src)
+            x = to_input(img, pre)[None]
+            feats = patchcore.patch_features(engine.run(x, state.stages), state.stages, state.pool)
+            with patchcore.one_blas_thread():
+                s, m = state.score(feats)
+            score = round(float(s[0]), 4)
+            name = str(src) if not hasattr(src, "size") else "<image>"
+            up = patchcore.resize_map(m[0], img.size) if maps or maps_dir is not None else None
+            png = None
+            if maps_dir is not None and up is not None:
+                stem = Path(name).stem if name != "<image>" else f"image_{len(out)}"
+                png = str(write_overlay(Path(maps_dir) / f"{stem}.png", img, up, thr, float(s[0])))
+            verdict = anomaly.ANOMALOUS if s[0] > thr else anomaly.GOOD
+            out.append(Verdict(name, score, round(thr, 4), verdict, png, up if maps else None))
+        return out
+
+    def evaluate(
+        self, folder: str | Path, maps_dir: str | Path | None = None, batch_size: int = 16
+    ) -> AnomalyEvaluation:
+        """Image AUROC, pixel AUROC (when masks exist), F1 and false-alarm rate at the stored
+        threshold on an MVTec-layout folder; ``maps_dir`` gets one overlay PNG per image
+        (``<defect>_<image stem>.png``)."""
+        state = self.require()
+        items = evaluation.mvtec_test(folder)
+        paths = [it.path for it in items]
+        y = np.array([it.defect != evaluation.GOOD for it in items], np.int64)
+        t0 = time.perf_counter()
+        scores, grids = [], []
+        for feats in self._model.batches(paths, state.stages, batch_size, "scoring"):
+            s, m = state.score(patchcore.patch_features(feats, state.stages, state.pool))
+            scores.append(s)
+            grids.append(m)
+        seconds = time.perf_counter() - t0
+        score, grid = np.concatenate(scores), np.concatenate(grids)
+        thr = state.threshold
+        has_masks = any(it.mask for it in items)
+        pix = evaluation.PixelAuroc(float(grid.min()), float(grid.max())) if has_masks else None
+        if pix is not None or maps_dir is not None:
+            for it, g, s in zip(items, grid, score, strict=True):
+                img = load_image(it.path)
+                up = patchcore.resize_map(g, img.size)
+                mask = evaluation.load_mask(it.mask) if it.mask else None
+                if pix is not None:
+                    pix.update(up, mask)
+                if maps_dir is not None:
+                    png = Path(maps_dir) / f"{it.defect}_{Path(it.path).stem}.png"
+                    write_overlay(png, img, up, thr, float(s), mask)
+        per_defect = {
+            d: round(evaluation.auroc(score[sel], y[sel]), 4)
+            for d in sorted({it.defect for it in items} - {evaluation.GOOD})
+            for sel in [np.array([it.defect in (d, evaluation.GOOD) for it in items])]
+        }
+        artifact = self._model.manifest.artifact
+        return AnomalyEvaluation(
+            image_auroc=round(evaluation.auroc(score, y), 4),
+            pixel_auroc=None if pix is None else round(pix.value() or float("nan"), 4),
+            **evaluation.at_threshold(score, y, thr),
+            threshold=round(thr, 4),
+            target_false_alarm=state.false_alarm,
+            n_good=int((y == 0).sum()),
+            n_defective=int(y.sum()),
+            per_defect_auroc=per_defect,
+            bank=state.summary(),
+            ms_per_image=round(1000 * seconds / len(items), 1),
+            maps=None if maps_dir is None else str(maps_dir),
+            bundle=str(self._model.path),
+            artifact=f"{artifact.format}-{artifact.precision}",
+        )

@@ -1,0 +1,187 @@
+"""Measuring a bundle on labelled data, torch-free: classification accuracy with the
+confusion matrix, and for anomaly detection image AUROC, pixel AUROC and the figures at the
+stored threshold, on an MVTec-AD-layout folder.
+
+The MVTec AD layout (Bergmann et al. 2019): ``test/good``, ``test/<defect type>`` and,
+optionally, ``ground_truth/<defect type>/<name>_mask.png`` of the same size as each image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from edge_tl.data import list_images
+from edge_tl.errors import EdgeTLError
+
+__all__ = [
+    "GOOD",
+    "PixelAuroc",
+    "TestItem",
+    "at_threshold",
+    "auroc",
+    "confusion",
+    "load_mask",
+    "macro_f1",
+    "mvtec_test",
+]
+
+GOOD = "good"
+
+
+def confusion(
+    y: np.ndarray, pred: np.ndarray, labels: Sequence[str]
+) -> tuple[np.ndarray, dict[str, dict[str, Any]], list[int]]:
+    """``(matrix[K, K] int64, per_class, present)`` for true class indices ``y`` and
+    predictions ``pred`` (``-1``: unknown, counted wrong and left out of the matrix).
+
+    ``per_class[name] = {"accuracy": fraction, "n": count}`` for each class present in ``y``;
+    ``present`` lists their indices, in order.
+    """
+    k = len(labels)
+    cm = np.zeros((k, k), np.int64)
+    known = pred >= 0
+    np.add.at(cm, (y[known], pred[known]), 1)
+    present = sorted(set(np.asarray(y).tolist()))
+    per_class = {
+        labels[c]: {"accuracy": float(cm[c, c] / (y == c).sum()), "n": int((y == c).sum())}
+        for c in present
+    }
+    return cm, per_class, present
+
+
+def macro_f1(pred: np.ndarray, y: np.ndarray, n_classes: int) -> float:
+    """Unweighted mean over classes of each class's F1 (a class never predicted nor
+    present counts 0)."""
+    f1 = []
+    for k in range(n_classes):
+        tp = int(((pred == k) & (y == k)).sum())
+        fp = int(((pred == k) & (y != k)).sum())
+        fn = int(((pred != k) & (y == k)).sum())
+        f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return float(np.mean(f1))
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (ties count one half), ``labels`` 1 = anomalous."""
+    scores = np.asarray(scores, np.float64).ravel()
+    labels = np.asarray(labels).ravel().astype(bool)
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    s = scores[order]
+    ranks = np.empty(len(s), np.float64)
+    # average ranks over ties
+    edges = np.flatnonzero(np.diff(s)) + 1
+    starts = np.concatenate(([0], edges))
+    ends = np.concatenate((edges, [len(s)]))
+    avg = (starts + ends + 1) / 2.0
+    ranks[order] = np.repeat(avg, ends - starts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+class PixelAuroc:
+    """Pixel-level AUROC accumulated image by image in a fixed histogram (bounded memory)."""
+
+    def __init__(self, lo: float, hi: float, bins: int = 1 << 14) -> None:
+        self.lo, self.hi, self.bins = lo, max(hi, lo + 1e-6), bins
+        self.pos = np.zeros(bins, np.int64)
+        self.neg = np.zeros(bins, np.int64)
+
+    def update(self, scores: np.ndarray, mask: np.ndarray | None) -> None:
+        b = ((scores - self.lo) * ((self.bins - 1) / (self.hi - self.lo))).astype(np.int64)
+        np.clip(b, 0, self.bins - 1, out=b)
+        if mask is None:
+            self.neg += np.bincount(b.ravel(), minlength=self.bins)
+        else:
+            self.pos += np.bincount(b[mask], minlength=self.bins)
+            self.neg += np.bincount(b[~mask], minlength=self.bins)
+
+    def value(self) -> float | None:
+        p, n = self.pos.astype(np.float64), self.neg.astype(np.float64)
+        if p.sum() == 0 or n.sum() == 0:
+            return None
+        below = np.cumsum(n) - n
+        return float(((below + 0.5 * n) * p).sum() / (p.sum() * n.sum()))
+
+
+def at_threshold(scores: np.ndarray, y: np.ndarray, thr: float) -> dict[str, float]:
+    """F1, precision, recall and false-alarm rate (good images flagged) when images with
+    ``scores > thr`` are called anomalous; ``y`` 1 = anomalous."""
+    flagged = scores > thr
+    tp = int((flagged & (y == 1)).sum())
+    fp = int((flagged & (y == 0)).sum())
+    fn = int((~flagged & (y == 1)).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "f1": round(f1, 4),
+        "precision": round(precision, 4),
+        "recall": round(recall, 4),
+        "false_alarm_rate": round(fp / max(1, int((y == 0).sum())), 4),
+    }
+
+
+@dataclass(frozen=True)
+class TestItem:
+    """One test image: its path, ``good`` or its defect type, and its mask (or None)."""
+
+    path: str
+    defect: str  # "good" or the defect type
+    mask: str | None
+
+
+def mvtec_test(folder: str | Path) -> list[TestItem]:
+    """``test/<good|defect>/*`` of an MVTec-layout folder with ``ground_truth`` masks when
+    present. Masks are checked (exist, same size as their image) before anything runs."""
+    root = Path(folder)
+    test = root / "test"
+    if not test.is_dir():
+        raise EdgeTLError(
+            f"{root} has no test folder; lay it out as {root}/test/good and "
+            f"{root}/test/<defect type> (MVTec AD layout)"
+        )
+    classes = sorted(p for p in test.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not any(c.name == GOOD for c in classes) or len(classes) < 2:
+        raise EdgeTLError(
+            f"{test} needs a good folder and at least one defect folder (found "
+            f"{[c.name for c in classes]}); AUROC compares the two"
+        )
+    gt = root / "ground_truth"
+    items = []
+    for c in classes:
+        files = list_images(c)
+        if not files:
+            raise EdgeTLError(f"{c} has no images; add some or remove the folder")
+        for f in files:
+            mask = None
+            if c.name != GOOD and gt.is_dir():
+                m = gt / c.name / f"{f.stem}_mask.png"
+                if not m.is_file():
+                    raise EdgeTLError(
+                        f"{f} has no mask {m}; add it, or remove {gt} to skip pixel metrics"
+                    )
+                with Image.open(f) as a, Image.open(m) as b:
+                    if a.size != b.size:
+                        raise EdgeTLError(
+                            f"mask {m} is {b.size[0]}x{b.size[1]} but its image {f} is "
+                            f"{a.size[0]}x{a.size[1]}; masks must match their images pixel "
+                            "for pixel"
+                        )
+                mask = str(m)
+            items.append(TestItem(str(f), c.name, mask))
+    return items
+
+
+def load_mask(path: str) -> np.ndarray:
+    """A mask PNG as ``bool[H, W]`` (grey level above 127: defect)."""
+    with Image.open(path) as m:
+        return np.asarray(m.convert("L")) > 127

@@ -1,0 +1,110 @@
+"""What the runtime answers, as typed records (:meth:`to_dict` gives the JSON the CLI prints).
+
+Torch-free. Fractions are in [0, 1]; times in milliseconds or seconds as named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["AnomalyEvaluation", "Evaluation", "Prediction", "Verdict"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image classified by the head.
+
+    ``label`` is ``unknown`` when open-set rejection is on and ``similarity`` (cosine to
+    the predicted class's prototype) is below ``threshold``. ``score`` is the softmax
+    probability of the top class; ``top_k`` lists ``{"label", "score"}`` best first.
+    """
+
+    image: str
+    label: str
+    score: float
+    similarity: float | None
+    threshold: float | None
+    top_k: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A head measured on a labelled data set.
+
+    ``accuracy`` counts images called ``unknown`` as wrong; ``unknown_rate`` is their
+    share. ``confusion_matrix`` is over ``labels`` (the classes present), rows true,
+    columns predicted; ``seconds`` is the wall time of embedding and classifying.
+    """
+
+    accuracy: float
+    n: int
+    unknown_rate: float
+    head: dict[str, Any]
+    per_class: dict[str, dict[str, Any]]
+    labels: list[str]
+    confusion_matrix: list[list[int]]
+    seconds: float
+    bundle: str
+    artifact: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One image scored by the anomaly bank: ``anomalous`` when ``score > threshold``.
+
+    ``map`` (``float32[H, W]`` at the image's size, in units of the good images' spread)
+    is filled when asked for; ``map_png`` names the overlay written for it.
+    """
+
+    image: str
+    score: float
+    threshold: float
+    verdict: str
+    map_png: str | None = None
+    map: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in ("image", "score", "threshold", "verdict")}
+        if self.map_png is not None:
+            out["map_png"] = self.map_png
+        return out
+
+
+@dataclass(frozen=True)
+class AnomalyEvaluation:
+    """An anomaly bank measured on an MVTec-layout test folder.
+
+    ``image_auroc`` over good vs defective images; ``pixel_auroc`` over mask pixels (None
+    without masks); F1, precision, recall and ``false_alarm_rate`` (good images flagged) at
+    the stored ``threshold``, whose target rate is ``target_false_alarm``.
+    """
+
+    image_auroc: float
+    pixel_auroc: float | None
+    f1: float
+    precision: float
+    recall: float
+    false_alarm_rate: float
+    threshold: float
+    target_false_alarm: float
+    n_good: int
+    n_defective: int
+    per_defect_auroc: dict[str, float]
+    bank: dict[str, Any]
+    ms_per_image: float
+    maps: str | None
+    bundle: str
+    artifact: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,113 @@
+"""Training settings: one flat frozen dataclass, checked before any image is read."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from edge_tl.backbones import DEFAULT_BACKBONE, get_spec
+from edge_tl.errors import EdgeTLError
+from edge_tl.spec import DEFAULT_STRATEGY, STRATEGIES, SplitRecord
+from edge_tl.train.augment import parse_augment
+
+__all__ = ["BALANCE", "PRECISIONS", "TrainConfig"]
+
+BALANCE = ("none", "sampler", "loss")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings; defaults are the ones ``edge-tl train`` uses (see README,
+    "Training defaults", for the measurements behind them)."""
+
+    backbone: str = DEFAULT_BACKBONE
+    strategy: str = DEFAULT_STRATEGY
+    weights: str | None = None
+    epochs: int = 8
+    batch_size: int = 32
+    lr_head: float = 1e-3
+    lr_backbone: float = 1e-4
+    layer_decay: float = 0.8
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    dropout: float = 0.2
+    train_stages: int = 2
+    stages: tuple[int, ...] = ()
+    params: tuple[str, ...] = ()
+    unfreeze_every: int = 1
+    patience: int = 4
+    balance: str = "none"
+    augment: str = "auto"
+    views: int = 1
+    cache: bool = True
+    freeze_bn: bool = False
+    test_frac: float = 0.2
+    val_frac: float = 0.1
+    train_per_class: int = 0
+    seed: int = 0
+    onnx_cache: bool = True
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    workers: int = 2
+    qat: bool = False
+
+    def __post_init__(self) -> None:
+        get_spec(self.backbone)
+        object.__setattr__(self, "stages", tuple(int(s) for s in self.stages))
+        object.__setattr__(self, "params", tuple(self.params))
+        if self.strategy not in STRATEGIES:
+            raise EdgeTLError(
+                f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"
+            )
+        for name, choices in (("balance", BALANCE), ("precision", PRECISIONS)):
+            if getattr(self, name) not in choices:
+                raise EdgeTLError(
+                    f"--{name} {getattr(self, name)!r} is not one of {', '.join(choices)}"
+                )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise EdgeTLError(f"--device {self.device!r} is not one of auto, cpu, cuda")
+        for name in ("epochs", "train_stages", "unfreeze_every", "views"):
+            if getattr(self, name) < 1:
+                raise EdgeTLError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("patience", "train_per_class", "workers"):
+            if getattr(self, name) < 0:
+                raise EdgeTLError(f"--{name.replace('_', '-')} must be 0 or more")
+        if self.batch_size < 2:
+            raise EdgeTLError("--batch-size must be at least 2 (batch norm needs two samples)")
+        if not 0 < self.layer_decay <= 1:
+            raise EdgeTLError("--layer-decay must be in (0, 1]")
+        if not 0 <= self.dropout < 1:
+            raise EdgeTLError("--dropout must be in [0, 1)")
+        if self.strategy == "selective" and not self.stages and not self.params:
+            raise EdgeTLError(
+                "selective needs --stages (e.g. 5,6) and/or --params (e.g. 'net.layer4.*')"
+            )
+        parse_augment(self.augment, grey=True)  # a typo fails now, not after caching
+        if self.qat and self.strategy in ("linear-probe", "from-scratch"):
+            raise EdgeTLError(
+                f"--qat fine-tunes a pretrained backbone through INT8 rounding; it does not "
+                f"apply to {self.strategy} (use finetune, full, selective, ...)"
+            )
+        if self.strategy == "linear-probe" and not self.cache:
+            raise EdgeTLError("linear-probe always caches embeddings; drop --no-cache")
+
+    @property
+    def split(self) -> SplitRecord:
+        """The run's split (train / val / test) as the contract records it."""
+        return SplitRecord(self.test_frac, self.val_frac, self.seed, self.train_per_class)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["stages"], d["params"] = list(self.stages), list(self.params)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(
+            **{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
+        )

@@ -157,7 +157,9 @@ def test_bank_from_good_tiles_finds_real_defects_and_writes_maps(bundle, tiles, 
     assert ev["image_auroc"] >= 0.75, ev
     assert ev["pixel_auroc"] >= 0.65, ev
     assert ev["n_good"] == 32 and ev["n_defective"] == 24
-    assert 0 <= ev["false_alarm_rate"] <= 1 and ev["recall"] > 0
+    # at the threshold calibrated for 1 % on good training tiles: measured 4 of 32 good test
+    # tiles flagged (the wide variant the bank has not seen) and 15 of 24 defects found
+    assert ev["false_alarm_rate"] <= 0.2 and ev["recall"] >= 0.5, ev
     pngs = sorted(maps.iterdir())
     assert len(pngs) == 56 and pngs[0].name.startswith("blowhole_")
     src = tiles["mvtec"] / "test/blowhole" / f"{pngs[0].stem[len('blowhole_') :]}.jpg"

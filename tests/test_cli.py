@@ -103,7 +103,7 @@ def test_predict_and_evaluate_json(bundles, neu_small):
     res = cli("evaluate", bundles["ort-int8"], neu_small, "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert 0.0 <= out["accuracy"] <= 1.0 and out["n"] == 48
+    assert out["accuracy"] >= 0.95 and out["n"] == 48  # measured 1.0 (36 of them trained on)
     assert {"per_class", "confusion_matrix", "labels"} <= set(out)
     test = json.loads(
         cli("evaluate", bundles["ort-int8"], neu_small, "--split", "test", "--json").stdout

@@ -104,8 +104,7 @@ def export_bundle(
     check_destination(out, force)
 
     src = open_run(run, calib, head_fit) if run is not None else open_backbone(backbone, weights)
-    if src.fit_set is None:
-        head_fit = "source"
+    head_fit = head_fit if src.fit_set is not None else "source"
     pre = src.features.spec.preprocess
     if rec.input_size and rec.input_size != pre.size:
         raise EdgeTLError(
@@ -122,11 +121,7 @@ def export_bundle(
         fp32_engine = OrtEngine(graph.path)
         heads = _head_fit(src, head_fit)
         fp32_head = heads.for_engine(fp32_engine)  # the head FP32 accuracy is measured with
-        calib_inputs = (
-            Images(calib_paths, pre, desc="decoding calibration images").inputs()
-            if rec.precision == "int8"
-            else None
-        )
+        calib_inputs = _calibration_inputs(calib_paths, pre, rec)
         with atomic_folder(out, force) as bdir:
             _logger.info(f"building {rec.name} ({rec.format} {rec.precision})")
             control = AccuracyControl(
@@ -139,26 +134,7 @@ def export_bundle(
             spread = control.calibration_spread(
                 chosen.recipe, pool, rec.calibration_size, rec.calibration_subsets
             )
-            report = FidelityReport(
-                backbone=src.name,
-                recipe=rec.name,
-                verdict="pass"
-                if control.step is None
-                else f"pass after accuracy control ({control.step})",
-                checked_on=checked_on,
-                n_images=len(check),
-                tolerance=Tolerance(rec.min_cosine, rec.max_top1_drop),
-                host=host_info(),
-                artifacts=rows,
-                per_class=None
-                if check.labels is None
-                else {k: per_class(p, check.labels, src.labels) for k, p in preds.items()},
-                accuracy_control=[a.record() for a in control.attempts]
-                if rec.precision == "int8"
-                else [],
-                sensitive_layers=control.sensitivity[:16],
-                calibration_sensitivity=spread,
-            )
+            report = _report(src, rec, control, check, checked_on, rows, preds, spread)
             metrics = _metrics(report, graph, calib_inputs, head_fit, chosen, control, len(check))
             return _write_bundle(
                 bdir,
@@ -204,6 +180,13 @@ def _export_graph(src: ExportSource, work: Path, check: Images, rec: Recipe) -> 
     outputs = export_onnx(src.features, path, src.features.spec.preprocess.size)
     diffs = parity(src.features, path, check.inputs(0, 8), rec.parity_atol)
     return _Graph(path, outputs, diffs)
+
+
+def _calibration_inputs(paths: list[str], pre: Any, rec: Recipe) -> np.ndarray | None:
+    """Network inputs of the calibration images (INT8 recipes only)."""
+    if rec.precision != "int8":
+        return None
+    return Images(paths, pre, desc="decoding calibration images").inputs()
 
 
 def _head_fit(src: ExportSource, head_fit: str) -> HeadFit:
@@ -274,6 +257,36 @@ def _side_by_side(
         if key != "pytorch-fp32":
             cosines[key] = a.cosines
     return rows, cosines, preds
+
+
+def _report(
+    src: ExportSource,
+    rec: Recipe,
+    control: AccuracyControl,
+    check: Images,
+    checked_on: str,
+    rows: dict[str, ArtifactRow],
+    preds: dict[str, np.ndarray],
+    spread: dict[str, Any] | None,
+) -> FidelityReport:
+    """The fidelity report: every row, per-class accuracy, each accuracy-control step."""
+    labels = check.labels
+    return FidelityReport(
+        backbone=src.name,
+        recipe=rec.name,
+        verdict="pass" if control.step is None else f"pass after accuracy control ({control.step})",
+        checked_on=checked_on,
+        n_images=len(check),
+        tolerance=Tolerance(rec.min_cosine, rec.max_top1_drop),
+        host=host_info(),
+        artifacts=rows,
+        per_class=None
+        if labels is None
+        else {k: per_class(p, labels, src.labels) for k, p in preds.items()},
+        accuracy_control=[a.record() for a in control.attempts] if rec.precision == "int8" else [],
+        sensitive_layers=control.sensitivity[:16],
+        calibration_sensitivity=spread,
+    )
 
 
 def _metrics(

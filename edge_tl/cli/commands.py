@@ -278,5 +278,12 @@ def verify(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     from edge_tl.demo import run_demo
 
-    run_demo(args.out, strategy=args.strategy, epochs=args.epochs, train_stages=args.train_stages)
+    run_demo(
+        args.out,
+        strategy=args.strategy,
+        epochs=args.epochs,
+        train_stages=args.train_stages,
+        data=args.data,
+        recipes=tuple(r.strip() for r in args.recipes.split(",") if r.strip()),
+    )
     return 0

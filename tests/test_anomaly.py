@@ -153,9 +153,10 @@ def test_bank_from_good_tiles_finds_real_defects_and_writes_maps(bundle, tiles, 
     assert res.returncode == 0, res.stderr
     ev = json.loads(res.stdout)
     # 32 good vs 24 defective real tiles, chance 0.5; the bank has 60 tiles and none of the
-    # wide variant that half the good test tiles are (the field-update test adds them)
-    assert ev["image_auroc"] >= 0.75, ev
-    assert ev["pixel_auroc"] >= 0.65, ev
+    # wide variant that half the good test tiles are (the field-update test adds them).
+    # Measured on this subset: image AUROC 0.831, pixel 0.710 (the full set: 0.971 / 0.843)
+    assert ev["image_auroc"] >= 0.80, ev
+    assert ev["pixel_auroc"] >= 0.68, ev
     assert ev["n_good"] == 32 and ev["n_defective"] == 24
     # at the threshold calibrated for 1 % on good training tiles: measured 4 of 32 good test
     # tiles flagged (the wide variant the bank has not seen) and 15 of 24 defects found

@@ -150,9 +150,10 @@ def test_workstation_head_keeps_its_classes_and_gains_a_new_one(bundle, tmp_path
     assert model.classifier.labels == ["crazing", "patches", "scratches", "pitted_surface"]
     assert model.classifier.state.counts()["crazing"] > 0  # the exemplars stand for the known
     after = model.evaluate(old)
-    assert after.accuracy >= before - 0.1, (before, after)
+    # 45 queries of the known classes: measured 1.0 before and after; one image may flip
+    assert after.accuracy >= before - 1 / 45 - 1e-9, (before, after)
     preds = model.predict(image_folder(queries).subset(range(45, 60)).paths)  # pitted
-    assert sum(p.label == "pitted_surface" for p in preds) >= 9, preds
+    assert sum(p.label == "pitted_surface" for p in preds) >= 11, preds  # measured 13 of 15
 
 
 @pytest.mark.slow

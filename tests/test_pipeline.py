@@ -51,8 +51,9 @@ def test_quantized_graphs_hold_quantization_nodes(bundles):
 def test_int8_bundles_keep_accuracy_on_held_out_images(bundles):
     acc = {r: Model(b).manifest.metrics["test_accuracy"] for r, b in bundles.items()}
     assert acc["onnx-fp32"] >= 0.9
+    one_image = 1 / 12  # 12 held-out images; measured: no INT8 bundle loses any
     for recipe in ("ort-int8", "openvino-int8"):
-        assert acc[recipe] >= acc["onnx-fp32"] - 0.1, acc
+        assert acc[recipe] >= acc["onnx-fp32"] - one_image - 1e-9, acc
 
 
 def test_runtime_predicts_and_evaluates(bundles, neu_small):

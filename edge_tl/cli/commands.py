@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from dataclasses import fields
-from typing import TYPE_CHECKING
 
 from edge_tl.cli import output
+from edge_tl.cli.training_flags import train_config
 from edge_tl.errors import EdgeTLError
 
 __all__ = [
@@ -30,36 +29,13 @@ __all__ = [
     "verify",
 ]
 
-if TYPE_CHECKING:
-    from edge_tl.train import TrainConfig
-
 _logger = logging.getLogger("edge_tl.cli")
-
-
-def _config(args: argparse.Namespace, strategy: str) -> TrainConfig:
-    """The training flags as a :class:`~edge_tl.train.TrainConfig` (field by field)."""
-    from edge_tl.train import TrainConfig
-
-    try:
-        stages = tuple(int(s) for s in args.stages.split(",") if s.strip())
-    except ValueError:
-        raise EdgeTLError(f"--stages {args.stages!r} must be integers like 5,6") from None
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    values.update(
-        strategy=strategy,
-        stages=stages,
-        params=tuple(p.strip() for p in args.params.split(",") if p.strip()),
-        cache=not args.no_cache,
-        onnx_cache=not args.no_onnx_cache,
-        channels_last=not args.no_channels_last,
-    )
-    return TrainConfig(**values)
 
 
 def train(args: argparse.Namespace) -> int:
     from edge_tl.train import train as train_run
 
-    cfg = _config(args, args.strategy)
+    cfg = train_config(args, args.strategy)
     metrics = train_run(args.data, args.out, cfg, force=args.force, resume=args.resume)
     if args.json:
         output.print_json(metrics)
@@ -80,7 +56,7 @@ def compare(args: argparse.Namespace) -> int:
         args.data,
         args.out,
         strategies,
-        _config(args, strategies[0]),
+        train_config(args, strategies[0]),
         threshold=args.threshold / 100,
         force=args.force,
         resume=args.resume,

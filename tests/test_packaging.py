@@ -43,6 +43,10 @@ def test_wheel_ships_recipes_and_they_resolve_when_installed(tmp_path):
         assert f"edge_tl/recipes/{recipe}.toml" in names
     assert any(n.startswith("edge_tl/profiles/") and n.endswith(".toml") for n in names)
     assert "edge_tl/py.typed" in names
+    # every module of the source tree ships (a new subpackage left out of pyproject.toml's
+    # package list would install without it)
+    source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "edge_tl").rglob("*.py")}
+    assert source - set(names) == set(), sorted(source - set(names))
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
@@ -50,6 +54,7 @@ def test_wheel_ships_recipes_and_they_resolve_when_installed(tmp_path):
         "import sys; sys.path = [p for p in sys.path if 'edge_tl' not in p and p not in ('', '.')];"
         f"sys.path.insert(0, {str(site)!r});"
         "import edge_tl.spec as s; r = s.load_recipe('ort-int8');"
+        "import edge_tl.cli.parser, edge_tl.export, edge_tl.runtime, edge_tl.report;"
         "print(s.__file__); print(s._data_dir('recipes', 'export'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)

@@ -73,6 +73,17 @@ def test_self_test_passes_here_and_refuses_a_host_that_bends_the_embeddings(bund
     assert res.returncode == 0 and "warning:" in res.stderr and "FAILED" in res.stdout
 
 
+@pytest.mark.parametrize("recipe", ["ort-int8", "openvino-int8"])
+def test_the_shipped_artifact_is_the_one_that_was_measured(bundles, recipe):
+    """The export measures several INT8 artifacts (the ladder, then three calibration
+    subsets); the file in the bundle must be the chosen one: on the export's own host its
+    self-test images give exactly the cosine the export recorded for them."""
+    res = cli("verify", bundles[recipe], "--json")
+    assert res.returncode == 0, res.stderr
+    st = json.loads(res.stdout)["self_test"]
+    assert st["cosine"] == pytest.approx(st["export_cosine"], abs=2e-5), st
+
+
 def test_self_test_catches_saturating_kernels():
     """The self-test compares this host's output with FP32 embeddings, not with itself."""
     from edge_tl.runtime.selftest import run_self_test

@@ -158,22 +158,26 @@ class AccuracyControl:
         recipe: Recipe,
         calib: np.ndarray | None = None,
         validation: tuple[np.ndarray, np.ndarray] | None = None,
+        into: Path | None = None,
     ) -> tuple[Artifact, Any]:
-        """The artifact of ``recipe`` in ``out_dir`` (replacing a previous try's) and its
-        engine; calibrated on ``calib`` (default: the export's calibration images)."""
-        for p in self.out_dir.iterdir():  # a previous attempt's artifact
+        """The artifact of ``recipe`` and its engine, built in ``into`` (default: the bundle
+        folder ``out_dir``, replacing a previous try's artifact there); calibrated on
+        ``calib`` (default: the export's calibration images)."""
+        folder = self.out_dir if into is None else into
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in folder.iterdir():  # a previous attempt's artifact
             if p.name.startswith("backbone."):
                 p.unlink()
         files, options = build_artifact(
             self.fp32_onnx,
             recipe,
             self.calib if calib is None else calib,
-            self.out_dir,
+            folder,
             self.work,
             validation,
         )
         artifact = Artifact(recipe.format, recipe.precision, tuple(files), recipe.name, options)
-        return artifact, make_engine(self.out_dir, artifact)
+        return artifact, make_engine(folder, artifact)
 
     def measure(self, engine: Any) -> tuple[Agreement, LinearHead, np.ndarray]:
         """The artifact's agreement with FP32, with the head that would ship with it, and its
@@ -293,7 +297,8 @@ class AccuracyControl:
     ) -> dict[str, Any] | None:
         """INT8 accuracy and cosine over ``subsets`` disjoint calibration subsets of ``pool``,
         each built with the ``chosen`` settings (NNCF accuracy control is not re-run per
-        subset: too slow)."""
+        subset: too slow). The subsets' artifacts are built in the work folder: the bundle
+        keeps the chosen artifact, the one every other figure was measured on."""
         if subsets < 1 or chosen.precision != "int8":
             return None
         per = min(size, len(pool) // subsets)
@@ -305,7 +310,7 @@ class AccuracyControl:
             paths = [pool[i] for i in sorted(order[s * per : (s + 1) * per])]
             _logger.info(f"  calibration subset {s + 1}/{subsets} ({per} images)")
             calib = Images(paths, self.check.pre, desc="decoding calibration subset").inputs()
-            _, engine = self.build(chosen, calib=calib)
+            _, engine = self.build(chosen, calib=calib, into=self.work / "calibration_subset")
             m, _, _ = self.measure(engine)
             row: dict[str, Any] = {
                 "cosine_mean": m.cosine_mean,

@@ -130,3 +130,39 @@ def test_interrupted_pruning_keeps_the_new_version_and_the_next_write_prunes(tmp
     assert all("error" not in h for h in store.history())
     store.save(_state(3), "add")
     assert store.versions() == [3, 4]  # the next write prunes down to keep=2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "flipped bytes"])
+def test_a_damaged_current_version_is_named_with_the_way_back(tmp_path, damage):
+    from edge_tl.errors import EdgeTLError
+
+    store = _store(tmp_path)
+    first = store.save(_state(0), "learn")
+    store.save(_state(1), "add")
+    path = store.dir / "v0002.npz"
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        i = data.index(b"support_x.npy") + 200  # inside an array's stored bytes
+        path.write_bytes(data[:i] + bytes(b ^ 0xFF for b in data[i : i + 2]) + data[i + 2 :])
+    with pytest.raises(EdgeTLError, match=r"v0002.npz is not a readable head state.*--to N.*\[1\]"):
+        store.load()
+    listing = store.history()  # listing works: the damaged version is named, not fatal
+    assert listing[0]["version"] == 1 and "error" in listing[1]
+    assert _same(store.rollback(to=1), first) and _same(store.load(), first)
+
+
+def test_a_garbage_current_pointer_can_still_be_rolled_back(tmp_path):
+    from edge_tl.errors import EdgeTLError
+
+    store = _store(tmp_path)
+    first = store.save(_state(0), "learn")
+    store.save(_state(1), "add")
+    (store.dir / CURRENT).write_text("abc\n")
+    with pytest.raises(EdgeTLError, match="names head version 'abc'.*--to N"):
+        store.load()
+    assert [h["current"] for h in store.history()] == [False, False]
+    assert _same(store.rollback(to=1), first) and store.current() == 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -130,15 +131,18 @@ class VersionedStore:
         """Read a state file and check it belongs to this bundle's backbone.
 
         Raises:
-            EdgeTLError: not a state file of this kind, or learned on another backbone.
+            EdgeTLError: a damaged file, not a state file of this kind, or one learned on
+                another backbone; for a version of this store, the message names the intact
+                versions to roll back to.
         """
         try:
             with np.load(path, allow_pickle=False) as z:
                 state = self.kind.read(z, str(path))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            # numpy reads anything that is not .npy/.npz as a pickle, which is never loaded
+            why = "not a .npz of plain arrays" if "allow_pickle" in str(e) else str(e)
             raise EdgeTLError(
-                f"{path} is not a readable {self.kind.noun} state ({e}); pass a file written "
-                f"by `{self.kind.command}`"
+                f"{path} is not a readable {self.kind.noun} state ({why}); {self._way_back(path)}"
             ) from None
         theirs = state.meta.get("backbone_sha256")
         if theirs != self.backbone:
@@ -171,14 +175,17 @@ class VersionedStore:
 
     def rollback(self, to: int | None = None) -> Any:
         """Make an earlier version current (default: the current one's parent). Nothing is
-        deleted."""
-        if self.current() is None:  # checked before the lock, which creates the folder
+        deleted. With ``to``, this works even when ``CURRENT`` or the current version is
+        damaged: it is the way back."""
+        if to is None and self.current() is None:  # before the lock, which makes the folder
+            raise self._nothing_learned()
+        if to is not None and not self.versions():
             raise self._nothing_learned()
         with self._lock():
-            cur = self.current()
-            if cur is None:
-                raise self._nothing_learned()
             if to is None:
+                cur = self.current()
+                if cur is None:
+                    raise self._nothing_learned()
                 to = self.read(self._path(cur)).meta.get("parent")
                 if to is None:
                     raise EdgeTLError(
@@ -195,8 +202,12 @@ class VersionedStore:
         return state
 
     def history(self) -> list[dict[str, Any]]:
-        """Each version's summary with ``current``; an unreadable one gives ``error``."""
-        cur = self.current()
+        """Each version's summary with ``current``; an unreadable one gives ``error``. Works
+        when ``CURRENT`` is damaged too (then no version is current)."""
+        try:
+            cur = self.current()
+        except EdgeTLError:
+            cur = None
         out = []
         for v in self.versions():
             try:
@@ -206,6 +217,24 @@ class VersionedStore:
                 continue
             out.append({**s.summary(), "current": v == cur})
         return out
+
+    def _way_back(self, path: Path) -> str:
+        """What to do about an unreadable file: for one of this store's versions, roll back
+        to an intact one; for another file, pass one written by the right command."""
+        if path.parent.resolve() != self.dir.resolve():
+            return f"pass a file written by `{self.kind.command}`"
+        intact = []
+        for v in self.versions():
+            if self._path(v) != path:
+                with contextlib.suppress(EdgeTLError):
+                    self.read(self._path(v))
+                    intact.append(v)
+        if not intact:
+            return f"no other version is intact; learn again with `{self.kind.command}`"
+        return (
+            f"go back to an intact version with `edge-tl rollback {self.bundle}"
+            f"{self.kind.rollback_flag} --to N` (intact: {intact})"
+        )
 
     def _nothing_learned(self) -> EdgeTLError:
         return EdgeTLError(

@@ -83,7 +83,10 @@ def run_demo(
             f"edge_tl demo: {ds.name}, {len(ds)} images in {len(ds.classes)} classes; "
             "stratified 75/25 split, seed 0"
         )
-    print(f"[1/4] training {cfg.backbone} ({strategy}, {epochs} epochs) ...", flush=True)
+    print(
+        f"[1/4] training {cfg.backbone} ({strategy}, {epochs} epoch{'s' * (epochs != 1)}) ...",
+        flush=True,
+    )
     metrics = train(data, out / "run", cfg, force=True)
     print(
         f"      PyTorch held-out accuracy {metrics['test_accuracy']:.4f} "

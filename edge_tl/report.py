@@ -49,8 +49,9 @@ class Tolerance:
 class ArtifactRow:
     """One model measured on the check images against FP32 PyTorch.
 
-    ``accuracy_fp32_head``: with the head fit on FP32 embeddings; ``accuracy_own_head``:
-    with the head fit the way this row's head ships (None without labels). Cosines and
+    ``accuracy_fp32_head``: with the run's own head, trained in PyTorch on FP32;
+    ``accuracy_own_head``: with a head fit on this row's embeddings of the training split
+    (the FP32 rows share the one fit on ONNX FP32 embeddings); None without labels. Cosines and
     agreement are fractions; ``size_mb`` in MB (1e6 bytes); ``latency_ms`` the batch-1
     median in milliseconds.
     """
@@ -187,9 +188,10 @@ def markdown(report: FidelityReport) -> str:
         f"against FP32 PyTorch. Tolerance: cosine >= {tol.min_cosine}, top-1 drop <= "
         f"{tol.max_top1_drop * 100:.1f} pt. Verdict: **{report.verdict}**.",
         "",
-        "FP32 head: a linear head fit on FP32 embeddings of the training split (for "
-        "pytorch-fp32 and onnx-fp32 it is their own). Own head: fit on this artifact's "
-        "embeddings (what the bundle ships when exported with `--head-fit artifact`).",
+        "FP32 head: the run's own head, trained in PyTorch on FP32 (what `--head-fit "
+        "source` ships). Own head: a linear head fit on that row's embeddings of the training "
+        "split (what the bundle ships with `--head-fit artifact`); for pytorch-fp32 and "
+        "onnx-fp32 it is the head fit on ONNX FP32 embeddings.",
         "",
         table(report),
         "",

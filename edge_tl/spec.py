@@ -76,7 +76,27 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     missing = sorted(required - set(data))
     if missing:
         raise EdgeTLError(f"{where}: missing field(s) {', '.join(missing)}")
+    for f in dataclasses.fields(cls):  # plain scalar fields: the value's type, checked
+        want = _SCALARS.get(str(f.type))
+        value = data.get(f.name)
+        if want and f.name in data and value is not None and not _is(value, want):
+            raise EdgeTLError(
+                f"{where}: {f.name} = {value!r} is not {_NAMES[want]}; write it as one"
+            )
     return cls(**data)
+
+
+_SCALARS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
+_SCALARS.update({f"{k} | None": v for k, v in list(_SCALARS.items())})
+_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _is(value: Any, want: type) -> bool:
+    if want is float:  # an integer is a number; true/false is not
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if want is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, want)
 
 
 @dataclass(frozen=True)

@@ -235,6 +235,21 @@ def test_bad_folders_get_one_line_and_leave_the_bank_intact(bundle, tiles, tmp_p
     _one_line_error(cli("anomaly", bundle, tiles["wide"], "--coreset", "0"), "--coreset")
     _one_line_error(cli("anomaly", bundle, tiles["wide"], "--false-alarm", "1"), "--false-alarm")
     _one_line_error(cli("anomaly", bundle, tiles["wide"], "--stages", "nope"), "nope")
+    _one_line_error(cli("anomaly", bundle, tiles["wide"], "--stages", "embedding"), "embedding")
+    _one_line_error(cli("anomaly", bundle, tiles["wide"], "--pool", "2"), "--pool", "odd")
+    _one_line_error(
+        cli("anomaly", bundle, tiles["wide"], "--add", "--stages", "features_s8"), "--add keeps"
+    )
+    _one_line_error(
+        cli("anomaly", bundle, "--false-alarm", "0.05", "--coreset", "0.5"), "--coreset"
+    )
+    _one_line_error(cli("anomaly", bundle, tiles["mvtec"] / "test"), "pass", "good")
+    maps_file = tmp_path / "maps.txt"
+    maps_file.write_text("not a folder")
+    img = next((tiles["mvtec"] / "test/break").iterdir())
+    _one_line_error(cli("predict", bundle, img, "--maps", maps_file), "is a file")
+    _one_line_error(cli("predict", bundle, img, "--top-k", "3"), "--top-k", "--classify")
+    _one_line_error(cli("predict", bundle, img, "--classify", "--maps", tmp_path / "m"), "--maps")
     assert _bank_bytes(bundle) == before
 
     # masks whose size differs from their images: refused before anything is scored

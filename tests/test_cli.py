@@ -113,6 +113,12 @@ def test_predict_and_evaluate_json(bundles, neu_small):
     pred = json.loads(cli("predict", bundles["openvino-int8"], img, "--json").stdout)
     assert pred[0]["label"] == "scratches" and 0 < pred[0]["score"] <= 1
     _one_line_error(cli("predict", bundles["ort-int8"], neu_small / "nope.jpg"), "does not exist")
+    _one_line_error(cli("predict", bundles["ort-int8"], neu_small), "is a folder")
+    _one_line_error(cli("rollback", bundles["ort-int8"], "--list", "--to", "1"), "--list")
+    _one_line_error(
+        cli("evaluate", bundles["ort-int8"], neu_small, "--maps", neu_small / "m"), "drop --maps"
+    )
+    assert not (neu_small / "m").exists()
     ins = json.loads(cli("inspect", bundles["ort-int8"], "--json").stdout)
     assert ins["hashes_verified"] and ins["artifact"]["precision"] == "int8"
 

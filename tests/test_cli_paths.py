@@ -111,6 +111,9 @@ def test_bench_check_exits_3_when_a_budget_is_missed(bundles, tmp_path):
     assert res.returncode == 0, res.stderr  # the old flag still works, and says so once
     assert res.stderr.count("warning: --device is now --profile") == 1
     assert "MISSED" not in res.stdout
+    _one_line_error(cli("bench", bundles["ort-int8"], "--repeats", "0"), "--repeats")
+    _one_line_error(cli("bench", bundles["ort-int8"], "--batch", "0"), "--batch")
+    _one_line_error(cli("bench", bundles["ort-int8"], "--images", tmp_path / "no.jpg"), "no.jpg")
 
 
 def test_training_interrupted_with_ctrl_c_resumes_from_its_checkpoint(neu_small, tmp_path):

@@ -277,6 +277,11 @@ def test_bad_support_folders_fail_in_one_line_and_keep_the_head(bundle, support,
         (("--relabel", "crazing=Patches"), ["already has a class 'patches'"]),
         (("--remove", "oil"), ["'oil' is not in the head"]),
         ((support, "--remove", "crazing"), ["one of"]),
+        (("--threshold", "5"), ["--threshold", "[-1, 1]"]),
+        (("--quantile", "0.1", "--threshold", "0.3"), ["--quantile and --threshold"]),
+        (("--threshold", "0.3", "--no-open-set"), ["--threshold and --no-open-set"]),
+        ((support, "--add", "--head", "knn"), ["--head", "--add"]),
+        (("--import", next((support / "crazing").iterdir())), ["not a readable head state"]),
     ]
     for args, words in cases:
         _one_line_error(cli("learn", bundle, *args), *words)

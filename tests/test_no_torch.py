@@ -93,3 +93,14 @@ def test_anomaly_bank_builds_scores_and_grows_without_torch(bundles, tmp_path):
     """)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n")[:2] == ["9 True", "[]"]
+
+
+def test_workstation_commands_on_a_device_install_say_what_to_install(tmp_path):
+    for args in (
+        ["train", str(tmp_path), "--out", str(tmp_path / "r")],
+        ["export", str(tmp_path), "--out", str(tmp_path / "b")],
+    ):
+        res = _run(f"from edge_tl.cli import main; sys.exit(main({args!r}))")
+        assert res.returncode == 2, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and "pip install 'edge_tl[train]'" in lines[0], res.stderr

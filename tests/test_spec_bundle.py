@@ -137,3 +137,19 @@ def test_device_profiles_resolve_and_name_their_recipe():
         load_recipe(load_profile(name).recipe)  # every profile points at a real recipe
     with pytest.raises(EdgeTLError, match="unknown device profile"):
         load_profile("toaster")
+
+
+def test_recipe_and_manifest_values_of_the_wrong_type_are_named(tmp_path, bundles):
+    bad = tmp_path / "typed.toml"
+    bad.write_text('format = "onnx"\nprecision = "fp32"\nmin_cosine = "high"\n')
+    with pytest.raises(EdgeTLError, match="min_cosine = 'high' is not a number"):
+        load_recipe(str(bad))
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundles["onnx-fp32"], copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    data["preprocess"]["size"] = "224"
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(EdgeTLError, match="size = '224' is not an integer"):
+        read_manifest(copy)

@@ -369,3 +369,16 @@ def test_finetune_trains_only_after_the_boundary(neu_small, tmp_path):
     history = (tmp_path / "ft" / "history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,train_loss") and len(history) == 3
     assert (tmp_path / "ft" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "settings, words",
+    [
+        ({"label_smoothing": 2.0}, "--label-smoothing"),
+        ({"lr_head": -1.0}, "--lr-head"),
+        ({"stages": (5, 6)}, "--strategy selective"),
+    ],
+)
+def test_training_settings_out_of_range_are_refused_before_any_work(settings, words):
+    with pytest.raises(EdgeTLError, match=words):
+        TrainConfig(**settings)

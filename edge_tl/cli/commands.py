@@ -12,7 +12,7 @@ import os
 
 from edge_tl.cli import output
 from edge_tl.cli.training_flags import train_config
-from edge_tl.errors import EdgeTLError
+from edge_tl.errors import EdgeTLError, require
 
 __all__ = [
     "anomaly",
@@ -32,7 +32,13 @@ __all__ = [
 _logger = logging.getLogger("edge_tl.cli")
 
 
+def _workstation() -> None:
+    """Training and export need torch: say so in one line on a device-only install."""
+    require("torch", "train")
+
+
 def train(args: argparse.Namespace) -> int:
+    _workstation()
     from edge_tl.train import train as train_run
 
     cfg = train_config(args, args.strategy)
@@ -48,6 +54,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def compare(args: argparse.Namespace) -> int:
+    _workstation()
     from edge_tl.train.compare import compare as compare_runs
     from edge_tl.train.compare import markdown, parse_strategies
 
@@ -70,6 +77,7 @@ def compare(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
+    _workstation()
     from edge_tl.export import export_bundle
 
     m = export_bundle(
@@ -115,7 +123,9 @@ def anomaly(args: argparse.Namespace) -> int:
         coreset=args.coreset,
         max_mb=args.max_mb,
         false_alarm=args.false_alarm,
-        stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()),
+        stages=None
+        if args.stages is None
+        else tuple(s.strip() for s in args.stages.split(",") if s.strip()),
         pool=args.pool,
     )
     summary = Model(args.bundle).detector.apply(change).summary()
@@ -158,6 +168,8 @@ def rollback(args: argparse.Namespace) -> int:
     from edge_tl.runtime.anomaly import bank_store
     from edge_tl.runtime.learner import head_store
 
+    if args.list and args.to is not None:
+        raise EdgeTLError("--list shows the versions and changes nothing; drop --to, or --list")
     manifest = read_manifest(args.bundle, verify=True)
     store = (bank_store if args.anomaly else head_store)(args.bundle, manifest)
     if args.list:
@@ -239,8 +251,9 @@ def verify(args: argparse.Namespace) -> int:
     from edge_tl.runtime import Model
     from edge_tl.runtime.selftest import enforce
 
-    model = Model(args.bundle, self_test=False)  # hashes checked here
+    model = Model(args.bundle, self_test=False)  # hashes checked; the current head read
     result = model.check_self_test()
+    model.detector.state  # noqa: B018 - a damaged bank fails here, not at the next predict
     if args.json:
         output.print_json(
             {"bundle": str(args.bundle), "hashes_verified": True, "self_test": result}
@@ -252,6 +265,7 @@ def verify(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
+    _workstation()
     from edge_tl.demo import run_demo
 
     run_demo(

@@ -57,7 +57,8 @@ def predictions(results: list[Prediction] | list[Verdict]) -> None:
             print(f"{r.image}\t{r.verdict}\t{r.score:.3f}\t(threshold {r.threshold:.3f}){extra}")
         else:
             sim = "" if r.similarity is None else f"\tsimilarity {r.similarity:.3f}"
-            print(f"{r.image}\t{r.label}\t{r.score:.3f}{sim}")
+            more = "".join(f"\t{t['label']} {t['score']:.3f}" for t in r.top_k[1:])
+            print(f"{r.image}\t{r.label}\t{r.score:.3f}{sim}{more}")
 
 
 def evaluation(res: Evaluation | AnomalyEvaluation) -> None:

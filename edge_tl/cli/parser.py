@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "train",
+        epilog=EPILOG,
         help="train a classifier on an ImageFolder (or 'elpv') and write a run folder",
         description="Train on DATA (an ImageFolder <class>/<image>, or 'elpv' for the ELPV "
         "solar-cell package) with a transfer strategy: linear-probe, finetune (default: the "
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "compare",
+        epilog=EPILOG,
         help="train several strategies on the same splits; table, curves, negative transfer",
         description="Train each of --strategies on DATA with the same splits and settings, "
         "each in its own process; print and save a table (accuracy, macro-F1, train time, "
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "export",
+        epilog=EPILOG,
         help="export a run (or a pretrained backbone) into a checked bundle",
         description="Export RUN (from `edge-tl train`) or --backbone NAME (ImageNet features "
         "and classifier) with a recipe: onnx-fp32, ort-int8, openvino-fp32, openvino-fp16, "
@@ -93,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--recipe", default="onnx-fp32", help="recipe name or .toml path")
     e.add_argument(
         "--calib",
-        help="calibration images (ImageFolder or flat folder); default: the run's training split",
+        help="calibration images (ImageFolder or flat folder); default: the run's training "
+        "and validation images",
     )
     e.add_argument("--out", required=True, type=Path, help="bundle folder to create")
     e.add_argument(
@@ -101,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="artifact",
         choices=["artifact", "source"],
         help="artifact (default): refit the head on this artifact's own embeddings "
-        "of the training split; source: keep the head trained in PyTorch",
+        "of the training and validation images; source: keep the head trained in PyTorch",
     )
     e.add_argument(
         "--logits",
@@ -115,19 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser(
         "predict",
+        epilog=EPILOG,
         help="classify images, or score them for anomalies, with a bundle (torch-free)",
         description="Classify IMAGES with BUNDLE's head; on a bundle with an anomaly bank "
         "(`edge-tl anomaly`), give each image's anomaly score, the threshold and a verdict "
         "(good/anomalous) instead (--classify forces the head).",
     )
-    pr.add_argument("bundle", type=Path)
-    pr.add_argument("images", nargs="+", type=Path)
-    pr.add_argument("--top-k", type=int, default=1)
+    pr.add_argument("bundle", type=Path, help="bundle folder from `edge-tl export`")
+    pr.add_argument("images", nargs="+", type=Path, help="image files")
+    pr.add_argument(
+        "--top-k", type=int, default=1, help="classification: the k best labels (default 1)"
+    )
     pr.add_argument("--classify", action="store_true", help="use the head, not the bank")
     pr.add_argument(
         "--maps", type=Path, metavar="DIR", help="anomaly: write heat-map overlay PNGs here"
     )
-    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--json", action="store_true", help="print the results as JSON")
     pr.set_defaults(func=commands.predict)
 
     an = sub.add_parser(
@@ -142,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "BUNDLE/anomaly (`edge-tl rollback BUNDLE --anomaly` goes back).",
         epilog=EPILOG,
     )
-    an.add_argument("bundle", type=Path)
+    an.add_argument("bundle", type=Path, help="bundle folder from `edge-tl export`")
     an.add_argument("good", nargs="?", metavar="GOOD_DIR", help="folder of good images")
     an.add_argument("--add", action="store_true", help="add GOOD_DIR to the current bank")
     an.add_argument(
@@ -162,16 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     an.add_argument(
         "--stages",
-        default="features_s16",
+        default=None,
         help="backbone outputs for patch features, comma-separated (default features_s16; "
-        "features_s8,features_s16 gives a finer map at 4x the search)",
+        "features_s8,features_s16 gives a finer map at 4x the search); a new bank only",
     )
-    an.add_argument("--pool", type=int, default=3, help="neighbourhood size (default 3)")
-    an.add_argument("--json", action="store_true")
+    an.add_argument(
+        "--pool",
+        type=int,
+        default=None,
+        help="neighbourhood size, odd (default 3); a new bank only",
+    )
+    an.add_argument("--json", action="store_true", help="print the bank's summary as JSON")
     an.set_defaults(func=commands.anomaly)
 
     ev = sub.add_parser(
         "evaluate",
+        epilog=EPILOG,
         help="accuracy of a bundle on a labelled data set, or anomaly AUROC (torch-free)",
         description="Evaluate BUNDLE on DATA (ImageFolder, or 'elpv'). --split test uses the "
         "held-out split the bundle's run was trained with. On a bundle with an anomaly bank "
@@ -179,13 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
         "ground_truth/<defect>/<name>_mask.png): image AUROC, pixel AUROC, F1 and "
         "false-alarm rate at the stored threshold; --maps DIR writes overlays.",
     )
-    ev.add_argument("bundle", type=Path)
-    ev.add_argument("data")
-    ev.add_argument("--split", default="all", choices=["all", "train", "val", "test"])
+    ev.add_argument("bundle", type=Path, help="bundle folder from `edge-tl export`")
+    ev.add_argument("data", help="ImageFolder, 'elpv', or an MVTec-layout folder")
+    ev.add_argument(
+        "--split",
+        default="all",
+        choices=["all", "train", "val", "test"],
+        help="all images (default), or that part of the split the bundle's run used",
+    )
     ev.add_argument(
         "--maps", type=Path, metavar="DIR", help="anomaly: write heat-map overlay PNGs here"
     )
-    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--json", action="store_true", help="print the figures as JSON")
     ev.set_defaults(func=commands.evaluate)
 
     le = sub.add_parser(
@@ -199,11 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
         "goes back).",
         epilog=EPILOG,
     )
-    le.add_argument("bundle", type=Path)
+    le.add_argument("bundle", type=Path, help="bundle folder from `edge-tl export`")
     le.add_argument("data", nargs="?", help="ImageFolder of support images")
     le.add_argument(
         "--head",
-        default="linear",
+        default=None,
         choices=["linear", "prototype", "knn"],
         help="linear (default): softmax regression; prototype: SimpleShot class means; "
         "knn: nearest support images",
@@ -222,25 +240,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     le.add_argument("--threshold", type=float, help="open set: a fixed cosine threshold")
     le.add_argument("--no-open-set", action="store_true", help="never answer unknown")
-    le.add_argument("--json", action="store_true")
+    le.add_argument("--json", action="store_true", help="print the new head's summary as JSON")
     le.set_defaults(func=commands.learn)
 
     rb = sub.add_parser(
         "rollback",
+        epilog=EPILOG,
         help="go back to an earlier learned head or anomaly bank (torch-free)",
         description="Make an earlier head version (--anomaly: bank version) current: by "
         "default the one before the current; --to N picks one; --list shows them all. "
         "Nothing is deleted.",
     )
-    rb.add_argument("bundle", type=Path)
+    rb.add_argument("bundle", type=Path, help="bundle folder from `edge-tl export`")
     rb.add_argument("--anomaly", action="store_true", help="the anomaly bank, not the head")
-    rb.add_argument("--to", type=int, metavar="N")
+    rb.add_argument(
+        "--to", type=int, metavar="N", help="make version N current (default: the previous one)"
+    )
     rb.add_argument("--list", action="store_true", help="list the versions, change nothing")
-    rb.add_argument("--json", action="store_true")
+    rb.add_argument("--json", action="store_true", help="print the result as JSON")
     rb.set_defaults(func=commands.rollback)
 
     be = sub.add_parser(
         "bench",
+        epilog=EPILOG,
         help="latency p50/p95, throughput and peak memory of a bundle (torch-free)",
         description="Measure BUNDLE in a fresh process: batch-1 predict (end to end) and "
         "engine latency p50/p95, throughput at --batch, peak RSS. With --profile PROFILE "
@@ -248,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         ".toml) the profile's engine, device and threads are used where this host has "
         "them, and its budgets are checked; on other hardware the figures approximate it.",
     )
-    be.add_argument("bundle", type=Path)
+    be.add_argument("bundle", type=Path, help="bundle folder from `edge-tl export`")
     be.add_argument("--profile", metavar="PROFILE", help="device profile name or .toml path")
     be.add_argument("--device", dest="device_alias", metavar="PROFILE", help=argparse.SUPPRESS)
     be.add_argument(
@@ -260,34 +282,37 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--repeats", type=int, default=40, help="timed predictions (default 40)")
     be.add_argument("--batch", type=int, default=8, help="batch for throughput (default 8)")
     be.add_argument("--check", action="store_true", help="exit 3 when a budget does not hold")
-    be.add_argument("--json", action="store_true")
+    be.add_argument("--json", action="store_true", help="print the measurements as JSON")
     be.set_defaults(func=commands.bench)
 
     ins = sub.add_parser(
         "inspect",
+        epilog=EPILOG,
         help="print a bundle's manifest, fidelity table and verified hashes",
         description="Read BUNDLE's manifest, check every file's SHA-256 and print the "
         "artifact, preprocessing, outputs, the fidelity table measured at export and the "
         "accuracy-control steps. Nothing is run.",
     )
-    ins.add_argument("bundle", type=Path)
-    ins.add_argument("--json", action="store_true")
+    ins.add_argument("bundle", type=Path, help="bundle folder from `edge-tl export`")
+    ins.add_argument("--json", action="store_true", help="print everything as JSON")
     ins.set_defaults(func=commands.inspect)
 
     ver = sub.add_parser(
         "verify",
+        epilog=EPILOG,
         help="check a bundle on this host: hashes and the embedding self-test (torch-free)",
         description="Check every file's SHA-256, load the engine and run the bundle's "
         "reference images: their embeddings must match FP32 within the tolerance the export "
         "recorded. Exit 0 when the bundle is fit to run here, 2 when not (or when the recipe "
         "says warn: 0 with a warning).",
     )
-    ver.add_argument("bundle", type=Path)
-    ver.add_argument("--json", action="store_true")
+    ver.add_argument("bundle", type=Path, help="bundle folder from `edge-tl export`")
+    ver.add_argument("--json", action="store_true", help="print the result as JSON")
     ver.set_defaults(func=commands.verify)
 
     d = sub.add_parser(
         "demo",
+        epilog=EPILOG,
         help="the whole story on ELPV: train, export FP32/INT8, evaluate, compare",
         description="Train on ELPV (or --data, an ImageFolder; 75/25 split, seed 0), export "
         "ONNX FP32, ORT INT8 and OpenVINO INT8 (or --recipes), evaluate each on the held-out "
@@ -306,8 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="onnx-fp32,ort-int8,openvino-int8",
         help="export recipes, comma-separated (default onnx-fp32,ort-int8,openvino-int8)",
     )
-    d.add_argument("--strategy", default="finetune")
-    d.add_argument("--epochs", type=int, default=6)
-    d.add_argument("--train-stages", type=int, default=1)
+    d.add_argument("--strategy", default="finetune", help="transfer strategy (default finetune)")
+    d.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
+    d.add_argument(
+        "--train-stages", type=int, default=1, help="finetune: final stages trained (default 1)"
+    )
     d.set_defaults(func=commands.demo)
     return p

@@ -44,7 +44,7 @@ def add_training_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--unfreeze-every", type=int, default=1, help="gradual: epochs per unfrozen stage"
     )
-    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
     t.add_argument("--lr-head", type=float, default=1e-3, help="head learning rate (1e-3)")
     t.add_argument(
         "--lr-backbone", type=float, default=1e-4, help="last-stage learning rate (1e-4)"
@@ -55,8 +55,10 @@ def add_training_flags(t: argparse.ArgumentParser) -> None:
         default=0.8,
         help="learning-rate factor per stage towards the input (default 0.8)",
     )
-    t.add_argument("--weight-decay", type=float, default=1e-4)
-    t.add_argument("--label-smoothing", type=float, default=0.1)
+    t.add_argument(
+        "--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)"
+    )
+    t.add_argument("--label-smoothing", type=float, default=0.1, help="in [0, 1) (default 0.1)")
     t.add_argument("--dropout", type=float, default=0.2, help="dropout before the head (0.2)")
     t.add_argument(
         "--patience",

@@ -11,6 +11,7 @@ Example:
     >>> export_bundle("bundles/neu_int8", "ort-int8", run="runs/neu")  # doctest: +SKIP
 """
 
+from edge_tl.export.accuracy_control import ToleranceError
 from edge_tl.export.pipeline import export_bundle
 
-__all__ = ["export_bundle"]
+__all__ = ["ToleranceError", "export_bundle"]

@@ -172,10 +172,11 @@ def latency_ms(runners: dict[str, Runner], images: Images, n: int = 20) -> dict[
 class HeadFit:
     """The head that ships with an artifact.
 
-    With ``images`` (the run's training split, labelled) a linear head is refit on each
-    artifact's own embeddings of them (``--head-fit artifact``: INT8 embeddings differ from
-    FP32 ones, and a head that learned on them keeps its accuracy); without, the run's
-    ``source`` head ships unchanged (``--head-fit source``, or a backbone export).
+    With ``images`` (the run's training and validation images, labelled) a linear head is
+    refit on each artifact's own embeddings of them (``--head-fit artifact``: INT8
+    embeddings differ from FP32 ones, and a head that learned on them keeps its accuracy);
+    without, the run's ``source`` head ships unchanged (``--head-fit source``, or a backbone
+    export).
     """
 
     source: LinearHead

@@ -74,9 +74,10 @@ def export_bundle(
         run: a folder written by ``edge-tl train``; or None with ``backbone``.
         backbone: export ImageNet features and classifier without training.
         calib: images for calibration and parity checks (ImageFolder or flat folder);
-            defaults to the run's training split.
+            defaults to the run's training and validation images.
         head_fit: ``artifact`` refits the run's linear head on the artifact's own embeddings
-            of the training split; ``source`` keeps the head trained in PyTorch.
+            of the training and validation images; ``source`` keeps the head trained in
+            PyTorch.
         force: replace an existing ``out`` (only once the new bundle is complete).
         weights: with ``backbone``, a local pretrained weights file (torchvision nets).
         logits: also fuse the head into the graph as a ``logits`` output (FP32), for users

@@ -117,7 +117,14 @@ def calibration_pool(calib: str | Path | None, fit_set: Dataset | None) -> list[
                 f"calibration folder {folder} does not exist; pass a folder of images"
             )
         flat = [str(p) for p in list_images(folder)]
-        return flat if flat else list(image_folder(folder).paths)
+        if flat:
+            return flat
+        if not any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()):
+            raise EdgeTLError(
+                f"calibration folder {folder} has no images; pass a folder of images or an "
+                "ImageFolder (<class>/<image>)"
+            )
+        return list(image_folder(folder).paths)
     if fit_set is not None:
         return list(fit_set.paths)
     raise EdgeTLError("exporting a backbone needs real images: pass --calib DATA")

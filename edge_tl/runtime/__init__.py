@@ -12,5 +12,16 @@ Example:
 from edge_tl.runtime.classifier import Classifier, HeadChange
 from edge_tl.runtime.detector import AnomalyDetector, BankChange
 from edge_tl.runtime.model import Model
+from edge_tl.runtime.results import AnomalyEvaluation, Evaluation, Prediction, Verdict
 
-__all__ = ["AnomalyDetector", "BankChange", "Classifier", "HeadChange", "Model"]
+__all__ = [
+    "AnomalyDetector",
+    "AnomalyEvaluation",
+    "BankChange",
+    "Classifier",
+    "Evaluation",
+    "HeadChange",
+    "Model",
+    "Prediction",
+    "Verdict",
+]

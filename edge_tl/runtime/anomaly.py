@@ -45,6 +45,7 @@ __all__ = [
     "add",
     "bank_store",
     "build",
+    "check_features",
     "check_settings",
     "good_images",
 ]
@@ -293,7 +294,22 @@ def add(state: AnomalyState, feats: np.ndarray) -> AnomalyState:
     return replace(state, bank=bank, owner=owner, loo_maps=loo_maps, meta=meta)
 
 
+def check_features(stages: tuple[str, ...], pool: int) -> None:
+    """Refuse patch-feature settings the scorer cannot use: ``stages`` must be backbone
+    outputs with spatial maps, ``pool`` an odd neighbourhood size."""
+    unknown = [s for s in stages if s not in pc.STAGES]
+    if not stages or unknown:
+        raise EdgeTLError(
+            f"--stages {','.join(stages) or '(none)'}: "
+            + (f"unknown stage {unknown[0]!r}; " if unknown else "")
+            + f"use one or both of {', '.join(pc.STAGES)}"
+        )
+    if pool < 1 or pool % 2 == 0:
+        raise EdgeTLError(f"--pool must be an odd neighbourhood size (1, 3, 5, ...), not {pool}")
+
+
 def check_settings(coreset: float, max_mb: float, false_alarm: float) -> None:
+    """Refuse bank settings out of range (each named with its valid range)."""
     if not 0 < coreset <= 1:
         raise EdgeTLError(f"--coreset must be in (0, 1], a share of the patches, not {coreset}")
     if not max_mb > 0:
@@ -319,6 +335,11 @@ def good_images(folder: str | Path) -> list[str]:
             )
         root = good
     paths = list_images(root)
+    if not paths and (root / GOOD).is_dir():
+        raise EdgeTLError(
+            f"{root} has no images but a {GOOD} folder; pass {root / GOOD} (or the MVTec root "
+            f"above {root.name})"
+        )
     if not paths:
         raise EdgeTLError(
             f"{root} has no images ({', '.join(IMAGE_EXTENSIONS)}); pass a folder of good images"

@@ -114,9 +114,18 @@ def bench(
     Returns p50/p95 of batch-1 ``predict`` (end to end) and of the engine call, throughput
     at ``batch``, the peak RSS of the process, and each budget of the profile with whether
     it holds here. Without ``images`` the bundle's own self-test images are used.
+
+    Raises:
+        EdgeTLError: ``repeats`` or ``batch`` below 1, a missing image, a profile for the
+            other engine, or a failed benchmark process.
     """
     from edge_tl.bundle import read_manifest
 
+    if repeats < 1 or batch < 1:
+        raise EdgeTLError("--repeats and --batch must be at least 1")
+    for img in images:
+        if not Path(img).is_file():
+            raise EdgeTLError(f"image {img} does not exist; pass image files to --images")
     manifest = read_manifest(bundle, verify=False)
     settings = (
         resolve_device(profile, manifest.artifact.format)
@@ -143,7 +152,7 @@ def bench(
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         last = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        raise EdgeTLError(f"the benchmark process failed: {last}")
+        raise EdgeTLError(f"the benchmark process failed: {last.removeprefix('edge-tl: error: ')}")
     out = json.loads(res.stdout.strip().splitlines()[-1])
     host = host_info()
     out["host"] = {k: host[k] for k in ("cpu", "cpu_class", "cores")}

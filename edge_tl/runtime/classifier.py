@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_tl.data import Dataset, image_folder
+from edge_tl.data import Dataset, image_folder, open_dataset
 from edge_tl.errors import EdgeTLError
 from edge_tl.runtime import learner
 from edge_tl.runtime.evaluation import confusion
@@ -62,7 +62,7 @@ class HeadChange:
     remove: str | None = None
     relabel: str | None = None
     import_path: str | Path | None = None
-    head: str = learner.DEFAULT_HEAD
+    head: str | None = None  # a new head's kind (default: linear)
     k: int = 1
     quantile: float | None = None
     threshold: float | None = None
@@ -88,6 +88,28 @@ class HeadChange:
             )
         if self.add and not self.data:
             raise EdgeTLError("--add needs DATA, the images to add")
+        if self.head is not None and not (self.data and not self.add):
+            raise EdgeTLError(
+                "--head chooses the kind of a new head learned from DATA; --add and the other "
+                "changes keep the current head's kind"
+            )
+        if self.threshold is not None and not -1 <= self.threshold <= 1:
+            raise EdgeTLError(
+                f"--threshold is a cosine similarity in [-1, 1], not {self.threshold}"
+            )
+        settings = [
+            n
+            for n, v in (
+                ("--quantile", self.quantile is not None),
+                ("--threshold", self.threshold is not None),
+                ("--no-open-set", not self.open_set),
+            )
+            if v
+        ]
+        if len(settings) > 1:
+            raise EdgeTLError(
+                f"{' and '.join(settings)} set the open set in different ways; give one"
+            )
         if self.quantile is not None and not 0 <= self.quantile < 1:
             raise EdgeTLError(f"--quantile must be in [0, 1), not {self.quantile}")
         if self.k < 1:
@@ -185,13 +207,16 @@ class Classifier:
             )
         return results
 
-    def evaluate(self, ds: Dataset, batch_size: int = 16) -> Evaluation:
-        """Accuracy, per-class accuracy and the confusion matrix on ``ds``.
+    def evaluate(self, ds: Dataset | str | Path, batch_size: int = 16) -> Evaluation:
+        """Accuracy, per-class accuracy and the confusion matrix on ``ds`` (a Dataset, an
+        ImageFolder path or ``"elpv"``).
 
         Raises:
             EdgeTLError: a class of ``ds`` is not a label of the head, or ``ds`` is empty.
         """
         state = self.require()
+        if not isinstance(ds, Dataset):
+            ds = open_dataset(ds)
         labels = self.labels
         unknown = [c for c in ds.classes if c not in labels]
         if unknown:
@@ -287,7 +312,8 @@ class Classifier:
         setting given with another change, is one more version after it.
         """
         if change.data and not change.add:
-            state = self.learn(change.data, change.head, change.effective_quantile, change.k)
+            kind = change.head or learner.DEFAULT_HEAD
+            state = self.learn(change.data, kind, change.effective_quantile, change.k)
         elif change.data:
             state = self.add(change.data)
         elif change.remove:

@@ -57,8 +57,8 @@ class BankChange:
     coreset: float | None = None
     max_mb: float | None = None
     false_alarm: float | None = None
-    stages: tuple[str, ...] = anomaly.DEFAULT_STAGES
-    pool: int = anomaly.DEFAULT_POOL
+    stages: tuple[str, ...] | None = None
+    pool: int | None = None
 
     def __post_init__(self) -> None:
         if self.good is None and (self.false_alarm is None or self.add):
@@ -66,10 +66,31 @@ class BankChange:
                 "pass GOOD_DIR (a folder of good images), or --false-alarm R alone to "
                 "re-calibrate the current bank: `edge-tl anomaly BUNDLE GOOD_DIR`"
             )
-        if self.add and (self.coreset is not None or self.max_mb is not None):
-            raise EdgeTLError(
-                "--add keeps the bank's --coreset and --max-mb; build a new bank to change them"
+        kept = [
+            flag
+            for flag, value in (
+                ("--coreset", self.coreset),
+                ("--max-mb", self.max_mb),
+                ("--stages", self.stages),
+                ("--pool", self.pool),
             )
+            if value is not None
+        ]
+        if (self.add or self.good is None) and kept:
+            what = "--add keeps" if self.add else "--false-alarm alone re-calibrates"
+            raise EdgeTLError(
+                f"{what} the bank's {', '.join(kept)}; build a new bank (`edge-tl anomaly "
+                "BUNDLE GOOD_DIR`) to change them"
+            )
+        anomaly.check_features(
+            self.stages or anomaly.DEFAULT_STAGES,
+            anomaly.DEFAULT_POOL if self.pool is None else self.pool,
+        )
+
+
+def _check_maps_dir(maps_dir: str | Path | None) -> None:
+    if maps_dir is not None and Path(maps_dir).exists() and not Path(maps_dir).is_dir():
+        raise EdgeTLError(f"--maps {maps_dir} is a file; pass a folder for the overlay PNGs")
 
 
 def _paths(good: GoodLike) -> list[Any]:
@@ -121,6 +142,7 @@ class AnomalyDetector:
         false_alarm: float = anomaly.DEFAULT_FALSE_ALARM,
     ) -> AnomalyState:
         """Build a new bank from good images; the previous bank stays as a version."""
+        anomaly.check_features(stages, pool)
         anomaly.check_settings(coreset, max_mb, false_alarm)
         paths = _paths(good)
         feats = self._model.patch_features(
@@ -154,8 +176,8 @@ class AnomalyDetector:
             return state
         return self.fit(
             change.good,
-            change.stages,
-            change.pool,
+            change.stages or anomaly.DEFAULT_STAGES,
+            anomaly.DEFAULT_POOL if change.pool is None else change.pool,
             anomaly.DEFAULT_CORESET if change.coreset is None else change.coreset,
             anomaly.DEFAULT_MAX_MB if change.max_mb is None else change.max_mb,
             anomaly.DEFAULT_FALSE_ALARM if change.false_alarm is None else change.false_alarm,
@@ -189,7 +211,9 @@ class AnomalyDetector:
         state = self.require()
         engine, pre = self._model.engine, self._model.manifest.preprocess
         thr = state.threshold
-        out = []
+        _check_maps_dir(maps_dir)
+        out: list[Verdict] = []
+        stems: dict[str, int] = {}
         for src in images:
             img = load_image(src)
             x = to_input(img, pre)[None]
@@ -201,7 +225,9 @@ class AnomalyDetector:
             up = patchcore.resize_map(m[0], img.size) if maps or maps_dir is not None else None
             png = None
             if maps_dir is not None and up is not None:
-                stem = Path(name).stem if name != "<image>" else f"image_{len(out)}"
+                stem = Path(name).stem if name != "<image>" else "image"
+                stems[stem] = stems.get(stem, 0) + 1  # two images of one name: two overlays
+                stem += f"_{stems[stem]}" if stems[stem] > 1 else ""
                 png = str(write_overlay(Path(maps_dir) / f"{stem}.png", img, up, thr, float(s[0])))
             verdict = anomaly.ANOMALOUS if s[0] > thr else anomaly.GOOD
             out.append(Verdict(name, score, round(thr, 4), verdict, png, up if maps else None))
@@ -214,6 +240,7 @@ class AnomalyDetector:
         threshold on an MVTec-layout folder; ``maps_dir`` gets one overlay PNG per image
         (``<defect>_<image stem>.png``)."""
         state = self.require()
+        _check_maps_dir(maps_dir)
         items = evaluation.mvtec_test(folder)
         paths = [it.path for it in items]
         y = np.array([it.defect != evaluation.GOOD for it in items], np.int64)
@@ -244,9 +271,10 @@ class AnomalyDetector:
             for sel in [np.array([it.defect in (d, evaluation.GOOD) for it in items])]
         }
         artifact = self._model.manifest.artifact
+        pixel = None if pix is None else pix.value()  # None too when masks hold no defect
         return AnomalyEvaluation(
             image_auroc=round(evaluation.auroc(score, y), 4),
-            pixel_auroc=None if pix is None else round(pix.value() or float("nan"), 4),
+            pixel_auroc=None if pixel is None else round(pixel, 4),
             **evaluation.at_threshold(score, y, thr),
             threshold=round(thr, 4),
             target_false_alarm=state.false_alarm,

@@ -79,7 +79,8 @@ class HeadState:
 
     ``support_x`` are raw embeddings of the images the head learned from (so prototypes,
     k-NN and the threshold can be recomputed exactly when classes change). A head from the
-    workstation starts with no support: its classes live in its weights.
+    workstation has its classes in its weights; its support is the exemplars the export
+    stored (none for bundles without them).
     """
 
     kind: str

@@ -73,7 +73,8 @@ class Model:
         artifact = self.manifest.artifact
         if artifact.format == "onnx" and (self.path / anomaly.ANOMALY_DIR / CURRENT).is_file():
             # scoring alternates the engine with numpy's search: ORT threads that spin
-            # after a run take the CPU from it (38 -> 18 ms per image on 2 cores)
+            # after a run take the CPU from it (benchmarks/anomaly.py: with the search on
+            # one BLAS thread too, 37 -> 27 ms per image on 2 cores)
             options = {**artifact.engine_options, ORT_SPINNING: "0"}
             artifact = replace(artifact, engine_options=options)
         self.engine: Engine = make_engine(self.path, artifact, threads, providers, ov_device)
@@ -158,7 +159,14 @@ class Model:
             EdgeTLError: ``maps_dir`` on a classification.
         """
         if (task or self.task) == "anomaly":
+            if top_k != 1:
+                raise EdgeTLError(
+                    "--top-k is for classification; this bundle answers with its anomaly bank "
+                    "(add --classify to use its head)"
+                )
             return self.detector.predict(images, maps_dir=maps_dir)
+        if maps_dir is not None and self.detector.state is not None:
+            raise EdgeTLError("--maps draws anomaly maps; it does not go with --classify")
         if maps_dir is not None:
             raise EdgeTLError(
                 f"--maps needs an anomaly bank; build one with `edge-tl anomaly {self.path} "
@@ -186,7 +194,7 @@ class Model:
         """
         if split not in SPLIT_CHOICES:
             raise EdgeTLError(f"--split must be one of {', '.join(SPLIT_CHOICES)}")
-        if not isinstance(data, Dataset) and (Path(data) / "test").is_dir():
+        if not isinstance(data, Dataset) and _is_mvtec(Path(data)):
             if self.detector.state is None:
                 raise EdgeTLError(
                     f"{data} is an MVTec-layout folder but {self.path} has no anomaly bank; "
@@ -198,7 +206,10 @@ class Model:
                 )
             return self.detector.evaluate(data, maps_dir)
         if maps_dir is not None:
-            raise EdgeTLError("--maps is for anomaly banks on an MVTec-layout folder")
+            raise EdgeTLError(
+                "--maps draws anomaly maps, on an MVTec-layout folder (test/good, "
+                "test/<defect>) with a bundle that has an anomaly bank; drop --maps here"
+            )
         ds = data if isinstance(data, Dataset) else open_dataset(data)
         if split != "all":
             ds = self._run_split(ds, split, str(data))
@@ -215,3 +226,10 @@ class Model:
                 f"images), so --split {name} would not be its held-out split; use --split all"
             )
         return ds.subset(split_dataset(ds, record)[name])
+
+
+def _is_mvtec(folder: Path) -> bool:
+    """An MVTec-layout folder: ``test/`` holding one folder per kind (``good``, defects); an
+    ImageFolder with a class named ``test`` holds images there instead."""
+    test = folder / "test"
+    return test.is_dir() and any(p.is_dir() for p in test.iterdir())

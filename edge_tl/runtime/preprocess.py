@@ -41,6 +41,8 @@ def load_image(src: ImageLike) -> Image.Image:
                 img.load()
         except FileNotFoundError:
             raise EdgeTLError(f"image {src} does not exist; check the path") from None
+        except IsADirectoryError:
+            raise EdgeTLError(f"{src} is a folder; pass image files (e.g. {src}/*.jpg)") from None
         except (UnidentifiedImageError, OSError) as e:
             raise EdgeTLError(
                 f"{src} is not a readable image ({type(e).__name__}); remove or replace the file"

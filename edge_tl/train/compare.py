@@ -233,7 +233,13 @@ def markdown(result: dict[str, Any]) -> str:
     n = rows[0]
     lines.append("")
     lines.append(f"n_train {n['n_train']}, n_test {n['n_test']}; data {result['data']}")
-    for f in result["flags"] or ["no negative transfer flagged"]:
+    checked = any(r["strategy"] == "from-scratch" for r in rows)
+    none = (
+        "no negative transfer flagged"
+        if checked
+        else ("negative transfer not checked: add from-scratch to --strategies")
+    )
+    for f in result["flags"] or [none]:
         lines.append(f"- {f}")
     return "\n".join(lines)
 

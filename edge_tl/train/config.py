@@ -19,8 +19,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training settings; defaults are the ones ``edge-tl train`` uses (see README,
-    "Training defaults", for the measurements behind them)."""
+    """Training settings; defaults are the ones ``edge-tl train`` uses (README, "Why these
+    defaults", gives the measurements behind them: ``benchmarks/defaults.py``)."""
 
     backbone: str = DEFAULT_BACKBONE
     strategy: str = DEFAULT_STRATEGY
@@ -82,6 +82,17 @@ class TrainConfig:
             raise EdgeTLError("--layer-decay must be in (0, 1]")
         if not 0 <= self.dropout < 1:
             raise EdgeTLError("--dropout must be in [0, 1)")
+        if not 0 <= self.label_smoothing < 1:
+            raise EdgeTLError("--label-smoothing must be in [0, 1)")
+        if not (self.lr_head > 0 and self.lr_backbone > 0 and self.weight_decay >= 0):
+            raise EdgeTLError(
+                "--lr-head and --lr-backbone must be positive and --weight-decay 0 or more"
+            )
+        if (self.stages or self.params) and self.strategy != "selective":
+            raise EdgeTLError(
+                f"--stages and --params choose what --strategy selective trains; "
+                f"{self.strategy} decides that itself (drop them, or use --strategy selective)"
+            )
         if self.strategy == "selective" and not self.stages and not self.params:
             raise EdgeTLError(
                 "selective needs --stages (e.g. 5,6) and/or --params (e.g. 'net.layer4.*')"

@@ -1,8 +1,8 @@
 """The run folder (``edge-tl train --out RUN``) and the checkpoint of an interrupted run.
 
 A run folder holds ``model.safetensors``, ``head.npz``, ``run.json``, ``metrics.json``,
-``history.csv`` and ``curves.png``: no pickles. ``RUN.checkpoint.pt`` (beside it) is written
-atomically after every epoch and loaded weights-only.
+``history.csv`` and, for fine-tuning, ``curves.png``: no pickles. ``RUN.checkpoint.pt``
+(beside it) is written atomically after every epoch and loaded weights-only.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ def _folder(root: Path, n=6):
         ("non_image", ["notes.txt", "not an image file"]),
         ("unknown_backbone", ["unknown backbone 'resnet9'", "efficientnet_lite0"]),
         ("unknown_strategy", ["unknown strategy", "linear-probe"]),
+        ("stages_without_selective", ["--stages and --params", "--strategy selective"]),
     ],
 )
 def test_train_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, setup, words):
@@ -65,6 +66,8 @@ def test_train_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, setup, w
         args += ["--backbone", "resnet9"]
     if setup == "unknown_strategy":
         args += ["--strategy", "magic"]
+    if setup == "stages_without_selective":
+        args += ["--stages", "5,6"]
     _one_line_error(cli(*args), *words)
     assert not (tmp_path / "run").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == (["data"] if setup != "missing" else [])

@@ -376,7 +376,6 @@ def test_finetune_trains_only_after_the_boundary(neu_small, tmp_path):
     [
         ({"label_smoothing": 2.0}, "--label-smoothing"),
         ({"lr_head": -1.0}, "--lr-head"),
-        ({"stages": (5, 6)}, "--strategy selective"),
     ],
 )
 def test_training_settings_out_of_range_are_refused_before_any_work(settings, words):

@@ -42,6 +42,11 @@ def train(args: argparse.Namespace) -> int:
     from edge_tl.train import train as train_run
 
     cfg = train_config(args, args.strategy)
+    if (cfg.stages or cfg.params) and cfg.strategy != "selective":
+        raise EdgeTLError(
+            f"--stages and --params choose what --strategy selective trains; {cfg.strategy} "
+            "decides that itself (drop them, or use --strategy selective)"
+        )
     metrics = train_run(args.data, args.out, cfg, force=args.force, resume=args.resume)
     if args.json:
         output.print_json(metrics)

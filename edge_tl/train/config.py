@@ -88,11 +88,6 @@ class TrainConfig:
             raise EdgeTLError(
                 "--lr-head and --lr-backbone must be positive and --weight-decay 0 or more"
             )
-        if (self.stages or self.params) and self.strategy != "selective":
-            raise EdgeTLError(
-                f"--stages and --params choose what --strategy selective trains; "
-                f"{self.strategy} decides that itself (drop them, or use --strategy selective)"
-            )
         if self.strategy == "selective" and not self.stages and not self.params:
             raise EdgeTLError(
                 "selective needs --stages (e.g. 5,6) and/or --params (e.g. 'net.layer4.*')"

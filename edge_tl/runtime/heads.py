@@ -44,7 +44,7 @@ FEWSHOT_POWER = 0.5
 Pooled ReLU6 embeddings are skewed (most dimensions near zero, a few large); the square
 root evens them out. Measured by ``benchmarks/fewshot.py`` (200 episodes, SimpleShot with
 and without it, paired): NEU-DET 6-way FP32 70.0 -> 72.0 % at 1 shot, 90.2 -> 92.2 % at 5,
-92.7 -> 94.5 % at 10 (INT8 +1.4 / +1.1 / +0.6 pt); neutral on flowers5 (-0.6 to +0.4 pt).
+92.7 -> 94.5 % at 10 (INT8 +1.5 / +1.0 / +0.6 pt); neutral on flowers5 (-0.5 to +0.3 pt).
 """
 
 

@@ -195,8 +195,8 @@ def read_manifest(
     from edge_tl import signing
 
     bundle = Path(bundle)
+    keys = signing.trusted_keys(trust) if verify else None  # a bad --trust fails first
     text = _read_bytes(bundle)
-    keys = signing.trusted_keys(trust) if verify else None
     sig = signing.check_signature(bundle, text, keys) if keys else None
     try:
         data = json.loads(text)

@@ -33,7 +33,7 @@ __all__ = [
     "MAX_MEMBERS",
     "MAX_MEMBER_MB",
     "MAX_TOTAL_MB",
-    "UNPACKED_FROM",
+    "bundle_in",
     "is_archive",
     "open_bundle",
     "pack",
@@ -204,13 +204,32 @@ def unpack(
         os.replace(tmp, target)
     except tarfile.TarError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        why = str(e).splitlines()[0].rstrip(":")
         raise EdgeTLError(
-            f"{archive} is not a readable tar archive ({e}); pass a file from `edge-tl pack`"
+            f"{archive} is not a readable tar archive ({why}); pass a file from `edge-tl pack`"
         ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def bundle_in(folder: Path, archive: Path) -> Path:
+    """The bundle in an unpacked ``archive``: ``folder`` itself, or the one folder in it
+    (an archive of ``BUNDLE/`` rather than of its contents).
+
+    Raises:
+        EdgeTLError: no ``manifest.json`` at either place.
+    """
+    inner = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    if not (folder / MANIFEST).is_file() and len(inner) == 1 and inner[0].is_dir():
+        folder = inner[0]
+    if not (folder / MANIFEST).is_file():
+        raise EdgeTLError(
+            f"archive {archive} holds no bundle ({MANIFEST} at its top); pack a bundle "
+            "folder with `edge-tl pack BUNDLE OUT.tar`"
+        )
+    return folder
 
 
 def open_bundle(archive: str | os.PathLike) -> tuple[tempfile.TemporaryDirectory, Path]:
@@ -225,15 +244,7 @@ def open_bundle(archive: str | os.PathLike) -> tuple[tempfile.TemporaryDirectory
     archive = Path(archive)
     tmp = tempfile.TemporaryDirectory(prefix="edge_tl-archive-")
     try:
-        folder = unpack(archive, Path(tmp.name) / archive.name)
-        inner = [p for p in folder.iterdir() if not p.name.startswith(".")]
-        if not (folder / MANIFEST).is_file() and len(inner) == 1 and inner[0].is_dir():
-            folder = inner[0]
-        if not (folder / MANIFEST).is_file():
-            raise EdgeTLError(
-                f"archive {archive} holds no bundle ({MANIFEST} at its top); pack a bundle "
-                "folder with `edge-tl pack BUNDLE OUT.tar`"
-            )
+        folder = bundle_in(unpack(archive, Path(tmp.name) / archive.name), archive)
         (folder / UNPACKED_FROM).write_text(str(archive.resolve()) + "\n")
     except BaseException:
         tmp.cleanup()

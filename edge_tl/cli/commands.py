@@ -390,17 +390,23 @@ def pack(args: argparse.Namespace) -> int:
 
 
 def unpack(args: argparse.Namespace) -> int:
+    from edge_tl.archive import bundle_in
     from edge_tl.archive import unpack as unpack_archive
     from edge_tl.bundle import read_manifest
 
     out = unpack_archive(args.archive, args.out)
     try:
-        read_manifest(out, verify=True, trust=args.trust)
+        bundle = bundle_in(out, args.archive)
+        read_manifest(bundle, verify=True, trust=args.trust)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # nothing half-right is left behind
         raise
+    signature = _signature(bundle, args.trust)
     if args.json:
-        output.print_json({"archive": str(args.archive), "bundle": str(out)})
+        output.print_json(
+            {"archive": str(args.archive), "bundle": str(bundle), "signature": signature}
+        )
     else:
-        print(f"unpacked {args.archive} -> {out} (hashes verified)")
+        print(f"unpacked {args.archive} -> {bundle} (hashes verified)")
+        print(f"  {output.signature_line(signature)}")
     return 0

@@ -316,10 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser(
         "inspect",
         epilog=EPILOG,
-        help="print a bundle's manifest, fidelity table and verified hashes",
-        description="Read BUNDLE's manifest, check every file's SHA-256 and print the "
-        "artifact, preprocessing, outputs, the fidelity table measured at export and the "
-        "accuracy-control steps. Nothing is run.",
+        help="print a bundle's manifest, signature, fidelity table and verified hashes",
+        description="Read BUNDLE's manifest, check every file's SHA-256 (and, with trusted "
+        "keys, its signature) and print who signed it, the artifact, preprocessing, outputs, "
+        "the fidelity table measured at export and the accuracy-control steps. Nothing is "
+        "run.",
     )
     ins.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     add_trust(ins)
@@ -329,8 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser(
         "verify",
         epilog=EPILOG,
-        help="check a bundle on this host: hashes and the embedding self-test (torch-free)",
-        description="Check every file's SHA-256, load the engine and run the bundle's "
+        help="check a bundle on this host: hashes, signature, embedding self-test (torch-free)",
+        description="Check every file's SHA-256 (and, with trusted keys, the signature; "
+        "without, say whether and by which key it is signed), load the engine and run the bundle's "
         "reference images: their embeddings must match FP32 within the tolerance the export "
         "recorded. Exit 0 when the bundle is fit to run here, 2 when not (or when the recipe "
         "says warn: 0 with a warning).",

@@ -149,6 +149,20 @@ def test_a_packed_bundle_is_deterministic_and_answers_like_the_folder(bundles, t
     assert json.loads(packed.stdout)[0]["label"] in ("crazing", "patches", "unknown")
     assert cli("rollback", one, "--list").returncode == 0
 
+    from edge_tl.errors import EdgeTLError
+    from edge_tl.runtime import Model
+
+    model = Model(one)  # the library takes the archive too, as a read-only copy
+    assert model.predict([IMAGE])[0].to_dict() == json.loads(folder.stdout)[0]
+    copy = model.path
+    with pytest.raises(EdgeTLError, match="learning writes into the bundle"):
+        model.classifier.remove_class("crazing")
+    del model
+    import gc
+
+    gc.collect()
+    assert not copy.exists()
+
     one_line_error(cli("learn", one, support, "--add"), "writes into the bundle", "edge-tl unpack")
     assert one.read_bytes() == two.read_bytes()
     out = tmp_path / "unpacked"

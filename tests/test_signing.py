@@ -184,8 +184,13 @@ def test_learning_on_a_signed_bundle_keeps_it_loadable_with_trust(
     pred = cli("predict", b, IMAGE, "--json", "--trust", pub, env=state)
     assert pred.returncode == 0, pred.stderr
     assert json.loads(pred.stdout)[0]["label"] in ("crazing", "patches", "unknown")
+    bank = cli("anomaly", b, support / "crazing", "--trust", pub, env=state)
+    assert bank.returncode == 0, bank.stderr
+    assert (b / "manifest.sig").read_bytes() == sig
     info = json.loads(cli("inspect", b, "--json", "--trust", pub, env=state).stdout)
     assert info["signature"]["verified"] and info["learned_heads"][0]["current"]
+    assert info["anomaly_banks"][0]["current"]
+    assert not [f for f in info["files"] if f.startswith(("heads/", "anomaly/"))]
 
 
 @pytest.mark.slow

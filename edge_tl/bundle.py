@@ -1,8 +1,10 @@
 """Write, read and verify bundles: one folder with ``manifest.json``, the artifact and the head.
 
-Torch-free. Writes are atomic: a folder goes to a temporary folder beside the destination,
-renamed into place only when complete (:func:`atomic_folder`); a file goes to a temporary
-file, fsynced and renamed (:func:`atomic_write`).
+Torch-free. :func:`read_manifest` is the one place a bundle is checked: every listed file's
+SHA-256 and, with trusted keys, the signature ``manifest.sig`` (:mod:`edge_tl.signing`).
+Writes are atomic: a folder goes to a temporary folder beside the destination, renamed into
+place only when complete (:func:`atomic_folder`); a file goes to a temporary file, fsynced
+and renamed (:func:`atomic_write`).
 """
 
 from __future__ import annotations
@@ -15,13 +17,18 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from edge_tl.errors import EdgeTLError
 from edge_tl.spec import Manifest
 
+if TYPE_CHECKING:
+    from edge_tl.signing import Trust
+
 __all__ = [
     "MANIFEST",
+    "SIGNATURE",
+    "UNPACKED_FROM",
     "atomic_folder",
     "atomic_write",
     "check_destination",
@@ -34,6 +41,8 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"  # detached signature of manifest.json; not in manifest.files
+UNPACKED_FROM = ".unpacked-from"  # in a read-only copy of an archive: the archive's path
 OWN_MARKERS = (MANIFEST, "run.json", "compare.json")  # --force replaces only folders edge_tl wrote
 
 
@@ -46,7 +55,7 @@ def sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def hash_files(folder: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
+def hash_files(folder: Path, exclude: tuple[str, ...] = (MANIFEST, SIGNATURE)) -> dict[str, str]:
     """SHA-256 of every file under ``folder`` (relative POSIX paths), except ``exclude``."""
     out = {}
     for p in sorted(folder.rglob("*")):
@@ -162,23 +171,64 @@ def read_json(folder: Path, name: str, kind: str, command: str, fix: str) -> dic
         raise EdgeTLError(f"{path} is not valid JSON ({e}); {fix}") from None
 
 
-def read_manifest(bundle: str | os.PathLike, verify: bool = True) -> Manifest:
-    """Read a bundle's manifest and (by default) check every file's SHA-256.
+def read_manifest(
+    bundle: str | os.PathLike,
+    verify: bool = True,
+    trust: Trust | None = None,
+    identity: str | None = None,
+) -> Manifest:
+    """Read a bundle's manifest and (by default) check every file's SHA-256; with trusted
+    keys, first its signature.
+
+    Args:
+        verify: check the files (and the signature); False reads the manifest alone.
+        trust: trusted public keys (``.pub`` paths, folders of them, key objects); None
+            reads ``$EDGE_TL_TRUST``. With none, a bundle is checked by its hashes only.
+        identity: where the bundle came from, for the replay guard (default: its resolved
+            path; for the copy of an archive, the archive's).
 
     Raises:
-        EdgeTLError: not a bundle, unsupported version, missing or altered file.
+        EdgeTLError: not a bundle, unsupported version, missing or altered file; with
+            trusted keys also unsigned, signed by another key, a manifest changed after
+            signing, or an older signature than one accepted before at this path.
     """
+    from edge_tl import signing
+
     bundle = Path(bundle)
-    manifest = Manifest.from_dict(
-        read_json(bundle, MANIFEST, "bundle", "edge-tl export", "re-export the bundle")
-    )
+    keys = signing.trusted_keys(trust) if verify else None  # a bad --trust fails first
+    text = _read_bytes(bundle)
+    sig = signing.check_signature(bundle, text, keys) if keys else None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise EdgeTLError(
+            f"{bundle / MANIFEST} is not valid JSON ({e}); re-export the bundle"
+        ) from None
+    if not isinstance(data, dict):
+        raise EdgeTLError(f"{bundle / MANIFEST} is not a JSON object; re-export the bundle")
+    manifest = Manifest.from_dict(data)
     if verify:
-        verify_files(bundle, manifest.files)
+        verify_files(bundle, manifest.files, signed=sig is not None)
+    if sig is not None:
+        if identity is None and (bundle / UNPACKED_FROM).is_file():
+            identity = (bundle / UNPACKED_FROM).read_text().strip()
+        signing.remember(identity or str(bundle.resolve()), sig)
     return manifest
 
 
-def verify_files(bundle: Path, files: dict[str, str]) -> None:
-    """Raise if a listed file is missing or its SHA-256 differs."""
+def _read_bytes(bundle: Path) -> bytes:
+    path = bundle / MANIFEST
+    if not path.is_file():
+        raise EdgeTLError(
+            f"{bundle} is not a bundle (no {MANIFEST}); pass a folder written by `edge-tl export`"
+        )
+    return path.read_bytes()
+
+
+def verify_files(bundle: Path, files: dict[str, str], signed: bool = False) -> None:
+    """Raise if a listed file is missing or its SHA-256 differs (``signed``: the manifest's
+    signature was checked, so the change came after signing)."""
+    when = "after the bundle was signed" if signed else "corrupted or modified"
     for rel, digest in files.items():
         p = bundle / rel
         if not p.is_file():
@@ -186,5 +236,5 @@ def verify_files(bundle: Path, files: dict[str, str]) -> None:
         if sha256(p) != digest:
             raise EdgeTLError(
                 f"bundle {bundle}: {rel} does not match its SHA-256 in manifest.json "
-                "(corrupted or modified); re-copy or re-export the bundle"
+                f"({when}); re-copy or re-export the bundle"
             )

@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log_to_stderr()
     try:
-        return int(args.func(args) or 0)
+        from edge_tl.cli.commands import bundle_from_archive
+
+        with bundle_from_archive(args):
+            return int(args.func(args) or 0)
     except EdgeTLError as e:
         print(f"edge-tl: error: {e}", file=sys.stderr)
         return 2

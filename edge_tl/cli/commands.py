@@ -7,8 +7,11 @@ means) are the library's; printing is :mod:`edge_tl.cli.output`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import shutil
+from collections.abc import Iterator
 
 from edge_tl.cli import output
 from edge_tl.cli.training_flags import train_config
@@ -17,17 +20,24 @@ from edge_tl.errors import EdgeTLError, require
 __all__ = [
     "anomaly",
     "bench",
+    "bundle_from_archive",
     "compare",
     "demo",
     "evaluate",
     "export",
     "inspect",
+    "keygen",
     "learn",
+    "pack",
     "predict",
     "rollback",
+    "sign",
     "train",
+    "unpack",
     "verify",
 ]
+
+WRITES_INTO_BUNDLE = ("learn", "anomaly", "rollback", "sign")
 
 _logger = logging.getLogger("edge_tl.cli")
 
@@ -35,6 +45,29 @@ _logger = logging.getLogger("edge_tl.cli")
 def _workstation() -> None:
     """Training and export need torch: say so in one line on a device-only install."""
     require("torch", "train")
+
+
+@contextlib.contextmanager
+def bundle_from_archive(args: argparse.Namespace) -> Iterator[None]:
+    """When ``args.bundle`` is an archive (``edge-tl pack``): for a command that only reads,
+    unpack it into a temporary folder for the command's duration; refuse one that writes
+    into the bundle before any work."""
+    from edge_tl.archive import is_archive, open_bundle
+
+    path = getattr(args, "bundle", None)
+    if path is None or not is_archive(path):
+        yield
+        return
+    listing = args.command == "rollback" and args.list
+    if args.command in WRITES_INTO_BUNDLE and not listing:
+        raise EdgeTLError(
+            f"{path} is an archive, and {args.command} writes into the bundle; unpack it with "
+            f"`edge-tl unpack {path} DIR` and run `edge-tl {args.command}` on DIR"
+            + (" (then `edge-tl pack DIR` again)" if args.command == "sign" else "")
+        )
+    unpacked, args.bundle = open_bundle(path)
+    with unpacked:
+        yield
 
 
 def train(args: argparse.Namespace) -> int:
@@ -82,6 +115,9 @@ def compare(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
+    from edge_tl.signing import load_private_key
+
+    key = load_private_key(args.sign) if args.sign else None  # a bad key fails before the work
     _workstation()
     from edge_tl.export import export_bundle
 
@@ -95,18 +131,21 @@ def export(args: argparse.Namespace) -> int:
         force=args.force,
         weights=args.weights,
         logits=args.logits,
+        sign=key,
     )
     if args.json:
         output.print_json(m.metrics)
     else:
         output.export(m, args.out)
+        if key is not None:
+            output.signed(args.out, _signature(args.out, None))
     return 0
 
 
 def predict(args: argparse.Namespace) -> int:
     from edge_tl.runtime import Model
 
-    results = Model(args.bundle).predict(
+    results = Model(args.bundle, trust=args.trust).predict(
         [str(p) for p in args.images],
         top_k=args.top_k,
         task="classify" if args.classify else None,
@@ -133,7 +172,7 @@ def anomaly(args: argparse.Namespace) -> int:
         else tuple(s.strip() for s in args.stages.split(",") if s.strip()),
         pool=args.pool,
     )
-    summary = Model(args.bundle).detector.apply(change).summary()
+    summary = Model(args.bundle, trust=args.trust).detector.apply(change).summary()
     if args.json:
         output.print_json(summary)
     else:
@@ -156,7 +195,7 @@ def learn(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         open_set=not args.no_open_set,
     )
-    classifier = Model(args.bundle).classifier
+    classifier = Model(args.bundle, trust=args.trust).classifier
     before = classifier.state.summary() if classifier.state is not None else None
     state = classifier.apply(change)
     summary = state.summary()
@@ -175,7 +214,7 @@ def rollback(args: argparse.Namespace) -> int:
 
     if args.list and args.to is not None:
         raise EdgeTLError("--list shows the versions and changes nothing; drop --to, or --list")
-    manifest = read_manifest(args.bundle, verify=True)
+    manifest = read_manifest(args.bundle, verify=True, trust=args.trust)
     store = (bank_store if args.anomaly else head_store)(args.bundle, manifest)
     if args.list:
         versions = store.history()
@@ -207,6 +246,7 @@ def bench(args: argparse.Namespace) -> int:
         args.images,
         args.repeats,
         args.batch,
+        trust=args.trust,
     )
     if args.json:
         output.print_json(res)
@@ -219,7 +259,9 @@ def bench(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     from edge_tl.runtime import Model
 
-    res = Model(args.bundle).evaluate(args.data, split=args.split, maps_dir=args.maps)
+    res = Model(args.bundle, trust=args.trust).evaluate(
+        args.data, split=args.split, maps_dir=args.maps
+    )
     if args.json:
         output.print_json(res.to_dict())
     else:
@@ -233,7 +275,8 @@ def inspect(args: argparse.Namespace) -> int:
     from edge_tl.runtime.anomaly import bank_store
     from edge_tl.runtime.learner import head_store
 
-    m = read_manifest(args.bundle, verify=True)
+    m = read_manifest(args.bundle, verify=True, trust=args.trust)
+    signature = _signature(args.bundle, args.trust)
     report = read_report(args.bundle)
     heads = head_store(args.bundle, m).history()
     banks = bank_store(args.bundle, m).history()
@@ -242,13 +285,14 @@ def inspect(args: argparse.Namespace) -> int:
             {
                 **m.to_dict(),
                 "hashes_verified": True,
+                "signature": signature,
                 "fidelity": report.to_dict() if report is not None else None,
                 "learned_heads": heads,
                 "anomaly_banks": banks,
             }
         )
     else:
-        output.inspect(args.bundle, m, report, heads, banks)
+        output.inspect(args.bundle, m, report, heads, banks, signature)
     return 0
 
 
@@ -256,15 +300,22 @@ def verify(args: argparse.Namespace) -> int:
     from edge_tl.runtime import Model
     from edge_tl.runtime.selftest import enforce
 
-    model = Model(args.bundle, self_test=False)  # hashes checked; the current head read
+    # hashes (and with trusted keys the signature) checked; the current head read
+    model = Model(args.bundle, self_test=False, trust=args.trust)
+    signature = _signature(args.bundle, args.trust)
     result = model.check_self_test()
     model.detector.state  # noqa: B018 - a damaged bank fails here, not at the next predict
     if args.json:
         output.print_json(
-            {"bundle": str(args.bundle), "hashes_verified": True, "self_test": result}
+            {
+                "bundle": str(args.bundle),
+                "hashes_verified": True,
+                "signature": signature,
+                "self_test": result,
+            }
         )
     else:
-        output.verify(args.bundle, result)
+        output.verify(args.bundle, result, signature)
     enforce(model.path, result)
     return 0
 
@@ -281,4 +332,81 @@ def demo(args: argparse.Namespace) -> int:
         data=args.data,
         recipes=tuple(r.strip() for r in args.recipes.split(",") if r.strip()),
     )
+    return 0
+
+
+def _signature(bundle, trust) -> dict:
+    from edge_tl.signing import signature_status, trusted_keys
+
+    return signature_status(bundle, trusted_keys(trust))
+
+
+def keygen(args: argparse.Namespace) -> int:
+    from edge_tl.signing import generate_keys
+
+    base = args.name.with_suffix("") if args.name.suffix in (".key", ".pub") else args.name
+    kid = generate_keys(base, force=args.force)
+    if args.json:
+        output.print_json(
+            {"key_id": kid, "private_key": f"{base}.key", "public_key": f"{base}.pub"}
+        )
+    else:
+        print(
+            f"key {kid}: private {base}.key (mode 0600; keep it on the signing host), "
+            f"public {base}.pub (copy it to devices: --trust {base}.pub)"
+        )
+    return 0
+
+
+def sign(args: argparse.Namespace) -> int:
+    from edge_tl.bundle import read_manifest
+    from edge_tl.signing import load_private_key, sign_bundle
+
+    key = load_private_key(args.key)
+    read_manifest(args.bundle, verify=True, trust=[])  # vouch only for intact files
+    sig = sign_bundle(args.bundle, key)
+    status = {"signed": True, "key_id": sig.key_id, "signed_at": sig.signed_at}
+    if args.json:
+        output.print_json({"bundle": str(args.bundle), **status})
+    else:
+        output.signed(args.bundle, status)
+    return 0
+
+
+def pack(args: argparse.Namespace) -> int:
+    from edge_tl.archive import pack as pack_bundle
+    from edge_tl.bundle import sha256
+
+    out = pack_bundle(args.bundle, args.out, force=args.force)
+    info = {"archive": str(out), "bytes": out.stat().st_size, "sha256": sha256(out)}
+    if args.json:
+        output.print_json({"bundle": str(args.bundle), **info})
+    else:
+        print(
+            f"packed {args.bundle} -> {out} ({info['bytes'] / 1e6:.1f} MB, sha256 "
+            f"{info['sha256'][:16]}); every command that takes a bundle takes {out.name}"
+        )
+    return 0
+
+
+def unpack(args: argparse.Namespace) -> int:
+    from edge_tl.archive import bundle_in
+    from edge_tl.archive import unpack as unpack_archive
+    from edge_tl.bundle import read_manifest
+
+    out = unpack_archive(args.archive, args.out)
+    try:
+        bundle = bundle_in(out, args.archive)
+        read_manifest(bundle, verify=True, trust=args.trust)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # nothing half-right is left behind
+        raise
+    signature = _signature(bundle, args.trust)
+    if args.json:
+        output.print_json(
+            {"archive": str(args.archive), "bundle": str(bundle), "signature": signature}
+        )
+    else:
+        print(f"unpacked {args.archive} -> {bundle} (hashes verified)")
+        print(f"  {output.signature_line(signature)}")
     return 0

@@ -184,9 +184,11 @@ def inspect(
     report: FidelityReport | None,
     heads: list[dict[str, Any]],
     banks: list[dict[str, Any]],
+    signature: dict[str, Any],
 ) -> None:
     a = m.artifact
     print(f"bundle {bundle}: {m.backbone}, {a.format} {a.precision} (recipe {a.recipe})")
+    print(f"  {signature_line(signature)}")
     print(
         f"  input {m.input_name} {m.preprocess.size}x{m.preprocess.size} {m.preprocess.colour}, "
         f"mean {m.preprocess.mean}, std {m.preprocess.std}"
@@ -234,7 +236,27 @@ def inspect(
         print(f"verified {f} sha256 {h[:16]}...")
 
 
-def verify(bundle: Path, result: dict[str, Any] | None) -> None:
+def signature_line(s: dict[str, Any]) -> str:
+    """``signed by key ... at ..., verified against the trusted keys`` or why not."""
+    if not s["signed"]:
+        return "unsigned (sign it with `edge-tl sign BUNDLE --key NAME.key`)"
+    checked = (
+        "verified against the trusted keys"
+        if s.get("verified")
+        else "not checked: no trusted keys (pass --trust NAME.pub or set $EDGE_TL_TRUST)"
+    )
+    return f"signed by key {s['key_id']} at {s['signed_at']}, {checked}"
+
+
+def signed(bundle: Path, s: dict[str, Any]) -> None:
+    print(
+        f"signed {bundle} with key {s['key_id']} at {s['signed_at']} ({bundle}/manifest.sig); "
+        f"devices check it with --trust NAME.pub"
+    )
+
+
+def verify(bundle: Path, result: dict[str, Any] | None, signature: dict[str, Any]) -> None:
+    print(f"{bundle}: {signature_line(signature)}")
     if result is None:
         print(f"{bundle}: hashes verified; the bundle has no self-test")
         return

@@ -13,6 +13,21 @@ from edge_tl.spec import STRATEGIES
 __all__ = ["EPILOG", "build_parser"]
 
 EPILOG = "Docs and examples: README.md. Every command exits 2 with a one-line error on bad input."
+BUNDLE_HELP = "bundle folder from `edge-tl export`, or its archive from `edge-tl pack`"
+
+
+def add_trust(p: argparse.ArgumentParser) -> None:
+    """``--trust KEY.pub`` (repeatable) on a command that loads a bundle."""
+    p.add_argument(
+        "--trust",
+        action="append",
+        type=Path,
+        metavar="KEY.pub",
+        help="trusted public key (NAME.pub from `edge-tl keygen`) or a folder of .pub files; "
+        "repeatable. With one, unsigned bundles, bundles signed by other keys and bundles "
+        "changed after signing are refused (default: $EDGE_TL_TRUST; without either, files "
+        "are checked by their hashes only)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
         "directly, without on-device learning)",
     )
     e.add_argument("--force", action="store_true", help="replace an existing bundle")
+    e.add_argument(
+        "--sign",
+        type=Path,
+        metavar="NAME.key",
+        help="sign the bundle with this private key (from `edge-tl keygen`) before it is "
+        "renamed into place",
+    )
     e.add_argument("--json", action="store_true", help="print the checks as JSON")
     e.set_defaults(func=commands.export)
 
@@ -125,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(`edge-tl anomaly`), give each image's anomaly score, the threshold and a verdict "
         "(good/anomalous) instead (--classify forces the head).",
     )
-    pr.add_argument("bundle", type=Path, help="bundle folder from `edge-tl export`")
+    pr.add_argument("bundle", type=Path, help=BUNDLE_HELP)
+    add_trust(pr)
     pr.add_argument("images", nargs="+", type=Path, help="image files")
     pr.add_argument(
         "--top-k", type=int, default=1, help="classification: the k best labels (default 1)"
@@ -149,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         "BUNDLE/anomaly (`edge-tl rollback BUNDLE --anomaly` goes back).",
         epilog=EPILOG,
     )
-    an.add_argument("bundle", type=Path, help="bundle folder from `edge-tl export`")
+    an.add_argument("bundle", type=Path, help=BUNDLE_HELP)
+    add_trust(an)
     an.add_argument("good", nargs="?", metavar="GOOD_DIR", help="folder of good images")
     an.add_argument("--add", action="store_true", help="add GOOD_DIR to the current bank")
     an.add_argument(
@@ -192,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ground_truth/<defect>/<name>_mask.png): image AUROC, pixel AUROC, F1 and "
         "false-alarm rate at the stored threshold; --maps DIR writes overlays.",
     )
-    ev.add_argument("bundle", type=Path, help="bundle folder from `edge-tl export`")
+    ev.add_argument("bundle", type=Path, help=BUNDLE_HELP)
+    add_trust(ev)
     ev.add_argument("data", help="ImageFolder, 'elpv', or an MVTec-layout folder")
     ev.add_argument(
         "--split",
@@ -217,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         "goes back).",
         epilog=EPILOG,
     )
-    le.add_argument("bundle", type=Path, help="bundle folder from `edge-tl export`")
+    le.add_argument("bundle", type=Path, help=BUNDLE_HELP)
+    add_trust(le)
     le.add_argument("data", nargs="?", help="ImageFolder of support images")
     le.add_argument(
         "--head",
@@ -251,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
         "default the one before the current; --to N picks one; --list shows them all. "
         "Nothing is deleted.",
     )
-    rb.add_argument("bundle", type=Path, help="bundle folder from `edge-tl export`")
+    rb.add_argument("bundle", type=Path, help=BUNDLE_HELP)
+    add_trust(rb)
     rb.add_argument("--anomaly", action="store_true", help="the anomaly bank, not the head")
     rb.add_argument(
         "--to", type=int, metavar="N", help="make version N current (default: the previous one)"
@@ -270,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         ".toml) the profile's engine, device and threads are used where this host has "
         "them, and its budgets are checked; on other hardware the figures approximate it.",
     )
-    be.add_argument("bundle", type=Path, help="bundle folder from `edge-tl export`")
+    be.add_argument("bundle", type=Path, help=BUNDLE_HELP)
+    add_trust(be)
     be.add_argument("--profile", metavar="PROFILE", help="device profile name or .toml path")
     be.add_argument("--device", dest="device_alias", metavar="PROFILE", help=argparse.SUPPRESS)
     be.add_argument(
@@ -288,27 +316,91 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser(
         "inspect",
         epilog=EPILOG,
-        help="print a bundle's manifest, fidelity table and verified hashes",
-        description="Read BUNDLE's manifest, check every file's SHA-256 and print the "
-        "artifact, preprocessing, outputs, the fidelity table measured at export and the "
-        "accuracy-control steps. Nothing is run.",
+        help="print a bundle's manifest, signature, fidelity table and verified hashes",
+        description="Read BUNDLE's manifest, check every file's SHA-256 (and, with trusted "
+        "keys, its signature) and print who signed it, the artifact, preprocessing, outputs, "
+        "the fidelity table measured at export and the accuracy-control steps. Nothing is "
+        "run.",
     )
-    ins.add_argument("bundle", type=Path, help="bundle folder from `edge-tl export`")
+    ins.add_argument("bundle", type=Path, help=BUNDLE_HELP)
+    add_trust(ins)
     ins.add_argument("--json", action="store_true", help="print everything as JSON")
     ins.set_defaults(func=commands.inspect)
 
     ver = sub.add_parser(
         "verify",
         epilog=EPILOG,
-        help="check a bundle on this host: hashes and the embedding self-test (torch-free)",
-        description="Check every file's SHA-256, load the engine and run the bundle's "
+        help="check a bundle on this host: hashes, signature, embedding self-test (torch-free)",
+        description="Check every file's SHA-256 (and, with trusted keys, the signature; "
+        "without, say whether and by which key it is signed), load the engine and run the bundle's "
         "reference images: their embeddings must match FP32 within the tolerance the export "
         "recorded. Exit 0 when the bundle is fit to run here, 2 when not (or when the recipe "
         "says warn: 0 with a warning).",
     )
-    ver.add_argument("bundle", type=Path, help="bundle folder from `edge-tl export`")
+    ver.add_argument("bundle", type=Path, help=BUNDLE_HELP)
+    add_trust(ver)
     ver.add_argument("--json", action="store_true", help="print the result as JSON")
     ver.set_defaults(func=commands.verify)
+
+    kg = sub.add_parser(
+        "keygen",
+        epilog=EPILOG,
+        help="create an Ed25519 key pair for signing bundles",
+        description="Write NAME.key (the private key, PEM, mode 0600: keep it on the "
+        "workstation that signs) and NAME.pub (the public key: copy it to devices and pass "
+        "it to --trust). Prints the key id (the first 16 hex digits of the SHA-256 of the "
+        "raw public key), which `inspect` shows for a signed bundle.",
+    )
+    kg.add_argument("name", type=Path, metavar="NAME", help="path of the pair, without suffix")
+    kg.add_argument("--force", action="store_true", help="replace an existing pair")
+    kg.add_argument("--json", action="store_true", help="print the key id and paths as JSON")
+    kg.set_defaults(func=commands.keygen)
+
+    sg = sub.add_parser(
+        "sign",
+        epilog=EPILOG,
+        help="sign a bundle's manifest (which holds every file's SHA-256)",
+        description="Check BUNDLE's files against their hashes, then sign manifest.json "
+        "with --key (Ed25519): BUNDLE/manifest.sig, replacing an earlier signature. A device "
+        "given the public key (--trust NAME.pub or $EDGE_TL_TRUST) refuses the bundle when it "
+        "is unsigned, signed by another key, or changed after signing. Learned heads and "
+        "anomaly banks written on the device later do not touch the signature.",
+    )
+    sg.add_argument("bundle", type=Path, help="bundle folder from `edge-tl export`")
+    sg.add_argument("--key", required=True, type=Path, metavar="NAME.key", help="private key")
+    sg.add_argument("--json", action="store_true", help="print the signature's key id as JSON")
+    sg.set_defaults(func=commands.sign)
+
+    pk = sub.add_parser(
+        "pack",
+        epilog=EPILOG,
+        help="pack a bundle into one deterministic .tar file",
+        description="Check BUNDLE's hashes and write it as one tar file: members sorted, "
+        "mtime 0, no owners, regular files and folders only, so packing twice gives the same "
+        "bytes. The signature and the learned heads/anomaly versions go with it; lock and "
+        "temporary files do not. Commands that read a bundle (predict, evaluate, verify, "
+        "inspect, bench, rollback --list) take the archive directly.",
+    )
+    pk.add_argument("bundle", type=Path, help="bundle folder from `edge-tl export`")
+    pk.add_argument("out", type=Path, metavar="OUT.tar", help="archive to write")
+    pk.add_argument("--force", action="store_true", help="replace an existing OUT.tar")
+    pk.add_argument("--json", action="store_true", help="print the archive's size and hash")
+    pk.set_defaults(func=commands.pack)
+
+    up = sub.add_parser(
+        "unpack",
+        epilog=EPILOG,
+        help="unpack a bundle archive into a folder (to learn on it)",
+        description="Extract ARCHIVE into the new folder DIR, refusing absolute paths, '..', "
+        "links, devices, duplicate names, members over $EDGE_TL_ARCHIVE_MAX_MEMBER_MB "
+        "(default 2048) and archives over $EDGE_TL_ARCHIVE_MAX_MB (default 4096) before "
+        "anything is written; then check the bundle's hashes (and signature, with --trust).",
+    )
+    up.add_argument("archive", type=Path, help="archive from `edge-tl pack`")
+    up.add_argument("out", type=Path, metavar="DIR", help="folder to create")
+    add_trust(up)
+    up.add_argument("--json", action="store_true", help="print the result as JSON")
+    up.set_defaults(func=commands.unpack)
 
     d = sub.add_parser(
         "demo",

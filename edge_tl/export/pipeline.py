@@ -45,6 +45,7 @@ from edge_tl.runtime.heads import LinearHead
 from edge_tl.runtime.host import host_info
 from edge_tl.runtime.learner import EXEMPLARS, write_exemplars
 from edge_tl.runtime.selftest import write_self_test
+from edge_tl.signing import Ed25519PrivateKey, sign_bundle
 from edge_tl.spec import FORMAT_VERSION, INPUT_NAME, HeadEntry, Manifest, Recipe, load_recipe
 
 __all__ = ["EXEMPLARS_PER_CLASS", "HEAD_FITS", "export_bundle"]
@@ -65,6 +66,7 @@ def export_bundle(
     force: bool = False,
     weights: str | Path | None = None,
     logits: bool = False,
+    sign: Ed25519PrivateKey | None = None,
 ) -> Manifest:
     """Export a trained run (or a pretrained ``backbone``) into a bundle at ``out``.
 
@@ -82,6 +84,8 @@ def export_bundle(
         weights: with ``backbone``, a local pretrained weights file (torchvision nets).
         logits: also fuse the head into the graph as a ``logits`` output (FP32), for users
             who run the engine directly and need no on-device learning.
+        sign: sign the manifest with this key (``manifest.sig``, :mod:`edge_tl.signing`)
+            inside the temporary folder, so the bundle appears signed or not at all.
 
     Returns:
         The bundle's manifest.
@@ -137,7 +141,7 @@ def export_bundle(
             )
             report = _report(src, rec, control, check, checked_on, rows, preds, spread)
             metrics = _metrics(report, graph, calib_inputs, head_fit, chosen, control, len(check))
-            return _write_bundle(
+            manifest = _write_bundle(
                 bdir,
                 src,
                 chosen,
@@ -150,6 +154,9 @@ def export_bundle(
                 cosines,
                 metrics,
             )
+            if sign is not None:
+                sign_bundle(bdir, sign)
+            return manifest
 
 
 # ---- the steps ---------------------------------------------------------------------------

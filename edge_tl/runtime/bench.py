@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_tl.archive import is_archive, open_bundle
 from edge_tl.errors import EdgeTLError
 from edge_tl.runtime.host import host_info
 from edge_tl.runtime.model import Model
@@ -108,12 +109,15 @@ def bench(
     images: Sequence[str] = (),
     repeats: int = 20,
     batch: int = 8,
+    trust: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Measure ``bundle`` in a fresh process with ``profile``'s engine settings.
 
     Returns p50/p95 of batch-1 ``predict`` (end to end) and of the engine call, throughput
     at ``batch``, the peak RSS of the process, and each budget of the profile with whether
-    it holds here. Without ``images`` the bundle's own self-test images are used.
+    it holds here. Without ``images`` the bundle's own self-test images are used. ``bundle``
+    may be an archive; ``trust`` (``.pub`` paths; None: ``$EDGE_TL_TRUST``) is checked by
+    the benchmark process when it opens the bundle.
 
     Raises:
         EdgeTLError: ``repeats`` or ``batch`` below 1, a missing image, a profile for the
@@ -126,6 +130,10 @@ def bench(
     for img in images:
         if not Path(img).is_file():
             raise EdgeTLError(f"image {img} does not exist; pass image files to --images")
+    if is_archive(bundle):
+        unpacked, bundle = open_bundle(bundle)
+        with unpacked:
+            return bench(bundle, profile, images, repeats, batch, trust)
     manifest = read_manifest(bundle, verify=False)
     settings = (
         resolve_device(profile, manifest.artifact.format)
@@ -146,6 +154,7 @@ def bench(
                 "images": list(images),
                 "repeats": repeats,
                 "batch": batch,
+                "trust": None if trust is None else [str(t) for t in trust],
             }
         ),
     ]
@@ -204,6 +213,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         threads=spec["threads"],
         providers=spec["device"] if ort else None,
         ov_device=None if ort else spec["device"],
+        trust=spec.get("trust"),
     )
     load_ms = (time.perf_counter() - t0) * 1e3
     images: list[ImageLike] = list(spec["images"]) or _selftest_images(model)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from edge_tl.archive import is_archive, open_bundle
 from edge_tl.bundle import read_manifest
 from edge_tl.data import Dataset, fingerprint, open_dataset
 from edge_tl.data import split as split_dataset
@@ -28,6 +29,7 @@ from edge_tl.runtime.preprocess import ImageLike, batch_inputs
 from edge_tl.runtime.results import AnomalyEvaluation, Evaluation, Prediction, Verdict
 from edge_tl.runtime.selftest import enforce, run_self_test
 from edge_tl.runtime.versions import CURRENT
+from edge_tl.signing import Trust
 from edge_tl.spec import EMBEDDING, Manifest
 
 __all__ = ["Model", "Task"]
@@ -55,21 +57,31 @@ class Model:
         self_test: bool = True,
         providers: str | None = None,
         ov_device: str | None = None,
+        trust: Trust | None = None,
     ) -> None:
-        """Open a bundle: check file hashes (``verify``), load the engine and run the bundle's
-        self-test on this host (``self_test``; refuses or warns as the recipe said).
+        """Open a bundle (a folder, or an archive from ``edge-tl pack``, unpacked into a
+        temporary read-only copy): check file hashes (``verify``) and, with trusted keys, the
+        signature; load the engine and run the bundle's self-test on this host
+        (``self_test``; refuses or warns as the recipe said).
 
         Args:
+            trust: trusted public keys (``.pub`` paths, folders of them, or
+                ``Ed25519PublicKey`` objects); None reads ``$EDGE_TL_TRUST``. With keys, an
+                unsigned bundle, one signed by another key or one changed after signing is
+                refused (:mod:`edge_tl.signing`).
             threads: engine threads (0: the engine's default).
             providers: ONNX Runtime execution providers, comma-separated, in order.
             ov_device: OpenVINO device string (``CPU``, ``GPU``, ``NPU``, ``AUTO:...``).
 
         Raises:
-            EdgeTLError: not a bundle, a file missing or altered, an engine that cannot load
-                it, or a failed self-test.
+            EdgeTLError: not a bundle, a file missing or altered, a signature refused, an
+                engine that cannot load it, or a failed self-test.
         """
         self.path = Path(bundle)
-        self.manifest: Manifest = read_manifest(self.path, verify=verify)
+        self._unpacked = None  # the temporary copy of an archive lives as long as the Model
+        if is_archive(self.path):
+            self._unpacked, self.path = open_bundle(self.path)
+        self.manifest: Manifest = read_manifest(self.path, verify=verify, trust=trust)
         artifact = self.manifest.artifact
         if artifact.format == "onnx" and (self.path / anomaly.ANOMALY_DIR / CURRENT).is_file():
             # scoring alternates the engine with numpy's search: ORT threads that spin

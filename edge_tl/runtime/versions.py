@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edge_tl.archive import refuse_write
 from edge_tl.bundle import atomic_write
 from edge_tl.errors import EdgeTLError
 from edge_tl.spec import Manifest
@@ -250,7 +251,9 @@ class VersionedStore:
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        """One writer at a time (another process learning on the same bundle waits)."""
+        """One writer at a time (another process learning on the same bundle waits); never
+        in the temporary copy of an archive."""
+        refuse_write(self.bundle)
         self.dir.mkdir(exist_ok=True)
         try:
             import fcntl

@@ -220,12 +220,17 @@ class VersionedStore:
         try:
             data = path.read_bytes()
             if file_sha256 is not None and hashlib.sha256(data).hexdigest() != file_sha256:
-                raise ValueError(f"its SHA-256 is not the one {CURRENT} recorded for it")
+                raise ValueError(
+                    f"its SHA-256 is not the one {CURRENT} recorded when it was written: the "
+                    "file changed on disk"
+                )
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
             stored = arrays.pop(DIGEST, None)
             if stored is not None and str(stored) != arrays_sha256(arrays):
-                raise ValueError("its arrays do not match the SHA-256 stored with them")
+                raise ValueError(
+                    "its arrays do not match the SHA-256 stored with them: the file changed on disk"
+                )
             return self.kind.read(arrays, str(path))
         except EdgeTLError as e:
             raise _Damaged(str(e)) from None

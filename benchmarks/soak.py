@@ -104,7 +104,7 @@ def soak(
     step = _learner(model, task, learn_images)
     ms = np.empty(n)
     learn_ms: list[float] = []
-    rss0, sizes0 = 0.0, {}
+    rss0, sizes0, trace = 0.0, {}, []
     for i in range(n):
         if i and i % learn_every == 0:
             t0 = time.perf_counter()
@@ -116,8 +116,13 @@ def soak(
         if i + 1 == window:
             gc.collect()
             rss0, sizes0 = proc.memory_info().rss / 2**20, _sizes(model)
-        if log and (i + 1) % 2000 == 0:
-            log(f"{task}: {i + 1}/{n}, RSS {proc.memory_info().rss / 2**20:.1f} MB")
+        if (i + 1) % window == 0:  # per window: RSS and median latency, to see a trend
+            rss = proc.memory_info().rss / 2**20
+            trace.append(
+                [i + 1, round(rss, 1), round(float(np.median(ms[i + 1 - window : i + 1])), 2)]
+            )
+            if log:
+                log(f"{task}: {i + 1}/{n}, RSS {rss:.1f} MB, p50 {trace[-1][2]} ms")
     gc.collect()
     rss1, sizes1 = proc.memory_info().rss / 2**20, _sizes(model)
     first, last = ms[window : 2 * window], ms[-window:]
@@ -135,6 +140,7 @@ def soak(
         "p99_drift_pct": round(100 * (p99[1] - p99[0]) / p99[0], 2),
         "learn_ms": round(float(np.mean(learn_ms)), 1) if learn_ms else None,
         "sizes": [sizes0, sizes1],
+        "trace": trace,  # [predictions, RSS MB, p50 ms of the window before]
     }
 
 

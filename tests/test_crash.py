@@ -241,7 +241,7 @@ def test_a_short_soak_keeps_state_and_heap_bounded(bundle, neu_small):
     soak = _benchmark("soak")
     images = [str(p) for p in sorted(neu_small.rglob("*.jpg"))[:12]]
     learn = [str(p) for p in sorted((need(NEU) / "inclusion").iterdir())[:3]]
-    r = soak.soak(bundle, images, learn, n=300, learn_every=50, window=100)
+    r = soak.soak(bundle, images, learn, n=150, learn_every=25, window=50)
     assert r["learn_steps"] == 5
     before, after = r["sizes"]
     # the learned state is back to its size after each add/remove pair, the versions on

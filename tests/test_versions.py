@@ -222,3 +222,12 @@ def test_a_current_pointer_cut_to_another_number_is_caught(tmp_path):
     with pytest.raises(EdgeTLError, match=r"CURRENT is damaged.*--to N"):
         store.load()
     assert _same(store.rollback(to=12), _state(11)) and store.current() == 12
+
+
+def test_pruning_keeps_the_parent_a_plain_rollback_goes_to(tmp_path):
+    store = _store(tmp_path, keep=3)
+    base = store.save(_state(0), "learn")
+    for seed in range(1, 6):  # learn on top of v1, then go back to it, again and again
+        store.save(_state(seed), "add")
+        assert _same(store.rollback(), base) and store.current() == 1
+    assert 1 in store.versions() and len(store.versions()) == 3

@@ -277,7 +277,7 @@ class VersionedStore:
         data = buf.getvalue()
         atomic_write(self._path(version), lambda f: f.write(data))
         self._point(version, hashlib.sha256(data).hexdigest())
-        self._prune(version)
+        self._prune(version, parent)
         return state
 
     def _point(self, version: int, file_sha256: str) -> None:
@@ -359,14 +359,17 @@ class VersionedStore:
             f"`{self.kind.command}` first"
         )
 
-    def _prune(self, current: int) -> None:
-        """Drop versions beyond ``keep`` and temporary files a killed writer left (only a
-        lock holder writes, so under the lock every temporary file is such a leftover)."""
+    def _prune(self, current: int, parent: int | None) -> None:
+        """Drop the oldest versions beyond ``keep``, never the current one nor its parent
+        (where a plain ``rollback`` goes, however old), and temporary files a killed writer
+        left (only a lock holder writes, so under the lock every one is such a leftover)."""
         for tmp in self.dir.glob(".*.tmp-*"):
             with contextlib.suppress(OSError):
                 tmp.unlink()
-        old = [v for v in self.versions() if v != current]
-        for v in old[: max(0, len(old) - (self.kind.keep - 1))]:
+        versions = self.versions()
+        kept = {current, parent} & set(versions)
+        old = [v for v in versions if v not in kept]
+        for v in old[: max(0, len(old) + len(kept) - self.kind.keep)]:
             with contextlib.suppress(OSError):
                 self._path(v).unlink()
 

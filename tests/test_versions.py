@@ -109,6 +109,7 @@ def test_a_temporary_file_left_by_a_killed_process_is_ignored(tmp_path):
     assert [h["version"] for h in store.history()] == [1]
     second = store.save(_state(1), "add")
     assert second.meta["version"] == 2 and _same(store.load(), second)
+    assert not stale.exists()  # the next write, holding the lock, clears what was left
 
 
 def test_interrupted_pruning_keeps_the_new_version_and_the_next_write_prunes(tmp_path, monkeypatch):
@@ -162,7 +163,71 @@ def test_a_garbage_current_pointer_can_still_be_rolled_back(tmp_path):
     first = store.save(_state(0), "learn")
     store.save(_state(1), "add")
     (store.dir / CURRENT).write_text("abc\n")
-    with pytest.raises(EdgeTLError, match="names head version 'abc'.*--to N"):
+    with pytest.raises(EdgeTLError, match=r"CURRENT is damaged.*'abc'.*--to N.*\[1, 2\]"):
         store.load()
     assert [h["current"] for h in store.history()] == [False, False]
     assert _same(store.rollback(to=1), first) and store.current() == 1
+
+
+def _resave(path: Path, **changes: np.ndarray) -> None:
+    """Rewrite a version file with some arrays changed: a valid .npz numpy reads without
+    complaint (fresh zip CRCs), as a faulty disk controller or a stray tool would leave it."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays.update(changes)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path.write_bytes(buf.getvalue())
+
+
+def test_a_changed_value_numpy_still_reads_is_caught_by_the_versions_own_hash(tmp_path):
+    from edge_tl.errors import EdgeTLError
+
+    store = _store(tmp_path)
+    first = store.save(_state(0), "learn")
+    store.save(_state(1), "add")
+    old = store.dir / "v0001.npz"
+    with np.load(old) as z:
+        x = z["support_x"].copy()
+    x[3, 1] = np.nextafter(x[3, 1], np.float32(2))  # one bit of one value
+    _resave(old, support_x=x)
+    np.load(old)["support_x"]  # numpy reads it: only the hash can tell
+    with pytest.raises(EdgeTLError, match=r"v0001.npz is not a readable.*arrays do not match"):
+        store.load(1)
+    with pytest.raises(EdgeTLError, match=r"v0001.npz is not a readable.*arrays do not match"):
+        store.rollback(to=1)
+    assert store.current() == 2  # the refused rollback changed nothing
+    listing = store.history()
+    assert "error" in listing[0] and listing[1]["current"]
+    # the current file rewritten whole, arrays and their hash alike: CURRENT's file hash
+    cur = store.dir / "v0002.npz"
+    _resave(cur, quantile=np.array(0.5))
+    with pytest.raises(EdgeTLError, match=r"v0002.npz.*SHA-256 is not the one CURRENT recorded"):
+        store.load()
+    del first
+
+
+def test_a_current_pointer_cut_to_another_number_is_caught(tmp_path):
+    from edge_tl.errors import EdgeTLError
+
+    store = _store(tmp_path)
+    for seed in range(12):
+        store.save(_state(seed), "add")
+    line = (store.dir / CURRENT).read_text()
+    assert line.startswith("12 ")
+    (store.dir / CURRENT).write_text(line[:1])  # "1": a version that exists
+    with pytest.raises(EdgeTLError, match=r"CURRENT is damaged|SHA-256"):
+        store.load()
+    (store.dir / CURRENT).write_text(line[:40])  # the hash cut short
+    with pytest.raises(EdgeTLError, match=r"CURRENT is damaged.*--to N"):
+        store.load()
+    assert _same(store.rollback(to=12), _state(11)) and store.current() == 12
+
+
+def test_pruning_keeps_the_parent_a_plain_rollback_goes_to(tmp_path):
+    store = _store(tmp_path, keep=3)
+    base = store.save(_state(0), "learn")
+    for seed in range(1, 6):  # learn on top of v1, then go back to it, again and again
+        store.save(_state(seed), "add")
+        assert _same(store.rollback(), base) and store.current() == 1
+    assert 1 in store.versions() and len(store.versions()) == 3

@@ -222,6 +222,10 @@ def rollback(args: argparse.Namespace) -> int:
             output.print_json(versions)
         else:
             output.history(args.bundle, versions, args.anomaly)
+            try:
+                store.current()
+            except EdgeTLError as e:  # listed all the same: this is how to find the way back
+                print(f"  no version is current: {e}")
         return 0
     summary = store.rollback(args.to).summary()
     if args.json:

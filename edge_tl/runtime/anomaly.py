@@ -165,7 +165,7 @@ class AnomalyState:
                 np.asarray(z["scale"], np.float32),
                 np.asarray(z["bank"], np.float32),
                 np.asarray(z["owner"], np.int32),
-                np.asarray(z["loo_maps" if "loo_maps" in z.files else "calib"], np.float32),
+                np.asarray(z["loo_maps" if "loo_maps" in z else "calib"], np.float32),
                 coreset,
                 max_mb,
                 far,

@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,38 +161,37 @@ class Classifier:
         Raises:
             EdgeTLError: the bundle has no head.
         """
-        if self.state is None:
-            path = self._model.path
-            raise EdgeTLError(
-                f"bundle {path} has no head; learn one with `edge-tl learn {path} DATA`, or "
-                "export the bundle from a trained run"
-            )
-        return self.state
+        state = self.state
+        if state is None:
+            raise self._no_head()
+        return state
+
+    def _no_head(self) -> EdgeTLError:
+        path = self._model.path
+        return EdgeTLError(
+            f"bundle {path} has no head; learn one with `edge-tl learn {path} DATA`, or "
+            "export the bundle from a trained run"
+        )
 
     # ---- answering --------------------------------------------------------------------
     def classify(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """``(proba[N, K], predicted index[N], similarity[N] or None)`` for embeddings
         ``float32[N, D]``; index ``-1`` is unknown (similarity below the threshold)."""
-        state = self.require()
-        proba = state.predict_proba(emb)
-        pred = proba.argmax(1)
-        sim = state.similarity(emb, pred)
-        thr = state.threshold
-        if sim is not None and thr is not None:
-            pred = np.where(sim >= thr, pred, -1)
-        return proba, pred, sim
+        return _classify(self.require(), emb)
 
     def predict(self, images: Sequence[ImageLike], top_k: int = 1) -> list[Prediction]:
         """Label, score and top-k per image (one at a time, batch 1, as a camera would)."""
-        state = self.require()
+        self.require()
         if top_k < 1:
             raise EdgeTLError(f"--top-k must be at least 1, not {top_k}")
         engine, pre = self._model.engine, self._model.manifest.preprocess
-        labels = self.labels
         results = []
         for src in images:
             x = to_input(load_image(src), pre)[None]
-            probas, pred, sim = self.classify(engine.run(x, (EMBEDDING,))[EMBEDDING])
+            emb = engine.run(x, (EMBEDDING,))[EMBEDDING]
+            state = self.require()  # one head for the whole answer, even if learning swaps it
+            labels = state.labels
+            probas, pred, sim = _classify(state, emb)
             proba = probas[0]
             order = np.argsort(-proba)[:top_k]
             results.append(
@@ -217,7 +216,7 @@ class Classifier:
         state = self.require()
         if not isinstance(ds, Dataset):
             ds = open_dataset(ds)
-        labels = self.labels
+        labels = state.labels
         unknown = [c for c in ds.classes if c not in labels]
         if unknown:
             raise EdgeTLError(
@@ -229,7 +228,7 @@ class Classifier:
             raise EdgeTLError("nothing to evaluate: the data set is empty")
         y = np.asarray([labels.index(ds.classes[i]) for i in ds.labels])
         t0 = time.perf_counter()
-        _, pred, _ = self.classify(self._model.embed(ds.paths, batch_size, desc="evaluating"))
+        _, pred, _ = _classify(state, self._model.embed(ds.paths, batch_size, desc="evaluating"))
         seconds = time.perf_counter() - t0
         cm, per_class, present = confusion(y, pred, labels)
         artifact = self._model.manifest.artifact
@@ -273,9 +272,9 @@ class Classifier:
 
     def add(self, data: SupportLike) -> HeadState:
         """Add examples and classes to the current head (or to the exported head)."""
-        state = self.require()
-        x, names = self._support(data)
-        return self._commit(learner.add(state, x, names), "add")
+        self.require()  # before the images are embedded: no head, no work
+        x, names = self._support(data)  # outside the lock: only the arithmetic waits
+        return self._change(lambda state: learner.add(state, x, names), "add")
 
     def add_class(self, name: str, images: list[ImageLike]) -> HeadState:
         """Teach one new class from a few images."""
@@ -287,19 +286,21 @@ class Classifier:
 
     def remove_class(self, name: str) -> HeadState:
         """Forget class ``name``: its weights, prototype and support images."""
-        return self._commit(learner.remove(self.require(), name), f"remove {name}")
+        return self._change(lambda state: learner.remove(state, name), f"remove {name}")
 
     def relabel(self, old: str, new: str) -> HeadState:
         """Rename class ``old`` to ``new``."""
-        return self._commit(learner.relabel(self.require(), old, new), f"relabel {old}")
+        return self._change(lambda state: learner.relabel(state, old, new), f"relabel {old}")
 
     def set_threshold(
         self, threshold: float | None = None, quantile: float | None = learner.DEFAULT_QUANTILE
     ) -> HeadState:
         """Open set: a fixed similarity ``threshold``, or the leave-one-out ``quantile``
         (``None`` for both turns rejection off)."""
-        state = replace(self.require(), quantile=quantile, threshold_override=threshold, meta={})
-        return self._commit(state, "threshold")
+        return self._change(
+            lambda state: replace(state, quantile=quantile, threshold_override=threshold, meta={}),
+            "threshold",
+        )
 
     def import_head(self, path: str | Path) -> HeadState:
         """Adopt a head state learned elsewhere on the same backbone (e.g. another camera)."""
@@ -341,5 +342,33 @@ class Classifier:
         return self.store.history()
 
     def _commit(self, state: HeadState, op: str) -> HeadState:
+        """Write a state that does not depend on the current one (a new or imported head)."""
         self.state = self.store.save(state, op)
         return self.state
+
+    def _change(self, change: Callable[[HeadState], HeadState], op: str) -> HeadState:
+        """Apply ``change`` to the head in force on disk, under the store's lock (another
+        process's change made since this model was loaded is kept, not overwritten). The
+        new state replaces :attr:`state` in one assignment: a thread predicting meanwhile
+        uses the old head or the new one, never a mix."""
+
+        def on_current(current: HeadState | None) -> HeadState:
+            base = current if current is not None else self._exported()
+            if base is None:
+                raise self._no_head()
+            return change(base)
+
+        self.state = self.store.update(on_current, op)
+        return self.state
+
+
+def _classify(
+    state: HeadState, emb: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    proba = state.predict_proba(emb)
+    pred = proba.argmax(1)
+    sim = state.similarity(emb, pred)
+    thr = state.threshold
+    if sim is not None and thr is not None:
+        pred = np.where(sim >= thr, pred, -1)
+    return proba, pred, sim

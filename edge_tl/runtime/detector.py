@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -154,16 +154,28 @@ class AnomalyDetector:
     def add(self, good: GoodLike) -> AnomalyState:
         """Grow the bank with new good images and re-calibrate its threshold."""
         state = self.require()
-        feats = self._model.patch_features(
+        feats = self._model.patch_features(  # outside the lock: only the bank's update waits
             _paths(good), state.stages, state.pool, desc="patch features"
         )
-        return self._commit(anomaly.add(state, feats), "add")
+
+        def grow(current: AnomalyState | None) -> AnomalyState:
+            if current is None or (current.stages, current.pool) != (state.stages, state.pool):
+                raise EdgeTLError(
+                    f"the anomaly bank of {self._model.path} was replaced while the images "
+                    "were read (other features); run the command again"
+                )
+            return anomaly.add(current, feats)
+
+        return self._change(grow, "add")
 
     def set_false_alarm(self, false_alarm: float) -> AnomalyState:
         """Re-calibrate the threshold for another false-alarm rate on good parts."""
         state = self.require()
         anomaly.check_settings(state.coreset, state.max_mb, false_alarm)
-        return self._commit(replace(state, false_alarm=false_alarm, meta={}), "threshold")
+        return self._change(
+            lambda current: replace(current or state, false_alarm=false_alarm, meta={}),
+            "threshold",
+        )
 
     def apply(self, change: BankChange) -> AnomalyState:
         """Carry out one :class:`BankChange` (what ``edge-tl anomaly`` does)."""
@@ -193,7 +205,17 @@ class AnomalyDetector:
         return self.store.history()
 
     def _commit(self, state: AnomalyState, op: str) -> AnomalyState:
+        """Write a bank that does not depend on the current one (a new bank)."""
         self._state, self._loaded = self.store.save(state, op), True
+        return self._state
+
+    def _change(
+        self, change: Callable[[AnomalyState | None], AnomalyState], op: str
+    ) -> AnomalyState:
+        """Apply ``change`` to the bank in force on disk, under the store's lock (another
+        process's change made since this model was loaded is kept); the new bank replaces
+        the old in one assignment, so a thread scoring meanwhile uses one or the other."""
+        self._state, self._loaded = self.store.update(change, op), True
         return self._state
 
     # ---- answering --------------------------------------------------------------------

@@ -7,9 +7,10 @@ string* (``CPU``, ``GPU``, ``NPU``, ``AUTO:NPU,CPU``). Torch-free.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -92,8 +93,17 @@ class OpenVinoEngine:
             self.compiled = core.compile_model(core.read_model(str(path)), device, config)
         except Exception as e:  # OpenVINO raises RuntimeError subclasses
             raise EdgeTLError(f"OpenVINO cannot load {path}: {e}") from None
-        self.request = self.compiled.create_infer_request()
+        self._local = threading.local()
         self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+
+    @property
+    def request(self) -> Any:
+        """This thread's infer request: one request is not safe to share between threads
+        (the compiled model is), so each thread that runs the engine gets its own."""
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        return request
 
     def run(self, x: np.ndarray, outputs: Sequence[str] = (EMBEDDING,)) -> dict[str, np.ndarray]:
         res = self.request.infer({0: x})

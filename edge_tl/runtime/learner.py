@@ -169,7 +169,7 @@ class HeadState:
             meta = json.loads(str(z["meta"]))
             if kind == "linear":
                 head: Head = LinearHead.from_arrays(
-                    {k[len("linear_") :]: z[k] for k in z.files if k.startswith("linear_")}
+                    {k[len("linear_") :]: z[k] for k in z if k.startswith("linear_")}
                 )
             elif kind in ("prototype", "knn"):
                 k = int(z["knn_k"]) if kind == "knn" else 1

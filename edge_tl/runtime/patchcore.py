@@ -10,7 +10,9 @@ anomaly score is its distance to the nearest patch of the memory bank.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -163,22 +165,37 @@ def resize_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 _CONTROLLER: list = []
+_LIMIT_LOCK = threading.Lock()
+_LIMIT: dict[str, Any] = {"depth": 0, "limiter": None}
 
 
 @contextlib.contextmanager
 def one_blas_thread() -> Iterator[None]:
     """numpy's BLAS on one thread: at batch 1 the engine and the search take turns, and
     BLAS threads that spin between calls slow the engine more than they speed the search
-    (measured in benchmarks/anomaly.py). A no-op without ``threadpoolctl``."""
-    if not _CONTROLLER:
-        try:
-            from threadpoolctl import ThreadpoolController
+    (measured in benchmarks/anomaly.py). A no-op without ``threadpoolctl``.
 
-            _CONTROLLER.append(ThreadpoolController())
-        except ImportError:  # pragma: no cover - optional
-            _CONTROLLER.append(None)
-    if _CONTROLLER[0] is None:  # pragma: no cover
+    The limit is process-wide: with several threads scoring, the first to enter sets it and
+    the last to leave restores the BLAS's own setting (nested limits restored out of order
+    would leave it at one thread for good)."""
+    with _LIMIT_LOCK:
+        if not _CONTROLLER:
+            try:
+                from threadpoolctl import ThreadpoolController
+
+                _CONTROLLER.append(ThreadpoolController())
+            except ImportError:  # pragma: no cover - optional
+                _CONTROLLER.append(None)
+        if _CONTROLLER[0] is not None:
+            if _LIMIT["depth"] == 0:
+                _LIMIT["limiter"] = _CONTROLLER[0].limit(limits=1, user_api="blas")
+            _LIMIT["depth"] += 1
+    try:
         yield
-        return
-    with _CONTROLLER[0].limit(limits=1, user_api="blas"):
-        yield
+    finally:
+        with _LIMIT_LOCK:
+            if _CONTROLLER[0] is not None:
+                _LIMIT["depth"] -= 1
+                if _LIMIT["depth"] == 0:
+                    _LIMIT["limiter"].restore_original_limits()
+                    _LIMIT["limiter"] = None

@@ -5,9 +5,9 @@ segfault in long test sessions. What NNCF leaves behind in a process is more tha
 model: NNCF's PyTorch backend (``nncf.torch``, which loads torch's C++-extension helper
 and NNCF's function hooks) is imported by NNCF's backend checks even for an OpenVINO
 model, and stays imported; so does OpenVINO's TBB worker pool NNCF drives. Here the
-quantization runs in a child (``python -m edge_tl.export.isolated WORK``) that exits when
-done, so the exporting process (a test session, a notebook, the demo that trains next)
-never imports NNCF.
+quantization runs in a child (a fresh ``python`` running :func:`_main` on ``WORK``) that
+exits when done, so the exporting process (a test session, a notebook, the demo that
+trains next) never imports NNCF.
 
 The job travels as files in ``WORK``: ``job.json`` (the ONNX path, the IR path to write,
 the recipe), ``calib.npy`` and, for accuracy control, ``val_x.npy`` / ``val_ref.npy``. An
@@ -62,7 +62,7 @@ def quantize_nncf_isolated(
         root = str(Path(edge_tl.__file__).resolve().parents[1])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         proc = subprocess.run(
-            [sys.executable, "-m", "edge_tl.export.isolated", str(work)],
+            [sys.executable, "-c", _CHILD, str(work)],
             env={**os.environ, "PYTHONPATH": path},
             check=False,
         )
@@ -78,7 +78,12 @@ def quantize_nncf_isolated(
             raise RuntimeError(f"NNCF quantization stopped ({how}); see the messages above")
 
 
-def _main(work: Path) -> int:
+# not ``-m edge_tl.export.isolated``: the package imports this module first, and runpy warns
+_CHILD = "import sys; from edge_tl.export.isolated import _main; sys.exit(_main(sys.argv[1]))"
+
+
+def _main(work: str | Path) -> int:
+    work = Path(work)
     from edge_tl.export.quantize import quantize_nncf
 
     job = json.loads((work / "job.json").read_text())

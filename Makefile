@@ -18,12 +18,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/edge-tl demo
 
-# Training tests and export tests run in two processes: a process that has quantized with
-# NNCF/OpenVINO and then trains with torch crashed (segfault) in long test sessions.
-TRAIN_TESTS := tests/test_train.py tests/test_backbones.py tests/test_data.py tests/test_heads.py
+# Every test in one process. A process that had quantized with NNCF and then trained with torch
+# crashed (segfault) in long sessions, so the suite once ran in two. The crash did not reproduce
+# later (an ORT INT8 and an OpenVINO INT8 export, then fine-tuning, in one process), so its root
+# cause is unproven; NNCF, which leaves nncf.torch and OpenVINO's TBB pool in a process, is fenced:
+# it quantizes in a child process of its own (edge_tl/export/isolated.py), and DataLoader
+# workers start from a forkserver, never from a fork of a threaded process.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q $(TRAIN_TESTS)
-	$(VENV)/bin/python -m pytest -q tests $(addprefix --ignore=,$(TRAIN_TESTS))
+	$(VENV)/bin/python -m pytest -q tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check edge_tl tests benchmarks

@@ -159,16 +159,23 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
 
 
 def read_json(folder: Path, name: str, kind: str, command: str, fix: str) -> dict:
-    """``folder/name`` as JSON, with one-line errors when it is missing or broken."""
+    """``folder/name``, a JSON object, with one-line errors when it is missing, unreadable,
+    not UTF-8 JSON or not an object."""
     path = folder / name
     if not path.is_file():
         raise EdgeTLError(
             f"{folder} is not a {kind} (no {name}); pass a folder written by `{command}`"
         )
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EdgeTLError(f"{path} is not valid JSON ({e}); {fix}") from None
+        data = json.loads(path.read_bytes())
+    except OSError as e:
+        raise EdgeTLError(f"{path} cannot be read ({e.strerror}); {fix}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge ints
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:120]
+        raise EdgeTLError(f"{path} is not valid JSON ({why}); {fix}") from None
+    if not isinstance(data, dict):
+        raise EdgeTLError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
 
 
 def read_manifest(
@@ -198,15 +205,18 @@ def read_manifest(
     keys = signing.trusted_keys(trust) if verify else None  # a bad --trust fails first
     text = _read_bytes(bundle)
     sig = signing.check_signature(bundle, text, keys) if keys else None
+    fix = "re-export the bundle"
     try:
         data = json.loads(text)
-    except ValueError as e:
-        raise EdgeTLError(
-            f"{bundle / MANIFEST} is not valid JSON ({e}); re-export the bundle"
-        ) from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge ints
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:120]
+        raise EdgeTLError(f"{bundle / MANIFEST} is not valid JSON ({why}); {fix}") from None
     if not isinstance(data, dict):
-        raise EdgeTLError(f"{bundle / MANIFEST} is not a JSON object; re-export the bundle")
-    manifest = Manifest.from_dict(data)
+        raise EdgeTLError(f"{bundle / MANIFEST} is not a JSON object; {fix}")
+    try:
+        manifest = Manifest.from_dict(data)
+    except EdgeTLError as e:
+        raise EdgeTLError(f"bundle {bundle}: {e}") from None
     if verify:
         verify_files(bundle, manifest.files, signed=sig is not None)
     if sig is not None:
@@ -222,7 +232,10 @@ def _read_bytes(bundle: Path) -> bytes:
         raise EdgeTLError(
             f"{bundle} is not a bundle (no {MANIFEST}); pass a folder written by `edge-tl export`"
         )
-    return path.read_bytes()
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise EdgeTLError(f"{path} cannot be read ({e.strerror}); re-copy the bundle") from None
 
 
 def verify_files(bundle: Path, files: dict[str, str], signed: bool = False) -> None:
@@ -231,9 +244,18 @@ def verify_files(bundle: Path, files: dict[str, str], signed: bool = False) -> N
     when = "after the bundle was signed" if signed else "corrupted or modified"
     for rel, digest in files.items():
         p = bundle / rel
-        if not p.is_file():
-            raise EdgeTLError(f"bundle {bundle}: {rel} is missing; re-copy or re-export the bundle")
-        if sha256(p) != digest:
+        try:
+            if not p.is_file():
+                raise EdgeTLError(
+                    f"bundle {bundle}: {rel} is missing; re-copy or re-export the bundle"
+                )
+            actual = sha256(p)
+        except OSError as e:  # unreadable, or a name the file system refuses
+            raise EdgeTLError(
+                f"bundle {bundle}: {rel[:80]} cannot be read ({e.strerror}); re-copy or "
+                "re-export the bundle"
+            ) from None
+        if actual != digest:
             raise EdgeTLError(
                 f"bundle {bundle}: {rel} does not match its SHA-256 in manifest.json "
                 f"({when}); re-copy or re-export the bundle"

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,13 +62,17 @@ DEFAULT_STRATEGY = "finetune"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 
 
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Build dataclass ``cls`` from ``data``; an unknown or missing field is an error naming it."""
+def _from_dict(cls: type, data: Any, where: str, fix: str = "write it as one") -> Any:
+    """Build dataclass ``cls`` from ``data``, refusing in one line naming the field: data
+    that is not a mapping, an unknown or missing field, and a value of the wrong type
+    (:func:`_fits`: the field's annotation, containers included, numbers finite)."""
+    if not isinstance(data, dict):
+        raise EdgeTLError(f"{where}: {_short(data)} is not a table of fields; {fix}")
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
         raise EdgeTLError(
-            f"{where}: unknown field(s) {', '.join(unknown)}; "
+            f"{where}: unknown field(s) {', '.join(_short(k) for k in unknown)}; "
             f"valid fields: {', '.join(sorted(names))}"
         )
     required = {
@@ -76,27 +83,102 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     missing = sorted(required - set(data))
     if missing:
         raise EdgeTLError(f"{where}: missing field(s) {', '.join(missing)}")
-    for f in dataclasses.fields(cls):  # plain scalar fields: the value's type, checked
-        want = _SCALARS.get(str(f.type))
-        value = data.get(f.name)
-        if want and f.name in data and value is not None and not _is(value, want):
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        if not _fits(value, hints[name]):
             raise EdgeTLError(
-                f"{where}: {f.name} = {value!r} is not {_NAMES[want]}; write it as one"
+                f"{where}: {name} = {_short(value)} is not {_describe(hints[name])}; {fix}"
             )
     return cls(**data)
 
 
-_SCALARS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
-_SCALARS.update({f"{k} | None": v for k, v in list(_SCALARS.items())})
-_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
-
-
-def _is(value: Any, want: type) -> bool:
-    if want is float:  # an integer is a number; true/false is not
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if want is int:
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a value read from JSON/TOML fits the annotation ``hint``: numbers are finite
+    (true/false is not a number), a tuple or list is a list (of the given length for a
+    fixed tuple), a dict has string keys, a nested dataclass is a table (its own
+    ``from_dict`` checks it), ``Any`` is anything."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, want)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return isinstance(value, int) or math.isfinite(value)  # a huge int overflows isfinite
+    if hint is str:
+        return isinstance(value, str)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, (dict, hint))
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            return len(value) == len(args) and all(map(_fits, value, args))
+        return all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items()
+        )
+    raise TypeError(f"no rule for annotation {hint!r}")  # pragma: no cover - a new field type
+
+
+def _describe(hint: Any) -> str:
+    """``hint`` in a user's words: "a number", "a list of 3 numbers", "a table of strings"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in args)
+    if origin in (tuple, list):
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            return f"a list of {len(args)} {_plural(args[0])}"
+        return f"a list of {_plural(args[0])}"
+    if origin is dict:
+        return f"a table of {_plural(args[1])}"
+    if dataclasses.is_dataclass(hint):
+        return "a table"
+    return {
+        type(None): "null",
+        bool: "true or false",
+        int: "an integer",
+        float: "a finite number",
+        str: "a string",
+    }.get(hint, "a value")
+
+
+def _plural(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (tuple, list):
+        return "lists"
+    if origin is dict or dataclasses.is_dataclass(hint):
+        return "tables"
+    return {float: "finite numbers", int: "integers", str: "strings", bool: "true/false"}.get(
+        hint, "values"
+    )
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: one line, whatever the file holds."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of more than 4300 digits
+        return "a number too long to show"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+FIX = "write it as one"
+
+
+def _one_of(where: str, name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise EdgeTLError(
+            f"{where}: {name} = {_short(value)} is not one of {', '.join(map(str, allowed))}"
+        )
 
 
 @dataclass(frozen=True)
@@ -115,12 +197,30 @@ class Preprocess:
     colour: str = "RGB"
     layout: str = "NCHW"
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.size <= MAX_INPUT_SIZE:
+            raise EdgeTLError(
+                f"preprocess: size = {_short(self.size)} is not between 1 and {MAX_INPUT_SIZE}"
+            )
+        if not all(self.std):
+            raise EdgeTLError(f"preprocess: std = {_short(self.std)} divides by zero")
+        for name, allowed in PREPROCESS_CHOICES.items():
+            _one_of("preprocess", name, getattr(self, name), allowed)
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
-        p = _from_dict(cls, d, "preprocess")
+    def from_dict(cls, d: dict[str, Any], where: str = "preprocess", fix: str = FIX) -> Preprocess:
+        p = _from_dict(cls, d, where, fix)
         return dataclasses.replace(p, mean=tuple(p.mean), std=tuple(p.std))
 
 
+MAX_INPUT_SIZE = 4096
+"""The largest input side a bundle may ask for, in pixels."""
+PREPROCESS_CHOICES = {
+    "resize": ("squash",),
+    "interpolation": ("bilinear", "bicubic"),
+    "colour": ("RGB",),
+    "layout": ("NCHW",),
+}
 RECIPE_FORMATS = ("onnx", "openvino")
 RECIPE_PRECISIONS = ("fp32", "fp16", "int8")
 RECIPE_QUANT = ("none", "ort-static", "nncf")
@@ -232,9 +332,12 @@ def _load_toml(cls: type, kind: str, name_or_path: str, package: str, source_dir
             )
         path = Path(str(candidate))
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise EdgeTLError(f"{kind} {path}: not valid TOML ({e}); fix the file") from None
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise EdgeTLError(f"{kind} {path}: cannot be read ({e.strerror}); fix the path") from None
+    except (ValueError, RecursionError) as e:  # TOMLDecodeError, UnicodeDecodeError, huge ints
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:120]
+        raise EdgeTLError(f"{kind} {path}: not valid TOML ({why}); fix the file") from None
     data.setdefault("name", path.stem)
     return _from_dict(cls, data, f"{kind} {path}")
 
@@ -260,9 +363,15 @@ class Artifact:
     recipe: str
     engine_options: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        _one_of("artifact", "format", self.format, RECIPE_FORMATS)
+        _one_of("artifact", "precision", self.precision, RECIPE_PRECISIONS)
+        if not self.files:
+            raise EdgeTLError("artifact: files is empty; it names the file the engine opens")
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Artifact:
-        a = _from_dict(cls, d, "artifact")
+    def from_dict(cls, d: dict[str, Any], where: str = "artifact", fix: str = FIX) -> Artifact:
+        a = _from_dict(cls, d, where, fix)
         return dataclasses.replace(a, files=tuple(a.files))
 
 
@@ -282,9 +391,19 @@ class SplitRecord:
     train_per_class: int = 0
     data_fingerprint: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.seed < 0 or self.train_per_class < 0:
+            raise EdgeTLError(
+                f"split: seed = {_short(self.seed)} and train_per_class = "
+                f"{_short(self.train_per_class)} must be 0 or more"
+            )
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SplitRecord:
-        return _from_dict(cls, d, "split")
+    def from_dict(cls, d: dict[str, Any], where: str = "split", fix: str = FIX) -> SplitRecord:
+        return _from_dict(cls, d, where, fix)
+
+
+SOURCE_KINDS = ("run", "imagenet")
 
 
 @dataclass(frozen=True)
@@ -300,10 +419,15 @@ class Source:
     split: SplitRecord | None = None
     pytorch_test_accuracy: float | None = None
 
+    def __post_init__(self) -> None:
+        _one_of("source", "kind", self.kind, SOURCE_KINDS)
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Source:
-        s = _from_dict(cls, d, "source")
-        split = SplitRecord.from_dict(s.split) if isinstance(s.split, dict) else s.split
+    def from_dict(cls, d: dict[str, Any], where: str = "source", fix: str = FIX) -> Source:
+        s = _from_dict(cls, d, where, fix)
+        split = s.split
+        if isinstance(split, dict):
+            split = SplitRecord.from_dict(split, f"{where} split", fix)
         return dataclasses.replace(s, split=split)
 
 
@@ -319,9 +443,13 @@ class HeadEntry:
     fit_on: str
     exemplars: str | None = None
 
+    def __post_init__(self) -> None:
+        _one_of("head", "kind", self.kind, ("linear",))
+        _one_of("head", "fit_on", self.fit_on, ("artifact", "source"))
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> HeadEntry:
-        return _from_dict(cls, d, "head")
+    def from_dict(cls, d: dict[str, Any], where: str = "head", fix: str = FIX) -> HeadEntry:
+        return _from_dict(cls, d, where, fix)
 
 
 @dataclass(frozen=True)
@@ -336,9 +464,17 @@ class SelfTestSpec:
     export_host: str
     on_fail: str = "refuse"
 
+    def __post_init__(self) -> None:
+        _one_of("self_test", "on_fail", self.on_fail, SELF_TEST_MODES)
+        if not (-1 <= self.min_cosine <= 1 and -1 <= self.export_cosine <= 1):
+            raise EdgeTLError(
+                f"self_test: min_cosine = {_short(self.min_cosine)} and export_cosine = "
+                f"{_short(self.export_cosine)} are cosines, in [-1, 1]"
+            )
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SelfTestSpec:
-        return _from_dict(cls, d, "self_test")
+    def from_dict(cls, d: dict[str, Any], where: str = "self_test", fix: str = FIX) -> SelfTestSpec:
+        return _from_dict(cls, d, where, fix)
 
 
 @dataclass(frozen=True)
@@ -364,21 +500,81 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        """The manifest in ``d`` (parsed ``manifest.json``), every field checked.
+
+        Raises:
+            EdgeTLError: another format version, or a field missing, unknown, of the wrong
+                type or against a rule (:meth:`check`); one line naming the field.
+        """
+        if not isinstance(d, dict):
+            raise EdgeTLError(
+                f"manifest.json holds {_short(d)}, not a table of fields; re-export the bundle"
+            )
         version = d.get("format_version")
         if version != FORMAT_VERSION:
             raise EdgeTLError(
                 f"bundle format version {version!r} is not supported by this edge_tl "
                 f"(reads version {FORMAT_VERSION}); re-export the bundle with this version"
             )
-        m = _from_dict(cls, d, "manifest.json")
-        return dataclasses.replace(
+        where, fix = "manifest.json", "re-export the bundle"
+        m = _from_dict(cls, d, where, fix)
+        m = dataclasses.replace(
             m,
-            preprocess=Preprocess.from_dict(m.preprocess),
-            artifact=Artifact.from_dict(m.artifact),
-            head=HeadEntry.from_dict(m.head) if m.head else None,
-            source=Source.from_dict(m.source),
-            self_test=SelfTestSpec.from_dict(m.self_test) if m.self_test else None,
+            preprocess=Preprocess.from_dict(m.preprocess, f"{where} preprocess", fix),
+            artifact=Artifact.from_dict(m.artifact, f"{where} artifact", fix),
+            head=None if m.head is None else HeadEntry.from_dict(m.head, f"{where} head", fix),
+            source=Source.from_dict(m.source, f"{where} source", fix),
+            self_test=None
+            if m.self_test is None
+            else SelfTestSpec.from_dict(m.self_test, f"{where} self_test", fix),
         )
+        m.check()
+        return m
+
+    def check(self) -> None:
+        """The rules across fields: every output is ``["batch", dims...]`` with an
+        ``embedding``; every file is a relative path inside the bundle with a SHA-256; every
+        file the manifest names is one of them (so its hash is checked).
+
+        Raises:
+            EdgeTLError: naming the first field that breaks a rule.
+        """
+        where = "manifest.json"
+        if EMBEDDING not in self.outputs:
+            raise EdgeTLError(f"{where}: outputs has no {EMBEDDING!r}; re-export the bundle")
+        for name, shape in self.outputs.items():
+            if not (
+                len(shape) >= 2
+                and shape[0] == "batch"
+                and all(_fits(n, int) and n > 0 for n in shape[1:])
+            ):
+                raise EdgeTLError(
+                    f"{where}: outputs {_short(name)} = {_short(shape)} is not "
+                    "['batch', positive sizes...]"
+                )
+        for rel, digest in self.files.items():
+            parts = rel.split("/")
+            if rel.startswith("/") or "\\" in rel or "\0" in rel or {"", ".", ".."} & set(parts):
+                raise EdgeTLError(
+                    f"{where}: files names {_short(rel)}, which is not a relative path inside "
+                    "the bundle; re-export the bundle"
+                )
+            if len(digest) != 64 or digest.strip("0123456789abcdef"):
+                raise EdgeTLError(
+                    f"{where}: files {_short(rel)} = {_short(digest)} is not a SHA-256 "
+                    "(64 hex digits); re-export the bundle"
+                )
+        named = [*self.artifact.files]
+        if self.head is not None:
+            named += [self.head.file, *([self.head.exemplars] if self.head.exemplars else [])]
+        if self.self_test is not None:
+            named.append(self.self_test.file)
+        for rel in named:
+            if rel not in self.files:
+                raise EdgeTLError(
+                    f"{where}: {_short(rel)} is named but has no SHA-256 in files; "
+                    "re-export the bundle"
+                )
 
 
 @dataclass(frozen=True)

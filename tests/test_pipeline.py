@@ -102,3 +102,14 @@ def test_backbone_export_without_a_run_classifies_imagenet(tmp_path):
     assert len(m.labels) == 1000 and m.source.kind == "imagenet"
     top = Model(tmp_path / "b").predict([calib / "cat.png"], top_k=5)[0].top_k
     assert any("cat" in t["label"] for t in top), top
+
+
+@pytest.mark.slow
+def test_nncf_quantizes_in_a_child_process_and_is_never_imported_here(bundles):
+    """The OpenVINO INT8 bundle was quantized by NNCF, but not in this process: a process
+    that had quantized with NNCF and then trained with torch crashed in long sessions."""
+    import sys
+
+    assert (bundles["openvino-int8"] / "backbone.xml").is_file()
+    assert Model(bundles["openvino-int8"]).manifest.artifact.precision == "int8"
+    assert not [m for m in sys.modules if m == "nncf" or m.startswith("nncf.")]

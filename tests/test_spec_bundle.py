@@ -142,7 +142,7 @@ def test_device_profiles_resolve_and_name_their_recipe():
 def test_recipe_and_manifest_values_of_the_wrong_type_are_named(tmp_path, bundles):
     bad = tmp_path / "typed.toml"
     bad.write_text('format = "onnx"\nprecision = "fp32"\nmin_cosine = "high"\n')
-    with pytest.raises(EdgeTLError, match="min_cosine = 'high' is not a number"):
+    with pytest.raises(EdgeTLError, match="min_cosine = 'high' is not a finite number"):
         load_recipe(str(bad))
     import shutil
 

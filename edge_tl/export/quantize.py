@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_tl.errors import EdgeTLError, require
+from edge_tl.export.isolated import quantize_nncf_isolated
 from edge_tl.progress import progress
 from edge_tl.spec import EMBEDDING, INPUT_NAME, Recipe
 
@@ -74,10 +75,11 @@ def build_artifact(
                 )
             return ["backbone.onnx"], options
     ov = require("openvino", "export")
+    if recipe.quantization == "nncf":  # in a child process: this one never imports NNCF
+        quantize_nncf_isolated(onnx_fp32, calib, recipe, validation, out_dir / "backbone.xml")
+        return ["backbone.xml", "backbone.bin"], options
     model = ov.convert_model(str(onnx_fp32))
-    if recipe.quantization == "nncf":
-        model = quantize_nncf(model, calib, recipe, validation)
-    elif recipe.precision not in ("fp32", "fp16"):
+    if recipe.precision not in ("fp32", "fp16"):
         raise EdgeTLError(f"recipe {recipe.name}: format openvino supports fp32, fp16 or nncf int8")
     ov.save_model(model, str(out_dir / "backbone.xml"), compress_to_fp16=recipe.precision == "fp16")
     return ["backbone.xml", "backbone.bin"], options

@@ -159,38 +159,130 @@ class HeadState:
 
     @classmethod
     def from_arrays(cls, z: Any, where: str) -> HeadState:
+        """The state in a head file's arrays ``z`` (a mapping, e.g. an open ``.npz``).
+
+        Every array is checked by the rule of its kind before use (:func:`_head_arrays`).
+
+        Raises:
+            EdgeTLError: an array missing, of the wrong type or shape, not finite, or out
+                of range; one line naming it.
+        """
         try:
-            kind = str(z["kind"])
-            labels = [str(s) for s in z["labels"]]
-            support_x = np.asarray(z["support_x"], np.float32)
-            support_y = np.asarray(z["support_y"], np.int64)
-            quantile = float(z["quantile"])
-            override = float(z["threshold_override"])
-            meta = json.loads(str(z["meta"]))
-            if kind == "linear":
+            a = _head_arrays(z)
+            if a["kind"] == "linear":
                 head: Head = LinearHead.from_arrays(
-                    {k[len("linear_") :]: z[k] for k in z if k.startswith("linear_")}
+                    {k[len("linear_") :]: v for k, v in a.items() if k.startswith("linear_")}
                 )
-            elif kind in ("prototype", "knn"):
-                k = int(z["knn_k"]) if kind == "knn" else 1
-                head = _fit_support(kind, support_x, support_y, len(labels), k)
             else:
-                raise KeyError(f"head kind {kind!r}")
+                k = a["knn_k"] if a["kind"] == "knn" else 1
+                head = _fit_support(a["kind"], a["support_x"], a["support_y"], len(a["labels"]), k)
         except (KeyError, ValueError) as e:
+            why = f"no array {e}" if isinstance(e, KeyError) else str(e)
             raise EdgeTLError(
-                f"{where} is not an edge_tl head state ({e}); pass a file written by "
+                f"{where} is not an edge_tl head state ({why}); pass a file written by "
                 "`edge-tl learn`"
             ) from None
+        quantile, override = a["quantile"], a["threshold_override"]
         return cls(
-            kind,
-            labels,
+            a["kind"],
+            a["labels"],
             head,
-            support_x,
-            support_y,
+            a["support_x"],
+            a["support_y"],
             None if np.isnan(quantile) else quantile,
             None if np.isnan(override) else override,
-            meta,
+            a["meta"],
         )
+
+
+def _head_arrays(z: Any) -> dict[str, Any]:
+    """The arrays of a head file, each checked by the rule of its kind: text is a text
+    scalar, numbers are numeric arrays of the stated rank whose values fit float32 and are
+    finite (NaN only where it means "off"), sizes agree (``support_x[N, D]``,
+    ``support_y[N]`` in ``[0, K)``, ``labels[K]`` by :func:`check_labels`, a linear head's
+    ``weight[K, D]``, ``bias[K]``, ``mean[D]``, ``scale[D]``), ``meta`` is a JSON object.
+
+    Raises:
+        KeyError: an array is missing. ValueError: naming the array that breaks a rule.
+    """
+    f32 = float(np.finfo(np.float32).max)
+
+    def text(key: str) -> str:
+        v = np.asarray(z[key])
+        if v.dtype.kind != "U" or v.ndim != 0:
+            raise ValueError(f"{key} is not a text")
+        return str(v)
+
+    def numbers(key: str, ndim: int, nan_ok: bool = False) -> np.ndarray:
+        v = np.asarray(z[key])
+        if v.dtype.kind not in "fiu" or v.ndim != ndim:
+            raise ValueError(f"{key} is not a {ndim}-D array of numbers")
+        w = v.astype(np.float64)
+        bad = ~np.isnan(w) if nan_ok else np.ones(w.shape, bool)
+        if not (np.isfinite(w) & (np.abs(w) <= f32))[bad].all():
+            raise ValueError(f"{key} holds values that are not finite float32 numbers")
+        return w.astype(np.float32)
+
+    def integer(key: str, low: int) -> int:
+        v = np.asarray(z[key])
+        if v.dtype.kind not in "iu" or v.ndim != 0 or int(v) < low:
+            raise ValueError(f"{key} is not an integer >= {low}")
+        return int(v)
+
+    a: dict[str, Any] = {"kind": text("kind")}
+    if a["kind"] not in HEADS:
+        raise ValueError(f"kind {a['kind'][:40]!r} is not one of {', '.join(HEADS)}")
+    labels = np.asarray(z["labels"])
+    if labels.dtype.kind != "U" or labels.ndim != 1 or not len(labels):
+        raise ValueError("labels is not a 1-D array of class names")
+    a["labels"] = [str(s) for s in labels]
+    try:
+        check_labels(a["labels"])
+    except EdgeTLError as e:
+        raise ValueError(f"labels: {e}") from None
+    n_classes = len(a["labels"])
+    x = a["support_x"] = numbers("support_x", 2)
+    y = np.asarray(z["support_y"])
+    if y.dtype.kind not in "iu" or y.shape != (len(x),) or ((y < 0) | (y >= n_classes)).any():
+        raise ValueError(f"support_y is not {len(x)} class indices in [0, {n_classes})")
+    a["support_y"] = y.astype(np.int64)
+    a["quantile"] = float(numbers("quantile", 0, nan_ok=True))
+    if not (np.isnan(a["quantile"]) or 0 <= a["quantile"] <= 1):
+        raise ValueError("quantile is not in [0, 1]")
+    a["threshold_override"] = float(numbers("threshold_override", 0, nan_ok=True))
+    try:
+        a["meta"] = json.loads(text("meta"))
+    except (ValueError, RecursionError):
+        a["meta"] = None
+    if not isinstance(a["meta"], dict):
+        raise ValueError("meta is not a JSON object")
+    dim = x.shape[1]
+    if a["kind"] == "linear":
+        shapes = {"weight": (n_classes, dim), "bias": (n_classes,), "mean": (dim,)}
+        shapes["scale"] = (dim,)
+        for key, shape in shapes.items():
+            v = a[f"linear_{key}"] = numbers(f"linear_{key}", len(shape))
+            if v.shape != shape:
+                raise ValueError(f"linear_{key} has shape {v.shape}, not {shape}")
+        if not a["linear_scale"].all():
+            raise ValueError("linear_scale holds zeros")
+        for key, low in (("l2", 0.0), ("power", 1e-6)):
+            if key == "l2" or f"linear_{key}" in z:  # power and normalise came later
+                v = a[f"linear_{key}"] = float(numbers(f"linear_{key}", 0))
+                if v < low:
+                    raise ValueError(f"linear_{key} is below {low}")
+        normalise = (
+            np.asarray(z["linear_normalise"]) if "linear_normalise" in z else np.array(False)
+        )
+        if normalise.dtype.kind != "b" or normalise.ndim != 0:
+            raise ValueError("linear_normalise is not true or false")
+        a["linear_normalise"] = bool(normalise)
+    else:
+        if np.bincount(a["support_y"], minlength=n_classes).min() == 0:
+            raise ValueError(f"a {a['kind']} head needs support images for every class")
+        if a["kind"] == "knn":
+            a["knn_k"] = integer("knn_k", 1)
+    return a
 
 
 def _fit_support(kind: str, x: np.ndarray, y: np.ndarray, n_classes: int, k: int = 1) -> Head:

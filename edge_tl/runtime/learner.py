@@ -37,6 +37,7 @@ from edge_tl.runtime.heads import (
     cl2n,
     class_means,
     power,
+    support_centre,
     unit_rows,
 )
 from edge_tl.runtime.imprint import imprint
@@ -93,17 +94,41 @@ class HeadState:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._open = _open_set(self) if self.open_set_ready else None
+        counts = np.bincount(self.support_y, minlength=len(self.labels))
+        has_prototypes = bool(len(self.labels)) and bool(counts.min() > 0)
+        self._open = _open_set(self) if has_prototypes else None
 
     # ---- open set ---------------------------------------------------------------------
     @property
     def open_set_ready(self) -> bool:
+        """Whether the support set gives a threshold: see :attr:`open_set_problem`."""
+        return self.open_set_problem is None
+
+    @property
+    def open_set_problem(self) -> str | None:
+        """Why the support set cannot give an open-set threshold, or None when it can.
+
+        Every class needs a prototype (one support image or more), and some class needs two
+        or more, since the threshold comes from images scored against their class's
+        prototype computed without them.
+        """
         counts = np.bincount(self.support_y, minlength=len(self.labels))
-        return bool(len(self.labels)) and bool(counts.min() > 0)
+        if not len(self.labels):
+            return "the head has no classes"
+        missing = [n for n, c in zip(self.labels, counts, strict=True) if c == 0]
+        if missing:
+            return f"open set needs support images of every class; none for {', '.join(missing)}"
+        if counts.max() < 2:
+            return (
+                "open set needs 2 or more support images of a class (each is scored with "
+                "itself left out), every class has 1; add images with `learn --add` or set "
+                "a fixed --threshold"
+            )
+        return None
 
     @property
     def threshold(self) -> float | None:
-        if self.threshold_override is not None:
+        if self.threshold_override is not None and self._open is not None:
             return self.threshold_override
         if self._open is None or self.quantile is None:
             return None
@@ -135,6 +160,11 @@ class HeadState:
             "support": self.counts(),
             "threshold": None if self.threshold is None else round(self.threshold, 4),
             "open_set": self.threshold is not None,
+            **(
+                {"open_set_problem": self.open_set_problem}
+                if self.threshold is None and self.quantile is not None
+                else {}
+            ),
             **{k: self.meta[k] for k in ("op", "parent", "created", "fit_ms") if k in self.meta},
         }
 
@@ -212,12 +242,16 @@ def _open_set(state: HeadState) -> dict[str, Any]:
 
     Each support embedding is scored against its class's prototype computed without it;
     the threshold is the ``quantile`` of those scores, so about that share of images like
-    the support set would be called unknown. A class with one example cannot be left out;
-    with no class of two or more, the threshold is ``-1`` (nothing is rejected).
+    the support set would be called unknown. A class with one example cannot be left out
+    (it is still gated by the threshold the others give); with no class of two or more the
+    threshold is None (:attr:`HeadState.open_set_problem` says why). The features
+    are centred by :func:`~edge_tl.runtime.heads.support_centre`: on the support mean for
+    two or more classes, not at all for one (centred on its own mean, one class's
+    leave-one-out cosines are near -1 and the threshold would reject nothing).
     """
     x, y, k = state.support_x, state.support_y, len(state.labels)
     p = power(x, FEWSHOT_POWER)
-    centre = p.mean(0)
+    centre = support_centre(p, k)
     z = cl2n(p, centre)
     counts = np.bincount(y, minlength=k)
     sums = class_means(z, y, k) * counts[:, None]
@@ -226,7 +260,7 @@ def _open_set(state: HeadState) -> dict[str, Any]:
     sq = np.maximum((sums * sums).sum(1)[y] - 2 * dots + 1.0, 1e-12)
     scores = ((dots - 1.0) / np.sqrt(sq))[counts[y] >= 2]
     q = state.quantile if state.quantile is not None else DEFAULT_QUANTILE
-    threshold = float(np.quantile(scores, q)) if len(scores) else -1.0
+    threshold = float(np.quantile(scores, q)) if len(scores) else None
     return {"centre": centre, "prototypes": unit_rows(sums), "threshold": threshold}
 
 

@@ -42,7 +42,7 @@ from edge_tl.runtime.heads import (
 )
 from edge_tl.runtime.imprint import imprint
 from edge_tl.runtime.versions import StoreKind, VersionedStore
-from edge_tl.spec import Manifest
+from edge_tl.spec import UNKNOWN, Manifest, check_labels
 
 __all__ = [
     "DEFAULT_HEAD",
@@ -64,8 +64,6 @@ __all__ = [
 
 HEADS = ("linear", "prototype", "knn")
 DEFAULT_HEAD = "linear"
-UNKNOWN = "unknown"
-"""The label ``predict`` gives an image that is like none of the known classes."""
 DEFAULT_QUANTILE = 0.05
 """Open set: the threshold lets through all but this share of the support set (leave-one-out)."""
 KEEP_VERSIONS = 20
@@ -192,6 +190,9 @@ class HeadState:
         try:
             kind = str(z["kind"])
             labels = [str(s) for s in z["labels"]]
+            check_labels(
+                labels, f"labels of {where}", fix="roll back to an earlier head or learn a new one"
+            )
             support_x = np.asarray(z["support_x"], np.float32)
             support_y = np.asarray(z["support_y"], np.int64)
             quantile = float(z["quantile"])
@@ -265,24 +266,6 @@ def _open_set(state: HeadState) -> dict[str, Any]:
 
 
 # ---- operations (pure: each returns a new state) -----------------------------------------
-def check_labels(names: list[str], existing: list[str] | None = None) -> None:
-    """Refuse label names that collide: ``unknown``, empty, or equal ignoring case."""
-    seen: dict[str, str] = {}
-    for name in [*(existing or []), *names]:
-        key = name.strip().casefold()
-        if not key:
-            raise EdgeTLError("a class name is empty; name every class folder")
-        if key == UNKNOWN:
-            raise EdgeTLError(
-                f"class name {name!r} is reserved for open-set rejection; rename the class"
-            )
-        if key in seen and seen[key] != name:
-            raise EdgeTLError(
-                f"class names {seen[key]!r} and {name!r} differ only in case; rename one"
-            )
-        seen[key] = name
-
-
 def learn(
     x: np.ndarray,
     names: list[str],
@@ -294,7 +277,7 @@ def learn(
     if kind not in HEADS:
         raise EdgeTLError(f"--head must be one of {', '.join(HEADS)}, not {kind!r}")
     labels = sorted(set(names))
-    check_labels(labels)
+    check_labels(labels, "support classes")
     if len(labels) < 2 and kind == "linear":
         raise EdgeTLError(
             f"a linear head needs at least 2 classes, DATA has {len(labels)}; add class "
@@ -323,7 +306,7 @@ def add(state: HeadState, x: np.ndarray, names: list[str]) -> HeadState:
     if len(x) != len(names) or len(x) == 0:
         raise EdgeTLError("no support images to add; add images to the class folders")
     new = sorted(set(names) - set(state.labels))
-    check_labels(new, state.labels)
+    check_labels(new, "classes to add", state.labels)
     labels = [*state.labels, *new]
     y_add = np.asarray([labels.index(n) for n in names], np.int64)
     support_x = np.concatenate([state.support_x, np.asarray(x, np.float32)])
@@ -396,13 +379,13 @@ def relabel(state: HeadState, old: str, new: str) -> HeadState:
             f"class {old!r} is not in the head ({', '.join(state.labels)}); check the name"
         )
     others = [n for n in state.labels if n != old]
-    clash = [n for n in others if n.strip().casefold() == new.strip().casefold()]
+    clash = [n for n in others if n.casefold() == str(new).casefold()]
     if clash:
         raise EdgeTLError(
             f"cannot relabel {old!r} as {new!r}: the head already has a class {clash[0]!r}; "
             f"remove one of them first (learn --remove)"
         )
-    check_labels([new], others)
+    check_labels([new], "the new name of --relabel", others)
     labels = [new if n == old else n for n in state.labels]
     return replace(state, labels=labels, meta={})
 

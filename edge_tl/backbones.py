@@ -371,7 +371,15 @@ def weights_sha256(name: str, weights: str | Path | None = None) -> str:
 
 
 def imagenet_labels() -> list[str]:
-    """The 1,000 ImageNet class names (from torchvision's metadata; no download)."""
+    """The 1,000 ImageNet class names (from torchvision's metadata; no download).
+
+    One is renamed: torchvision names class 264 (the corgi) ``Cardigan`` and class 474 (the
+    sweater) ``cardigan``, which differ only in case (:data:`edge_tl.spec.LABEL_RULE`); the
+    corgi is ``Cardigan Welsh corgi`` here, its WordNet name.
+    """
     from torchvision.models._meta import _IMAGENET_CATEGORIES
 
-    return list(_IMAGENET_CATEGORIES)
+    labels = list(_IMAGENET_CATEGORIES)
+    if labels[264] == "Cardigan":
+        labels[264] = "Cardigan Welsh corgi"
+    return labels

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from edge_tl.errors import EdgeTLError
-from edge_tl.spec import IMAGE_EXTENSIONS, SplitRecord
+from edge_tl.spec import IMAGE_EXTENSIONS, SplitRecord, check_labels
 
 __all__ = [
     "ELPV",
@@ -72,7 +72,8 @@ def image_folder(root: str | Path, check_images: bool = True) -> Dataset:
     """Read an ImageFolder: ``root/<class>/<image>``. Hidden files are ignored.
 
     Raises:
-        EdgeTLError: missing folder, no class folders, an empty class, a non-image file.
+        EdgeTLError: missing folder, no class folders, a folder name that is not a valid class
+            name (:data:`~edge_tl.spec.LABEL_RULE`), an empty class, a non-image file.
 
     Example:
         >>> ds = image_folder("../shared/data/neu_det")  # doctest: +SKIP
@@ -89,6 +90,7 @@ def image_folder(root: str | Path, check_images: bool = True) -> Dataset:
         raise EdgeTLError(
             f"{root} has no class folders; lay it out as {root}/<class name>/<image files>"
         )
+    check_labels([d.name for d in class_dirs], f"class folders of {root}", fix="rename the folder")
     paths, labels = [], []
     for label, d in enumerate(class_dirs):
         files = _visible_files(d)

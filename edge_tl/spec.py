@@ -11,6 +11,8 @@ import math
 import tomllib
 import types
 import typing
+import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,9 @@ __all__ = [
     "FORMAT_VERSION",
     "IMAGE_EXTENSIONS",
     "INPUT_NAME",
+    "LABEL_RULE",
     "STRATEGIES",
+    "UNKNOWN",
     "Artifact",
     "DeviceProfile",
     "HeadEntry",
@@ -36,6 +40,8 @@ __all__ = [
     "SplitRecord",
     "builtin_profiles",
     "builtin_recipes",
+    "check_label",
+    "check_labels",
     "load_profile",
     "load_recipe",
 ]
@@ -60,6 +66,82 @@ STRATEGIES = (
 """Transfer strategies by name (``edge_tl.train.policies`` says what each trains)."""
 DEFAULT_STRATEGY = "finetune"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+
+# ---- class names ---------------------------------------------------------------------------
+UNKNOWN = "unknown"
+"""The label ``predict`` gives an image that is like none of the known classes (reserved)."""
+MAX_LABEL_CHARS = 100
+LABEL_SEPARATORS = "=,/\\"
+LABEL_RULE = (
+    f"a class name is 1-{MAX_LABEL_CHARS} characters, with no leading or trailing space, no "
+    "control character and none of = , / \\, is not 'unknown', and differs from the "
+    "head's other class names ignoring case"
+)
+"""The one rule for class names, wherever they enter: class folders (``train``, ``learn``,
+``--add``), ``--relabel OLD=NEW``, the labels an export writes, and the labels read back
+from ``manifest.json`` and head versions. ``=`` separates ``--relabel``'s two names, ``,``
+separates names in lists, ``/`` and ``\\`` would not be folder names again; names equal
+ignoring case would be one folder on macOS and Windows."""
+
+
+def _label_problem(name: object) -> str | None:
+    if not isinstance(name, str):
+        return f"is {type(name).__name__}, not text"
+    if not name:
+        return "is empty"
+    if len(name) > MAX_LABEL_CHARS:
+        return f"is {len(name)} characters long"
+    if name != name.strip():
+        return "has leading or trailing space"
+    bad = [c for c in name if unicodedata.category(c)[0] == "C" or c in "\u2028\u2029"]
+    if bad:
+        return f"has the control character {bad[0]!r}"
+    sep = [c for c in LABEL_SEPARATORS if c in name]
+    if sep:
+        return f"contains {sep[0]!r}"
+    if name.casefold() == UNKNOWN:
+        return "is reserved for open-set rejection"
+    return None
+
+
+def check_label(name: object, where: str = "", fix: str = "rename it") -> str:
+    """``name`` if it is a valid class name (:data:`LABEL_RULE`).
+
+    Args:
+        where: where the name came from, for the message (``"class folders of data/"``).
+        fix: what to do, for the message.
+
+    Raises:
+        EdgeTLError: naming the label, what is wrong with it and the rule.
+    """
+    problem = _label_problem(name)
+    if problem is not None:
+        origin = f" ({where})" if where else ""
+        raise EdgeTLError(f"class name {name!r}{origin} {problem}: {LABEL_RULE}; {fix}")
+    return name  # type: ignore[return-value]
+
+
+def check_labels(
+    names: Iterable[object], where: str = "", existing: Iterable[str] = (), fix: str = "rename it"
+) -> None:
+    """Check every name in ``names`` by :data:`LABEL_RULE`, and that no two of ``names`` and
+    ``existing`` (a head's other classes, already checked) are equal ignoring case.
+
+    Raises:
+        EdgeTLError: the first name that breaks the rule, or the first pair that collides.
+    """
+    seen = {str(n).casefold(): str(n) for n in existing}
+    for name in names:
+        key = check_label(name, where, fix).casefold()
+        if key in seen:
+            other, origin = seen[key], f" ({where})" if where else ""
+            what = (
+                f"class name {name!r}{origin} is given twice"
+                if other == name
+                else f"class names {other!r} and {name!r}{origin} differ only in case"
+            )
+            raise EdgeTLError(f"{what}: {LABEL_RULE}; {fix}")
+        seen[key] = str(name)
 
 
 def _from_dict(cls: type, data: Any, where: str, fix: str = "write it as one") -> Any:
@@ -518,6 +600,7 @@ class Manifest:
             )
         where, fix = "manifest.json", "re-export the bundle"
         m = _from_dict(cls, d, where, fix)
+        check_labels(m.labels, "labels of manifest.json", fix=fix)
         m = dataclasses.replace(
             m,
             preprocess=Preprocess.from_dict(m.preprocess, f"{where} preprocess", fix),

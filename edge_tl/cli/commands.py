@@ -202,8 +202,7 @@ def learn(args: argparse.Namespace) -> int:
     if args.json:
         output.print_json({"bundle": str(args.bundle), "head": summary, "previous": before})
     else:
-        hint = summary["threshold"] is None and change.open_set and not state.open_set_ready
-        output.head_summary(args.bundle, summary, hint)
+        output.head_summary(args.bundle, summary)
     return 0
 
 

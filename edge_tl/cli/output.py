@@ -102,7 +102,7 @@ def bank_summary(bundle: Path, s: dict[str, Any]) -> None:
     )
 
 
-def head_summary(bundle: Path, s: dict[str, Any], open_set_hint: bool) -> None:
+def head_summary(bundle: Path, s: dict[str, Any]) -> None:
     counts = ", ".join(f"{n} {c}" for n, c in s["support"].items())
     thr = s["threshold"]
     print(
@@ -111,9 +111,8 @@ def head_summary(bundle: Path, s: dict[str, Any], open_set_hint: bool) -> None:
         + ("open set off" if thr is None else f"unknown below similarity {thr:.3f}")
         + (f"; fit {s['fit_ms']:.1f} ms" if "fit_ms" in s else "")
     )
-    if open_set_hint:
-        missing = [n for n, c in s["support"].items() if c == 0]
-        print(f"  open set needs support images of every class; none for {', '.join(missing)}")
+    if s.get("open_set_problem"):
+        print(f"  {s['open_set_problem']}")
 
 
 def _version_line(h: dict[str, Any], anomaly: bool) -> str:

@@ -360,7 +360,13 @@ def _write_bundle(
         outputs[LOGITS] = ["batch", len(src.labels)]
     rec = chosen.recipe
     self_test = write_self_test(
-        bdir, check.pixels, reference, chosen.emb, rec.self_test, rec.self_test_margin
+        bdir,
+        check.pixels,
+        reference,
+        chosen.artifact,
+        src.features.spec.preprocess,
+        rec.self_test,
+        rec.self_test_margin,
     )
     write_report(bdir, report, cosines)
     manifest = Manifest(

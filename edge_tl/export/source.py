@@ -20,7 +20,7 @@ import numpy as np
 from edge_tl.data import Dataset, fingerprint, image_folder, list_images, open_dataset, split
 from edge_tl.errors import EdgeTLError
 from edge_tl.runtime.heads import LinearHead
-from edge_tl.spec import Source, SplitRecord
+from edge_tl.spec import Source, SplitRecord, check_labels
 
 __all__ = ["ExportSource", "calibration_pool", "calibration_sample", "open_backbone", "open_run"]
 
@@ -55,6 +55,7 @@ def open_run(run: str | Path, calib: str | Path | None, head_fit: str) -> Export
 
     record, features, head = load_run(run)
     labels = record["labels"]
+    check_labels(labels, f"labels of the run {run}", fix="rename the class folder and train again")
     cfg = record["config"]
     split_record = SplitRecord(
         test_frac=cfg["test_frac"],

@@ -10,6 +10,24 @@ image is scored. Those maps give each grid position its own normal range (the bo
 part vary more than its middle), the anomaly map is the distance in units of that range, and
 the threshold is the ``1 - false_alarm`` quantile of the good images' scores.
 
+Two things make that threshold wrong without an error, and both are reported:
+
+* **Too few good images for the rate** (:func:`images_needed`): a quantile at false-alarm
+  rate ``r`` is only located when some calibration images lie beyond it. Of ``n`` good
+  images, none does with probability ``(1 - r) ** n``; keeping that below 5 % needs
+  ``n >= ln 0.05 / ln(1 - r)``, about ``3 / r`` (the "rule of three"): 299 images for 1 %,
+  59 for 5 %. With fewer, the threshold is about the highest score seen and the realised
+  rate is several times the target (``benchmarks/anomaly_calibration.py``, magnetic tiles,
+  1 % target, false alarms on 273 held-out good tiles: 4.4-18.3 % for banks of 30 good
+  images, 1.5-2.9 % for 100, 0.7 % for 300). Every build, ``--add`` and ``--false-alarm``
+  with too few images says so, with the count needed and the rate the images support.
+* **Duplicate images** (:func:`image_digest`): an image scored "leave-one-out" against a
+  bank that still holds its copy's patches scores near zero, so copies pull the threshold
+  down (magnetic tiles: 4.55 -> 2.85 with 10 copies among 40). Images are compared by the
+  SHA-256 of their decoded pixels (byte-identical files, and the same picture in another
+  file format or with other metadata); a copy of an image seen before, in the folder or
+  in the bank, is dropped with a note naming both, and the bank keeps the first.
+
 A bank grows in the field (``add``: new good images, a new variant or lighting); each
 change is a new version in ``BUNDLE/anomaly/`` (:class:`~edge_tl.runtime.versions.VersionedStore`,
 :func:`bank_store`) and can be rolled back. Metrics and the MVTec test layout live in
@@ -18,7 +36,9 @@ change is a new version in ``BUNDLE/anomaly/`` (:class:`~edge_tl.runtime.version
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +49,7 @@ import numpy as np
 from edge_tl.data import list_images
 from edge_tl.errors import EdgeTLError
 from edge_tl.runtime import patchcore as pc
+from edge_tl.runtime.preprocess import ImageLike, load_image
 from edge_tl.runtime.versions import StoreKind, VersionedStore
 from edge_tl.spec import IMAGE_EXTENSIONS, Manifest
 
@@ -45,9 +66,13 @@ __all__ = [
     "add",
     "bank_store",
     "build",
+    "calibration_warning",
     "check_features",
     "check_settings",
     "good_images",
+    "image_digest",
+    "images_needed",
+    "unique_images",
 ]
 
 DEFAULT_STAGES = ("features_s16",)
@@ -65,6 +90,8 @@ ANOMALY_DIR = "anomaly"
 KEEP_BANKS = 5
 """Bank versions kept on the device (a bank is megabytes, a head kilobytes)."""
 GOOD, ANOMALOUS = "good", "anomalous"
+CALIBRATION_CONFIDENCE = 0.95
+"""The chance, at least, that some good image lies beyond the target quantile."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +111,9 @@ class AnomalyState:
     false_alarm: float
     sigma: float = DEFAULT_SIGMA
     meta: dict[str, Any] = field(default_factory=dict)
+    digests: np.ndarray = field(default_factory=lambda: np.zeros((0, 32), np.uint8))
+    """``uint8[n, 32]``: SHA-256 of each good image's decoded pixels (:func:`image_digest`),
+    in ``loo_maps`` order; empty for banks written before they were kept."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_bank_sq", np.einsum("ij,ij->i", self.bank, self.bank))
@@ -131,7 +161,13 @@ class AnomalyState:
             "stages": list(self.stages),
             "false_alarm": self.false_alarm,
             "threshold": round(self.threshold, 4),
-            **{k: self.meta[k] for k in ("op", "parent", "created", "fit_s") if k in self.meta},
+            "images_needed": images_needed(self.false_alarm),
+            "calibration_warning": calibration_warning(len(self.loo_maps), self.false_alarm),
+            **{
+                k: self.meta[k]
+                for k in ("op", "parent", "created", "fit_s", "duplicates")
+                if k in self.meta
+            },
         }
 
     # ---- persistence ------------------------------------------------------------------
@@ -149,6 +185,7 @@ class AnomalyState:
             "owner": self.owner.astype(np.int32),
             "loo_maps": self.loo_maps.astype(np.float32),
             "meta": np.array(json.dumps(self.meta)),
+            "digests": self.digests.astype(np.uint8),
         }
 
     @classmethod
@@ -171,6 +208,9 @@ class AnomalyState:
                 far,
                 sigma,
                 json.loads(str(z["meta"])),
+                np.asarray(z["digests"], np.uint8).reshape(-1, 32)
+                if "digests" in z.files
+                else np.zeros((0, 32), np.uint8),
             )
         except (KeyError, ValueError, TypeError) as e:
             raise EdgeTLError(
@@ -236,8 +276,10 @@ def build(
     max_mb: float = DEFAULT_MAX_MB,
     false_alarm: float = DEFAULT_FALSE_ALARM,
     sigma: float = DEFAULT_SIGMA,
+    digests: np.ndarray | None = None,
 ) -> AnomalyState:
-    """A bank from the patch features ``float32[N, P, C]`` of ``N`` good images."""
+    """A bank from the patch features ``float32[N, P, C]`` of ``N`` good images
+    (``digests``: their :func:`image_digest`, ``uint8[N, 32]``, kept to spot copies later)."""
     check_settings(coreset, max_mb, false_alarm)
     n, p, c = feats.shape
     if n < 2:
@@ -258,13 +300,34 @@ def build(
     meta = {"images_added": n, "fit_s": round(time.perf_counter() - t0, 2)}
     settings = {"coreset": coreset, "max_mb": max_mb, "false_alarm": false_alarm}
     return AnomalyState(
-        stages, pool, grid, mean, scale, bank, owner, loo_maps, **settings, sigma=sigma, meta=meta
+        stages,
+        pool,
+        grid,
+        mean,
+        scale,
+        bank,
+        owner,
+        loo_maps,
+        **settings,
+        sigma=sigma,
+        meta=meta,
+        digests=_digests(digests, n),
     )
 
 
-def add(state: AnomalyState, feats: np.ndarray) -> AnomalyState:
+def _digests(digests: np.ndarray | None, n: int) -> np.ndarray:
+    if digests is None:
+        return np.zeros((0, 32), np.uint8)
+    d = np.asarray(digests, np.uint8).reshape(-1, 32)
+    if len(d) != n:
+        raise EdgeTLError(f"{len(d)} image digests for {n} images; pass one per image")
+    return d
+
+
+def add(state: AnomalyState, feats: np.ndarray, digests: np.ndarray | None = None) -> AnomalyState:
     """The bank grown with new good images' patches (those the bank does not yet cover, as
-    many as ``coreset`` of them, within ``max_mb``) and re-calibrated.
+    many as ``coreset`` of them, within ``max_mb``) and re-calibrated. ``digests`` are the
+    new images' :func:`image_digest` (kept when the bank has every earlier image's).
 
     The new images are calibrated leave-one-out against the grown bank. The earlier images'
     calibration maps are kept as they were: added patches could only lower them, so the
@@ -291,7 +354,82 @@ def add(state: AnomalyState, feats: np.ndarray) -> AnomalyState:
     loo_new = pc.blur(_leave_one_out(x, ids, bank, owner, state.grid), state.sigma)
     meta = {"images_added": m, "fit_s": round(time.perf_counter() - t0, 2)}
     loo_maps = np.concatenate([state.loo_maps, loo_new])
-    return replace(state, bank=bank, owner=owner, loo_maps=loo_maps, meta=meta)
+    known = len(state.digests) == len(state.loo_maps)
+    kept = (
+        np.concatenate([state.digests, _digests(digests, m)])
+        if known and digests is not None
+        else np.zeros((0, 32), np.uint8)
+    )
+    return replace(state, bank=bank, owner=owner, loo_maps=loo_maps, meta=meta, digests=kept)
+
+
+# ---- how many good images, and which are copies --------------------------------------------
+def images_needed(false_alarm: float, confidence: float = CALIBRATION_CONFIDENCE) -> int:
+    """Good images needed to calibrate a threshold for ``false_alarm``: the smallest ``n``
+    with ``(1 - false_alarm) ** n <= 1 - confidence``, i.e. at least one of them lies beyond
+    the true ``1 - false_alarm`` quantile with probability ``confidence`` (about
+    ``3 / false_alarm`` at 95 %: 299 for 0.01, 59 for 0.05, 29 for 0.1)."""
+    return math.ceil(math.log(1.0 - confidence) / math.log1p(-false_alarm))
+
+
+def supported_false_alarm(n: int, confidence: float = CALIBRATION_CONFIDENCE) -> float:
+    """The lowest false-alarm rate ``n`` good images calibrate (the inverse of
+    :func:`images_needed`): ``1 - (1 - confidence) ** (1 / n)``."""
+    return 1.0 - (1.0 - confidence) ** (1.0 / max(n, 1))
+
+
+def calibration_warning(n: int, false_alarm: float, bundle: str = "BUNDLE") -> str | None:
+    """A one-line warning when ``n`` good images are too few for ``false_alarm`` (see the
+    module docstring), else None; ``bundle`` is named in the fix."""
+    need = images_needed(false_alarm)
+    if n >= need:
+        return None
+    can = math.ceil(supported_false_alarm(n) * 1000) / 1000
+    return (
+        f"the threshold for {false_alarm:.1%} false alarms is calibrated on {n} good images; "
+        f"that rate needs at least {need} (with fewer, no good image may lie beyond it and "
+        f"the threshold falls to about the highest score seen, so more good parts are "
+        f"flagged): add good images with `edge-tl anomaly {bundle} MORE_GOOD --add`, or set "
+        f"--false-alarm {can:g} (what {n} images calibrate)"
+    )
+
+
+def image_digest(src: ImageLike) -> bytes:
+    """SHA-256 of an image's decoded pixels (mode, size and bytes, after EXIF orientation):
+    equal for byte-identical files and for the same picture in another format or with
+    other metadata; 32 bytes.
+
+    Raises:
+        EdgeTLError: the image cannot be read.
+    """
+    img = load_image(src)
+    h = hashlib.sha256(f"{img.mode} {img.size[0]}x{img.size[1]}\n".encode())
+    h.update(img.tobytes())
+    return h.digest()
+
+
+def unique_images(
+    images: list[Any], known: np.ndarray | None = None
+) -> tuple[list[Any], np.ndarray, list[dict[str, str]]]:
+    """The images that are not copies of an earlier one (in ``images``, or among the
+    ``known`` digests ``uint8[K, 32]`` of a bank's images).
+
+    Returns:
+        ``(kept images, their digests uint8[M, 32], [{"image", "same_as"}] dropped)``.
+    """
+    bank = () if known is None else known
+    seen: dict[bytes, str] = {bytes(d): "an image already in the bank" for d in bank}
+    kept, digests, dropped = [], [], []
+    for src in images:
+        d = image_digest(src)
+        name = str(src) if not hasattr(src, "size") else "<image>"
+        if d in seen:
+            dropped.append({"image": name, "same_as": seen[d]})
+            continue
+        seen[d] = name
+        kept.append(src)
+        digests.append(np.frombuffer(d, np.uint8))
+    return kept, np.array(digests, np.uint8).reshape(-1, 32), dropped
 
 
 def check_features(stages: tuple[str, ...], pool: int) -> None:

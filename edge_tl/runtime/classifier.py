@@ -31,7 +31,7 @@ from edge_tl.runtime.heads import LinearHead
 from edge_tl.runtime.learner import UNKNOWN, HeadState
 from edge_tl.runtime.preprocess import ImageLike, load_image, to_input
 from edge_tl.runtime.results import Evaluation, Prediction
-from edge_tl.spec import EMBEDDING
+from edge_tl.spec import EMBEDDING, check_label
 
 if TYPE_CHECKING:
     from edge_tl.runtime.model import Model
@@ -115,9 +115,13 @@ class HeadChange:
         if self.k < 1:
             raise EdgeTLError(f"--k must be at least 1, not {self.k}")
         if self.relabel is not None:
-            old, sep, new = self.relabel.partition("=")
-            if not sep or not old or not new:
-                raise EdgeTLError(f"--relabel takes OLD=NEW, not {self.relabel!r}")
+            names = self.relabel.split("=")
+            if len(names) != 2 or not all(names):
+                raise EdgeTLError(
+                    f"--relabel takes OLD=NEW with one '=' (class names cannot contain '='), "
+                    f"not {self.relabel!r}"
+                )
+            check_label(names[1], "the new name of --relabel")
 
     @property
     def sets_open_set(self) -> bool:

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from edge_tl.runtime.model import Model
 
 __all__ = ["AnomalyDetector", "BankChange", "GoodLike"]
+
+_logger = logging.getLogger(__name__)
 
 GoodLike = str | Path | Sequence[ImageLike]
 """Good images: a folder, an MVTec-layout folder (its ``train/good``), or a list."""
@@ -97,6 +100,11 @@ def _paths(good: GoodLike) -> list[Any]:
     return anomaly.good_images(good) if isinstance(good, (str, Path)) else list(good)
 
 
+def _noting(state: AnomalyState, dropped: list[dict[str, str]]) -> AnomalyState:
+    """``state`` with the copies that were dropped recorded in its version's metadata."""
+    return replace(state, meta={**state.meta, "duplicates": dropped}) if dropped else state
+
+
 class AnomalyDetector:
     """Defect detection from good images with a bundle (see the module docstring)."""
 
@@ -141,21 +149,42 @@ class AnomalyDetector:
         max_mb: float = anomaly.DEFAULT_MAX_MB,
         false_alarm: float = anomaly.DEFAULT_FALSE_ALARM,
     ) -> AnomalyState:
-        """Build a new bank from good images; the previous bank stays as a version."""
+        """Build a new bank from good images; the previous bank stays as a version.
+
+        Copies of an earlier image (same decoded pixels) are dropped and listed in the
+        version's ``duplicates``; a calibration set too small for ``false_alarm`` is named
+        in the summary's ``calibration_warning`` (see :mod:`edge_tl.runtime.anomaly`).
+        """
         anomaly.check_features(stages, pool)
         anomaly.check_settings(coreset, max_mb, false_alarm)
-        paths = _paths(good)
+        paths, digests, dropped = anomaly.unique_images(_paths(good))
         feats = self._model.patch_features(
             paths, stages, pool, desc="patch features of good images"
         )
-        state = anomaly.build(feats, self._grid(stages), stages, pool, coreset, max_mb, false_alarm)
-        return self._commit(state, "build")
+        state = anomaly.build(
+            feats,
+            self._grid(stages),
+            stages,
+            pool,
+            coreset,
+            max_mb,
+            false_alarm,
+            digests=digests,
+        )
+        return self._commit(_noting(state, dropped), "build")
 
     def add(self, good: GoodLike) -> AnomalyState:
-        """Grow the bank with new good images and re-calibrate its threshold."""
+        """Grow the bank with new good images and re-calibrate its threshold (copies of
+        images in the bank or earlier in ``good`` are dropped, as in :meth:`fit`)."""
         state = self.require()
+        paths, digests, dropped = anomaly.unique_images(_paths(good), state.digests)
+        if not paths:
+            raise EdgeTLError(
+                f"all {len(dropped)} images are copies of images already in the bank "
+                f"(e.g. {dropped[0]['image']}); pass new good images"
+            )
         feats = self._model.patch_features(  # outside the lock: only the bank's update waits
-            _paths(good), state.stages, state.pool, desc="patch features"
+            paths, state.stages, state.pool, desc="patch features"
         )
 
         def grow(current: AnomalyState | None) -> AnomalyState:
@@ -164,7 +193,7 @@ class AnomalyDetector:
                     f"the anomaly bank of {self._model.path} was replaced while the images "
                     "were read (other features); run the command again"
                 )
-            return anomaly.add(current, feats)
+            return _noting(anomaly.add(current, feats, digests), dropped)
 
         return self._change(grow, "add")
 
@@ -207,7 +236,25 @@ class AnomalyDetector:
     def _commit(self, state: AnomalyState, op: str) -> AnomalyState:
         """Write a bank that does not depend on the current one (a new bank)."""
         self._state, self._loaded = self.store.save(state, op), True
+        self._warn()
         return self._state
+
+    def _warn(self) -> None:
+        """Log what the version in force should make a user act on: dropped copies, and a
+        calibration set too small for its false-alarm target."""
+        dropped = self._state.meta.get("duplicates") or []
+        if dropped:
+            shown = "; ".join(f"{d['image']} (same pixels as {d['same_as']})" for d in dropped[:5])
+            more = f"; and {len(dropped) - 5} more (--json lists all)" if len(dropped) > 5 else ""
+            _logger.warning(
+                f"dropped {len(dropped)} duplicate good image(s), each a copy of an earlier "
+                f"one, which would lower the threshold: {shown}{more}"
+            )
+        note = anomaly.calibration_warning(
+            len(self._state.loo_maps), self._state.false_alarm, str(self._model.path)
+        )
+        if note:
+            _logger.warning(note)
 
     def _change(
         self, change: Callable[[AnomalyState | None], AnomalyState], op: str
@@ -216,6 +263,7 @@ class AnomalyDetector:
         process's change made since this model was loaded is kept); the new bank replaces
         the old in one assignment, so a thread scoring meanwhile uses one or the other."""
         self._state, self._loaded = self.store.update(change, op), True
+        self._warn()
         return self._state
 
     # ---- answering --------------------------------------------------------------------

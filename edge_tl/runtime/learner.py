@@ -37,11 +37,12 @@ from edge_tl.runtime.heads import (
     cl2n,
     class_means,
     power,
+    support_centre,
     unit_rows,
 )
 from edge_tl.runtime.imprint import imprint
 from edge_tl.runtime.versions import StoreKind, VersionedStore
-from edge_tl.spec import Manifest
+from edge_tl.spec import UNKNOWN, Manifest, check_labels
 
 __all__ = [
     "DEFAULT_HEAD",
@@ -63,8 +64,6 @@ __all__ = [
 
 HEADS = ("linear", "prototype", "knn")
 DEFAULT_HEAD = "linear"
-UNKNOWN = "unknown"
-"""The label ``predict`` gives an image that is like none of the known classes."""
 DEFAULT_QUANTILE = 0.05
 """Open set: the threshold lets through all but this share of the support set (leave-one-out)."""
 KEEP_VERSIONS = 20
@@ -93,17 +92,41 @@ class HeadState:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._open = _open_set(self) if self.open_set_ready else None
+        counts = np.bincount(self.support_y, minlength=len(self.labels))
+        has_prototypes = bool(len(self.labels)) and bool(counts.min() > 0)
+        self._open = _open_set(self) if has_prototypes else None
 
     # ---- open set ---------------------------------------------------------------------
     @property
     def open_set_ready(self) -> bool:
+        """Whether the support set gives a threshold: see :attr:`open_set_problem`."""
+        return self.open_set_problem is None
+
+    @property
+    def open_set_problem(self) -> str | None:
+        """Why the support set cannot give an open-set threshold, or None when it can.
+
+        Every class needs a prototype (one support image or more), and some class needs two
+        or more, since the threshold comes from images scored against their class's
+        prototype computed without them.
+        """
         counts = np.bincount(self.support_y, minlength=len(self.labels))
-        return bool(len(self.labels)) and bool(counts.min() > 0)
+        if not len(self.labels):
+            return "the head has no classes"
+        missing = [n for n, c in zip(self.labels, counts, strict=True) if c == 0]
+        if missing:
+            return f"open set needs support images of every class; none for {', '.join(missing)}"
+        if counts.max() < 2:
+            return (
+                "open set needs 2 or more support images of a class (each is scored with "
+                "itself left out), every class has 1; add images with `learn --add` or set "
+                "a fixed --threshold"
+            )
+        return None
 
     @property
     def threshold(self) -> float | None:
-        if self.threshold_override is not None:
+        if self.threshold_override is not None and self._open is not None:
             return self.threshold_override
         if self._open is None or self.quantile is None:
             return None
@@ -135,6 +158,11 @@ class HeadState:
             "support": self.counts(),
             "threshold": None if self.threshold is None else round(self.threshold, 4),
             "open_set": self.threshold is not None,
+            **(
+                {"open_set_problem": self.open_set_problem}
+                if self.threshold is None and self.quantile is not None
+                else {}
+            ),
             **{k: self.meta[k] for k in ("op", "parent", "created", "fit_ms") if k in self.meta},
         }
 
@@ -304,12 +332,16 @@ def _open_set(state: HeadState) -> dict[str, Any]:
 
     Each support embedding is scored against its class's prototype computed without it;
     the threshold is the ``quantile`` of those scores, so about that share of images like
-    the support set would be called unknown. A class with one example cannot be left out;
-    with no class of two or more, the threshold is ``-1`` (nothing is rejected).
+    the support set would be called unknown. A class with one example cannot be left out
+    (it is still gated by the threshold the others give); with no class of two or more the
+    threshold is None (:attr:`HeadState.open_set_problem` says why). The features
+    are centred by :func:`~edge_tl.runtime.heads.support_centre`: on the support mean for
+    two or more classes, not at all for one (centred on its own mean, one class's
+    leave-one-out cosines are near -1 and the threshold would reject nothing).
     """
     x, y, k = state.support_x, state.support_y, len(state.labels)
     p = power(x, FEWSHOT_POWER)
-    centre = p.mean(0)
+    centre = support_centre(p, k)
     z = cl2n(p, centre)
     counts = np.bincount(y, minlength=k)
     sums = class_means(z, y, k) * counts[:, None]
@@ -318,29 +350,11 @@ def _open_set(state: HeadState) -> dict[str, Any]:
     sq = np.maximum((sums * sums).sum(1)[y] - 2 * dots + 1.0, 1e-12)
     scores = ((dots - 1.0) / np.sqrt(sq))[counts[y] >= 2]
     q = state.quantile if state.quantile is not None else DEFAULT_QUANTILE
-    threshold = float(np.quantile(scores, q)) if len(scores) else -1.0
+    threshold = float(np.quantile(scores, q)) if len(scores) else None
     return {"centre": centre, "prototypes": unit_rows(sums), "threshold": threshold}
 
 
 # ---- operations (pure: each returns a new state) -----------------------------------------
-def check_labels(names: list[str], existing: list[str] | None = None) -> None:
-    """Refuse label names that collide: ``unknown``, empty, or equal ignoring case."""
-    seen: dict[str, str] = {}
-    for name in [*(existing or []), *names]:
-        key = name.strip().casefold()
-        if not key:
-            raise EdgeTLError("a class name is empty; name every class folder")
-        if key == UNKNOWN:
-            raise EdgeTLError(
-                f"class name {name!r} is reserved for open-set rejection; rename the class"
-            )
-        if key in seen and seen[key] != name:
-            raise EdgeTLError(
-                f"class names {seen[key]!r} and {name!r} differ only in case; rename one"
-            )
-        seen[key] = name
-
-
 def learn(
     x: np.ndarray,
     names: list[str],
@@ -352,7 +366,7 @@ def learn(
     if kind not in HEADS:
         raise EdgeTLError(f"--head must be one of {', '.join(HEADS)}, not {kind!r}")
     labels = sorted(set(names))
-    check_labels(labels)
+    check_labels(labels, "support classes")
     if len(labels) < 2 and kind == "linear":
         raise EdgeTLError(
             f"a linear head needs at least 2 classes, DATA has {len(labels)}; add class "
@@ -381,7 +395,7 @@ def add(state: HeadState, x: np.ndarray, names: list[str]) -> HeadState:
     if len(x) != len(names) or len(x) == 0:
         raise EdgeTLError("no support images to add; add images to the class folders")
     new = sorted(set(names) - set(state.labels))
-    check_labels(new, state.labels)
+    check_labels(new, "classes to add", state.labels)
     labels = [*state.labels, *new]
     y_add = np.asarray([labels.index(n) for n in names], np.int64)
     support_x = np.concatenate([state.support_x, np.asarray(x, np.float32)])
@@ -454,13 +468,13 @@ def relabel(state: HeadState, old: str, new: str) -> HeadState:
             f"class {old!r} is not in the head ({', '.join(state.labels)}); check the name"
         )
     others = [n for n in state.labels if n != old]
-    clash = [n for n in others if n.strip().casefold() == new.strip().casefold()]
+    clash = [n for n in others if n.casefold() == str(new).casefold()]
     if clash:
         raise EdgeTLError(
             f"cannot relabel {old!r} as {new!r}: the head already has a class {clash[0]!r}; "
             f"remove one of them first (learn --remove)"
         )
-    check_labels([new], others)
+    check_labels([new], "the new name of --relabel", others)
     labels = [new if n == old else n for n in state.labels]
     return replace(state, labels=labels, meta={})
 

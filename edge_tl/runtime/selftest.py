@@ -17,10 +17,10 @@ import numpy as np
 from PIL import Image
 
 from edge_tl.errors import EdgeTLError
-from edge_tl.runtime.engine import Engine
+from edge_tl.runtime.engine import Engine, make_engine
 from edge_tl.runtime.host import host_info
 from edge_tl.runtime.preprocess import normalise_pixels
-from edge_tl.spec import EMBEDDING, Manifest, SelfTestSpec
+from edge_tl.spec import EMBEDDING, Artifact, Manifest, Preprocess, SelfTestSpec
 
 __all__ = [
     "SELF_TEST_FILE",
@@ -41,34 +41,50 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
+def _embed_stored(bundle: Path, file: str, pre: Preprocess, engine: Engine) -> np.ndarray:
+    """Per-image cosines ``float32[N]`` of the self-test images in ``bundle/file`` through
+    ``engine`` with their FP32 embeddings: the stored ``uint8`` pixels read back, normalised
+    as the manifest says, and run as one batch. The export and the device both call this,
+    so the figure recorded at export is the one the device reproduces on the same host."""
+    with np.load(bundle / file, allow_pickle=False) as z:
+        pixels, ref = z["pixels"], z["embedding"]
+    got = engine.run(normalise_pixels(pixels, pre), (EMBEDDING,))[EMBEDDING]
+    return _cosine(got, ref).astype(np.float32)
+
+
 def write_self_test(
     folder: Path,
     pixels: np.ndarray,
     reference: np.ndarray,
-    got: np.ndarray,
+    artifact: Artifact,
+    pre: Preprocess,
     on_fail: str,
     margin: float,
 ) -> SelfTestSpec | None:
-    """Write ``selftest.npz`` into ``folder``: four of the check images and their FP32
-    embeddings, for the device to check its own kernels on first load.
+    """Write ``selftest.npz`` into the bundle ``folder`` (whose artifact files are final):
+    four of the check images and their FP32 embeddings, and the cosine this host reaches on
+    them, measured as the device measures it on load (:func:`run_self_test`): a fresh
+    engine opened from the bundle's files with the device's defaults (:func:`make_engine`:
+    default threads, CPU), the stored pixels read back, one batch.
 
     Args:
         pixels: ``uint8[N, 3, S, S]`` resized check images; four, evenly spaced, are kept.
         reference: ``float32[N, D]`` their FP32 PyTorch embeddings.
-        got: ``float32[N, D]`` the artifact's embeddings of them on this (the export) host.
+        artifact: the bundle's artifact (its files already in ``folder``).
+        pre: the bundle's preprocessing.
         on_fail: ``refuse``, ``warn`` or ``off`` (nothing written).
         margin: the device passes at the cosine reached here minus ``margin``.
+
+    Raises:
+        EdgeTLError: the engine cannot load the artifact.
     """
     if on_fail == "off":
         return None
     idx = np.linspace(0, len(pixels) - 1, min(SELF_TEST_IMAGES, len(pixels))).round().astype(int)
-    cos = _cosine(got[idx], reference[idx])
-    np.savez(
-        folder / SELF_TEST_FILE,
-        pixels=pixels[idx],
-        embedding=reference[idx].astype(np.float32),
-        export_cosine=cos.astype(np.float32),
-    )
+    arrays = {"pixels": pixels[idx], "embedding": reference[idx].astype(np.float32)}
+    np.savez(folder / SELF_TEST_FILE, **arrays)
+    cos = _embed_stored(folder, SELF_TEST_FILE, pre, make_engine(folder, artifact))
+    np.savez(folder / SELF_TEST_FILE, **arrays, export_cosine=cos)
     return SelfTestSpec(
         file=SELF_TEST_FILE,
         min_cosine=round(max(0.0, float(cos.mean()) - margin), 5),
@@ -92,7 +108,8 @@ def reference_images(bundle: Path, spec: SelfTestSpec) -> list[Image.Image]:
 
 
 def run_self_test(bundle: Path, manifest: Manifest, engine: Engine) -> dict[str, Any] | None:
-    """Embed the bundled reference images on this host and compare with FP32.
+    """Embed the bundled reference images on this host and compare with FP32 (the
+    computation :func:`write_self_test` recorded at export).
 
     Returns:
         ``{"cosine", "min_cosine", "passed", ...}``, or None when the bundle has no self-test.
@@ -100,10 +117,8 @@ def run_self_test(bundle: Path, manifest: Manifest, engine: Engine) -> dict[str,
     spec = manifest.self_test
     if spec is None or spec.on_fail == "off":
         return None
-    pixels, ref = read_pixels(bundle, spec)
     t0 = time.perf_counter()
-    got = engine.run(normalise_pixels(pixels, manifest.preprocess), (EMBEDDING,))[EMBEDDING]
-    cos = _cosine(got, ref)
+    cos = _embed_stored(bundle, spec.file, manifest.preprocess, engine)
     return {
         "cosine": round(float(cos.mean()), 5),
         "cosine_min": round(float(cos.min()), 5),

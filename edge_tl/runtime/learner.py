@@ -196,7 +196,7 @@ class HeadState:
                 of range; one line naming it.
         """
         try:
-            a = _head_arrays(z)
+            a = _head_arrays(z, where)
             if a["kind"] == "linear":
                 head: Head = LinearHead.from_arrays(
                     {k[len("linear_") :]: v for k, v in a.items() if k.startswith("linear_")}
@@ -223,7 +223,7 @@ class HeadState:
         )
 
 
-def _head_arrays(z: Any) -> dict[str, Any]:
+def _head_arrays(z: Any, where: str) -> dict[str, Any]:
     """The arrays of a head file, each checked by the rule of its kind: text is a text
     scalar, numbers are numeric arrays of the stated rank whose values fit float32 and are
     finite (NaN only where it means "off"), sizes agree (``support_x[N, D]``,
@@ -232,6 +232,7 @@ def _head_arrays(z: Any) -> dict[str, Any]:
 
     Raises:
         KeyError: an array is missing. ValueError: naming the array that breaks a rule.
+        EdgeTLError: a class name breaks :data:`~edge_tl.spec.LABEL_RULE`.
     """
     f32 = float(np.finfo(np.float32).max)
 
@@ -264,10 +265,9 @@ def _head_arrays(z: Any) -> dict[str, Any]:
     if labels.dtype.kind != "U" or labels.ndim != 1 or not len(labels):
         raise ValueError("labels is not a 1-D array of class names")
     a["labels"] = [str(s) for s in labels]
-    try:
-        check_labels(a["labels"])
-    except EdgeTLError as e:
-        raise ValueError(f"labels: {e}") from None
+    check_labels(
+        a["labels"], f"labels of {where}", fix="roll back to an earlier head or learn a new one"
+    )
     n_classes = len(a["labels"])
     x = a["support_x"] = numbers("support_x", 2)
     y = np.asarray(z["support_y"])

@@ -13,6 +13,7 @@ import os
 from edge_tl.cli import output
 from edge_tl.cli.training_flags import train_config
 from edge_tl.errors import EdgeTLError, require
+from edge_tl.images import SKIPPED
 
 __all__ = [
     "anomaly",
@@ -47,7 +48,9 @@ def train(args: argparse.Namespace) -> int:
             f"--stages and --params choose what --strategy selective trains; {cfg.strategy} "
             "decides that itself (drop them, or use --strategy selective)"
         )
-    metrics = train_run(args.data, args.out, cfg, force=args.force, resume=args.resume)
+    metrics = train_run(
+        args.data, args.out, cfg, force=args.force, resume=args.resume, skip_bad=args.skip_bad
+    )
     if args.json:
         output.print_json(metrics)
     elif int(os.environ.get("RANK", "0")) == 0:
@@ -55,6 +58,8 @@ def train(args: argparse.Namespace) -> int:
             f"trained {cfg.strategy} on {args.data}: test accuracy "
             f"{metrics['test_accuracy']:.4f} (n={metrics['n_test']}) -> {args.out}"
         )
+    if int(os.environ.get("RANK", "0")) == 0:
+        output.skipped(metrics.get(SKIPPED))
     return 0
 
 
@@ -84,6 +89,7 @@ def compare(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> int:
     _workstation()
     from edge_tl.export import export_bundle
+    from edge_tl.export.pipeline import CALIBRATION_SKIPPED
 
     m = export_bundle(
         args.out,
@@ -95,11 +101,13 @@ def export(args: argparse.Namespace) -> int:
         force=args.force,
         weights=args.weights,
         logits=args.logits,
+        skip_bad=args.skip_bad,
     )
     if args.json:
         output.print_json(m.metrics)
     else:
         output.export(m, args.out)
+    output.skipped(m.metrics.get(CALIBRATION_SKIPPED))
     return 0
 
 
@@ -132,12 +140,14 @@ def anomaly(args: argparse.Namespace) -> int:
         if args.stages is None
         else tuple(s.strip() for s in args.stages.split(",") if s.strip()),
         pool=args.pool,
+        skip_bad=args.skip_bad,
     )
     summary = Model(args.bundle).detector.apply(change).summary()
     if args.json:
         output.print_json(summary)
     else:
         output.bank_summary(args.bundle, summary)
+    output.skipped(summary.get(SKIPPED))
     return 0
 
 
@@ -155,6 +165,7 @@ def learn(args: argparse.Namespace) -> int:
         quantile=args.quantile,
         threshold=args.threshold,
         open_set=not args.no_open_set,
+        skip_bad=args.skip_bad,
     )
     classifier = Model(args.bundle).classifier
     before = classifier.state.summary() if classifier.state is not None else None
@@ -165,6 +176,7 @@ def learn(args: argparse.Namespace) -> int:
     else:
         hint = summary["threshold"] is None and change.open_set and not state.open_set_ready
         output.head_summary(args.bundle, summary, hint)
+    output.skipped(summary.get(SKIPPED))
     return 0
 
 
@@ -219,11 +231,14 @@ def bench(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     from edge_tl.runtime import Model
 
-    res = Model(args.bundle).evaluate(args.data, split=args.split, maps_dir=args.maps)
+    res = Model(args.bundle).evaluate(
+        args.data, split=args.split, maps_dir=args.maps, skip_bad=args.skip_bad
+    )
     if args.json:
         output.print_json(res.to_dict())
     else:
         output.evaluation(res)
+    output.skipped(res.skipped)
     return 0
 
 

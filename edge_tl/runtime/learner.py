@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from edge_tl.errors import EdgeTLError
+from edge_tl.images import SKIPPED
 from edge_tl.runtime.heads import (
     FEWSHOT_POWER,
     KnnHead,
@@ -135,7 +136,11 @@ class HeadState:
             "support": self.counts(),
             "threshold": None if self.threshold is None else round(self.threshold, 4),
             "open_set": self.threshold is not None,
-            **{k: self.meta[k] for k in ("op", "parent", "created", "fit_ms") if k in self.meta},
+            **{
+                k: self.meta[k]
+                for k in ("op", "parent", "created", "fit_ms", SKIPPED)
+                if k in self.meta
+            },
         }
 
     # ---- persistence ------------------------------------------------------------------

@@ -451,3 +451,27 @@ def test_anomaly_masks_of_0_and_1_maps_that_never_collide_and_skip_bad(
     with Image.open(pngs[1]) as im, Image.open(lines["lineB"]) as orig:  # lineB's own overlay
         left = np.asarray(im.convert("L"))[16:, : orig.size[0]]
         assert np.array_equal(left, np.asarray(orig.convert("L")))
+
+
+def test_calibration_images_follow_the_same_rule(tmp_path):
+    from edge_tl.export.source import calibration_pool
+
+    want = _messy(tmp_path / "calib")
+    assert calibration_pool(tmp_path / "calib", None) == (want, [])
+    (tmp_path / "calib" / "cut.png").write_bytes(_SEEDS["PNG"][:100])
+    with pytest.raises(BadImageError, match=r"cut\.png .*--skip-bad"):
+        calibration_pool(tmp_path / "calib", None)
+    paths, skipped = calibration_pool(tmp_path / "calib", None, skip_bad=True)
+    assert paths == want and [Path(s.path).name for s in skipped] == ["cut.png"]
+
+
+@pytest.mark.slow
+def test_train_and_export_stop_on_a_bad_file_before_any_work(lp_run, neu_small, tmp_path):
+    data = Path(shutil.copytree(neu_small, tmp_path / "data"))
+    (data / "patches" / "cut.jpg").write_bytes(_SEEDS["JPEG"][:200])
+    res = cli("train", data, "--strategy", "linear-probe", "--out", tmp_path / "run")
+    _one_line_error(res, "cut.jpg", "--skip-bad")
+    assert not (tmp_path / "run").exists()
+    res = cli("export", lp_run, "--calib", data / "patches", "--out", tmp_path / "b")
+    _one_line_error(res, "cut.jpg", "--skip-bad")
+    assert not (tmp_path / "b").exists()

@@ -88,7 +88,7 @@ class Test:
     """The test set with its labels, masks and image sizes."""
 
     def __init__(self) -> None:
-        self.items = ev.mvtec_test(DATA)
+        self.items, _ = ev.mvtec_test(DATA)
         self.paths = [it.path for it in self.items]
         self.y = np.array([it.defect != an.GOOD for it in self.items], np.int64)
         self.masks = [ev.load_mask(it.mask) if it.mask else None for it in self.items]
@@ -224,7 +224,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    train_paths = an.good_images(DATA)
+    train_paths, _ = an.good_images(DATA)
     test = Test()
     paths = bundles(args.work)
     res: dict = {"banks": {}}

@@ -1,8 +1,9 @@
 """Datasets as lists of (image path, label): ImageFolder and the ELPV package, the one image
 listing and the one split every part of edge_tl uses. Torch-free.
 
-Folders are checked up front (missing, empty class, non-image file), so a bad data set
-fails before any work starts.
+Folders are read by the one folder rule of :mod:`edge_tl.images` and checked up front
+(missing, empty class, a file that is not a readable image), so a bad data set fails before
+any work starts, or with ``skip_bad`` runs without its bad files and lists them.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from edge_tl.errors import EdgeTLError
-from edge_tl.spec import IMAGE_EXTENSIONS, SplitRecord, check_labels
+from edge_tl.images import Skipped, entries, is_image_name, list_images
+from edge_tl.images import check_images as decode_all
+from edge_tl.spec import SplitRecord, check_labels
 
 __all__ = [
     "ELPV",
@@ -43,6 +45,8 @@ class Dataset:
     paths: list[str]
     labels: np.ndarray
     meta: list[dict[str, str]] = field(default_factory=list)
+    skipped: tuple[Skipped, ...] = ()
+    """Bad files left out under ``skip_bad`` (:func:`image_folder`)."""
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -50,30 +54,22 @@ class Dataset:
     def subset(self, idx: np.ndarray | list[int]) -> Dataset:
         idx = np.asarray(idx, dtype=np.int64)
         meta = [self.meta[i] for i in idx] if self.meta else []
-        return Dataset(
-            self.name, self.classes, [self.paths[i] for i in idx], self.labels[idx], meta
-        )
+        paths = [self.paths[i] for i in idx]
+        return Dataset(self.name, self.classes, paths, self.labels[idx], meta, self.skipped)
 
 
-def _visible_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+def image_folder(root: str | Path, check_images: bool = True, skip_bad: bool = False) -> Dataset:
+    """Read an ImageFolder: ``root/<class>/<image>``, by the folder rule of
+    :mod:`edge_tl.images` (hidden and OS files ignored, extensions in any case).
 
-
-def list_images(folder: str | Path) -> list[Path]:
-    """The image files directly in ``folder`` (by extension, hidden files skipped), sorted.
-
-    Every flat folder of images edge_tl reads (calibration images, good images for an
-    anomaly bank, an MVTec ``test/<type>`` folder) is listed by this one function.
-    """
-    return [p for p in _visible_files(Path(folder)) if p.suffix.lower() in IMAGE_EXTENSIONS]
-
-
-def image_folder(root: str | Path, check_images: bool = True) -> Dataset:
-    """Read an ImageFolder: ``root/<class>/<image>``. Hidden files are ignored.
+    With ``check_images`` every image is decoded once up front, so a bad file stops the
+    command before any work; ``skip_bad`` leaves bad files out instead and lists them in
+    :attr:`Dataset.skipped`.
 
     Raises:
         EdgeTLError: missing folder, no class folders, a folder name that is not a valid class
-            name (:data:`~edge_tl.spec.LABEL_RULE`), an empty class, a non-image file.
+            name (:data:`~edge_tl.spec.LABEL_RULE`), an empty class.
+        BadImageError: a file that is not a readable image (not ``skip_bad``).
 
     Example:
         >>> ds = image_folder("../shared/data/neu_det")  # doctest: +SKIP
@@ -85,38 +81,38 @@ def image_folder(root: str | Path, check_images: bool = True) -> Dataset:
         raise EdgeTLError(
             f"data folder {root} does not exist; pass a folder of <class>/<image> files"
         )
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = entries(root)[1]
     if not class_dirs:
         raise EdgeTLError(
             f"{root} has no class folders; lay it out as {root}/<class name>/<image files>"
         )
     check_labels([d.name for d in class_dirs], f"class folders of {root}", fix="rename the folder")
-    paths, labels = [], []
+    paths: list[str] = []
+    labels: list[int] = []
+    skipped: list[Skipped] = []
     for label, d in enumerate(class_dirs):
-        files = _visible_files(d)
+        files = entries(d)[0]
         if not files:
             raise EdgeTLError(f"class folder {d} is empty; add images or remove the folder")
-        for p in files:
-            if p.suffix.lower() not in IMAGE_EXTENSIONS:
+        if check_images:
+            kept, bad = decode_all(files, skip_bad)
+            skipped += bad
+            if not kept:
                 raise EdgeTLError(
-                    f"{p} is not an image file (expected {', '.join(IMAGE_EXTENSIONS)}); "
-                    "move it out of the data folder"
+                    f"class folder {d} has no readable image ({len(bad)} skipped); add images "
+                    "or remove the folder"
                 )
-            if check_images:
-                _check_header(p)
-            paths.append(str(p))
-            labels.append(label)
-    return Dataset(root.name, [d.name for d in class_dirs], paths, np.asarray(labels, np.int64))
-
-
-def _check_header(p: Path) -> None:
-    try:
-        with Image.open(p) as im:
-            im.size  # noqa: B018 - reading the header is the check
-    except (UnidentifiedImageError, OSError) as e:
-        raise EdgeTLError(
-            f"{p} is not a readable image ({type(e).__name__}); remove or replace the file"
-        ) from None
+        else:
+            kept = [str(p) for p in files if is_image_name(p)]
+        paths += kept
+        labels += [label] * len(kept)
+    return Dataset(
+        root.name,
+        [d.name for d in class_dirs],
+        paths,
+        np.asarray(labels, np.int64),
+        skipped=tuple(skipped),
+    )
 
 
 def elpv(threshold: float = 0.5) -> Dataset:
@@ -140,11 +136,12 @@ def elpv(threshold: float = 0.5) -> Dataset:
     return Dataset(ELPV, ["functional", "defective"], paths, labels, meta)
 
 
-def open_dataset(spec: str | Path) -> Dataset:
-    """``"elpv"`` for the ELPV package, otherwise an ImageFolder path."""
+def open_dataset(spec: str | Path, skip_bad: bool = False) -> Dataset:
+    """``"elpv"`` for the ELPV package, otherwise an ImageFolder path (see
+    :func:`image_folder` for ``skip_bad``)."""
     if str(spec) == ELPV and not Path(spec).exists():
         return elpv()
-    return image_folder(spec)
+    return image_folder(spec, skip_bad=skip_bad)
 
 
 def fingerprint(ds: Dataset) -> str:

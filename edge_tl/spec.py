@@ -65,7 +65,19 @@ STRATEGIES = (
 )
 """Transfer strategies by name (``edge_tl.train.policies`` says what each trains)."""
 DEFAULT_STRATEGY = "finetune"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".gif",
+    ".pgm",
+    ".ppm",
+)
+"""Image files by extension, in any case, for every command (GIF: its first frame)."""
 
 # ---- class names ---------------------------------------------------------------------------
 UNKNOWN = "unknown"

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from edge_tl.cli import output
 from edge_tl.cli.training_flags import train_config
 from edge_tl.errors import EdgeTLError, require
+from edge_tl.images import SKIPPED
 
 __all__ = [
     "anomaly",
@@ -80,7 +81,9 @@ def train(args: argparse.Namespace) -> int:
             f"--stages and --params choose what --strategy selective trains; {cfg.strategy} "
             "decides that itself (drop them, or use --strategy selective)"
         )
-    metrics = train_run(args.data, args.out, cfg, force=args.force, resume=args.resume)
+    metrics = train_run(
+        args.data, args.out, cfg, force=args.force, resume=args.resume, skip_bad=args.skip_bad
+    )
     if args.json:
         output.print_json(metrics)
     elif int(os.environ.get("RANK", "0")) == 0:
@@ -88,6 +91,8 @@ def train(args: argparse.Namespace) -> int:
             f"trained {cfg.strategy} on {args.data}: test accuracy "
             f"{metrics['test_accuracy']:.4f} (n={metrics['n_test']}) -> {args.out}"
         )
+    if int(os.environ.get("RANK", "0")) == 0:
+        output.skipped(metrics.get(SKIPPED))
     return 0
 
 
@@ -120,6 +125,7 @@ def export(args: argparse.Namespace) -> int:
     key = load_private_key(args.sign) if args.sign else None  # a bad key fails before the work
     _workstation()
     from edge_tl.export import export_bundle
+    from edge_tl.export.pipeline import CALIBRATION_SKIPPED
 
     m = export_bundle(
         args.out,
@@ -132,6 +138,7 @@ def export(args: argparse.Namespace) -> int:
         weights=args.weights,
         logits=args.logits,
         sign=key,
+        skip_bad=args.skip_bad,
     )
     if args.json:
         output.print_json(m.metrics)
@@ -139,6 +146,7 @@ def export(args: argparse.Namespace) -> int:
         output.export(m, args.out)
         if key is not None:
             output.signed(args.out, _signature(args.out, None))
+    output.skipped(m.metrics.get(CALIBRATION_SKIPPED))
     return 0
 
 
@@ -171,12 +179,14 @@ def anomaly(args: argparse.Namespace) -> int:
         if args.stages is None
         else tuple(s.strip() for s in args.stages.split(",") if s.strip()),
         pool=args.pool,
+        skip_bad=args.skip_bad,
     )
     summary = Model(args.bundle, trust=args.trust).detector.apply(change).summary()
     if args.json:
         output.print_json(summary)
     else:
         output.bank_summary(args.bundle, summary)
+    output.skipped(summary.get(SKIPPED))
     return 0
 
 
@@ -194,6 +204,7 @@ def learn(args: argparse.Namespace) -> int:
         quantile=args.quantile,
         threshold=args.threshold,
         open_set=not args.no_open_set,
+        skip_bad=args.skip_bad,
     )
     classifier = Model(args.bundle, trust=args.trust).classifier
     before = classifier.state.summary() if classifier.state is not None else None
@@ -203,6 +214,7 @@ def learn(args: argparse.Namespace) -> int:
         output.print_json({"bundle": str(args.bundle), "head": summary, "previous": before})
     else:
         output.head_summary(args.bundle, summary)
+    output.skipped(summary.get(SKIPPED))
     return 0
 
 
@@ -263,12 +275,13 @@ def evaluate(args: argparse.Namespace) -> int:
     from edge_tl.runtime import Model
 
     res = Model(args.bundle, trust=args.trust).evaluate(
-        args.data, split=args.split, maps_dir=args.maps
+        args.data, split=args.split, maps_dir=args.maps, skip_bad=args.skip_bad
     )
     if args.json:
         output.print_json(res.to_dict())
     else:
         output.evaluation(res)
+    output.skipped(res.skipped)
     return 0
 
 

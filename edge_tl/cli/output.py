@@ -6,6 +6,8 @@ Nothing here decides anything; ``--json`` prints the library's own records inste
 from __future__ import annotations
 
 import json
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +26,34 @@ __all__ = [
     "predictions",
     "print_json",
     "rolled_back",
+    "skipped",
     "verify",
 ]
 
 
 def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2))
+    """``obj`` as JSON that parses: a NaN or infinity (a metric with nothing to measure)
+    is written as ``null``."""
+    print(json.dumps(_finite(obj), indent=2, allow_nan=False))
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def skipped(files: list[dict[str, str]] | None) -> None:
+    """The files ``--skip-bad`` left out, one line each on stderr, after the result."""
+    if not files:
+        return
+    print(f"edge-tl: skipped {len(files)} bad file(s) (--skip-bad):", file=sys.stderr)
+    for f in files:
+        print(f"  {f['path']}: {f['reason']}", file=sys.stderr)
 
 
 def export(manifest: Manifest, out: Path) -> None:

@@ -10,9 +10,18 @@ from edge_tl.cli import commands
 from edge_tl.cli.training_flags import add_training_flags
 from edge_tl.spec import STRATEGIES
 
-__all__ = ["EPILOG", "build_parser"]
+__all__ = ["EPILOG", "SKIP_BAD_HELP", "build_parser"]
 
-EPILOG = "Docs and examples: README.md. Every command exits 2 with a one-line error on bad input."
+EPILOG = (
+    "Docs and examples: README.md. Every command exits 2 with a one-line error on bad input. "
+    "Folders: hidden and OS files (.DS_Store, Thumbs.db, desktop.ini, ._*, __MACOSX) are "
+    "ignored; images are .jpg .jpeg .png .bmp .tif .tiff .webp .gif .pgm .ppm in any case; "
+    "images over EDGE_TL_MAX_PIXELS (default 120,000,000) pixels are refused."
+)
+SKIP_BAD_HELP = (
+    "leave files that are not readable images out, and list them at the end (and under "
+    '"skipped" with --json); by default the first one stops the command'
+)
 BUNDLE_HELP = "bundle folder from `edge-tl export`, or its archive from `edge-tl pack`"
 
 
@@ -61,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--resume", action="store_true", help="continue an interrupted run from OUT.checkpoint.pt"
     )
+    t.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
     t.add_argument("--json", action="store_true", help="print the metrics as JSON")
     t.set_defaults(func=commands.train)
 
@@ -136,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sign the bundle with this private key (from `edge-tl keygen`) before it is "
         "renamed into place",
     )
+    e.add_argument("--skip-bad", action="store_true", help="--calib: " + SKIP_BAD_HELP)
     e.add_argument("--json", action="store_true", help="print the checks as JSON")
     e.set_defaults(func=commands.export)
 
@@ -203,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="neighbourhood size, odd (default 3); a new bank only",
     )
+    an.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
     an.add_argument("--json", action="store_true", help="print the bank's summary as JSON")
     an.set_defaults(func=commands.anomaly)
 
@@ -228,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--maps", type=Path, metavar="DIR", help="anomaly: write heat-map overlay PNGs here"
     )
+    ev.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
     ev.add_argument("--json", action="store_true", help="print the figures as JSON")
     ev.set_defaults(func=commands.evaluate)
 
@@ -266,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     le.add_argument("--threshold", type=float, help="open set: a fixed cosine threshold")
     le.add_argument("--no-open-set", action="store_true", help="never answer unknown")
+    le.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
     le.add_argument("--json", action="store_true", help="print the new head's summary as JSON")
     le.set_defaults(func=commands.learn)
 

@@ -53,6 +53,8 @@ __all__ = ["EXEMPLARS_PER_CLASS", "HEAD_FITS", "export_bundle"]
 _logger = logging.getLogger(__name__)
 
 HEAD_FITS = ("artifact", "source")
+CALIBRATION_SKIPPED = "calibration_skipped"
+"""Metrics key: the ``--calib`` files left out under ``--skip-bad``."""
 EXEMPLARS_PER_CLASS = 20
 
 
@@ -67,6 +69,7 @@ def export_bundle(
     weights: str | Path | None = None,
     logits: bool = False,
     sign: Ed25519PrivateKey | None = None,
+    skip_bad: bool = False,
 ) -> Manifest:
     """Export a trained run (or a pretrained ``backbone``) into a bundle at ``out``.
 
@@ -86,6 +89,8 @@ def export_bundle(
             who run the engine directly and need no on-device learning.
         sign: sign the manifest with this key (``manifest.sig``, :mod:`edge_tl.signing`)
             inside the temporary folder, so the bundle appears signed or not at all.
+        skip_bad: leave bad files of ``calib`` out (listed in the metrics'
+            ``calibration_skipped``) instead of stopping on the first.
 
     Returns:
         The bundle's manifest.
@@ -116,7 +121,7 @@ def export_bundle(
             f"recipe {rec.name} asks for input size {rec.input_size}, but {src.name} was built "
             f"for {pre.size}; remove input_size from the recipe"
         )
-    pool = calibration_pool(calib, src.fit_set)
+    pool, calib_skipped = calibration_pool(calib, src.fit_set, skip_bad)
     calib_paths = calibration_sample(pool, rec.calibration_size, rec.precision == "int8")
     check, checked_on = _check_images(src, calib_paths)
     with tempfile.TemporaryDirectory(prefix="edge_tl_export_") as tmp:
@@ -141,6 +146,8 @@ def export_bundle(
             )
             report = _report(src, rec, control, check, checked_on, rows, preds, spread)
             metrics = _metrics(report, graph, calib_inputs, head_fit, chosen, control, len(check))
+            if calib_skipped:
+                metrics[CALIBRATION_SKIPPED] = [s.to_dict() for s in calib_skipped]
             manifest = _write_bundle(
                 bdir,
                 src,

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_tl.data import Dataset, fingerprint, image_folder, list_images, open_dataset, split
+from edge_tl.data import Dataset, fingerprint, image_folder, open_dataset, split
 from edge_tl.errors import EdgeTLError
+from edge_tl.images import SKIPPED, Skipped, check_images, entries
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.spec import Source, SplitRecord, check_labels
 
@@ -73,8 +74,8 @@ def open_run(run: str | Path, calib: str | Path | None, head_fit: str) -> Export
         split=split_record,
         pytorch_test_accuracy=record["metrics"].get("test_accuracy"),
     )
-    try:
-        ds = open_dataset(record["data"])
+    try:  # the files training skipped under --skip-bad are skipped again (same fingerprint)
+        ds = open_dataset(record["data"], skip_bad=bool(record["metrics"].get(SKIPPED)))
     except EdgeTLError as e:
         if head_fit == "artifact" or calib is None:
             raise EdgeTLError(
@@ -104,12 +105,16 @@ def open_backbone(name: str, weights: str | Path | None) -> ExportSource:
     return ExportSource(spec.name, features, head, imagenet_labels(), source)
 
 
-def calibration_pool(calib: str | Path | None, fit_set: Dataset | None) -> list[str]:
-    """Every image calibration may draw from: ``--calib`` (an ImageFolder or a flat folder of
-    images), or the run's training split.
+def calibration_pool(
+    calib: str | Path | None, fit_set: Dataset | None, skip_bad: bool = False
+) -> tuple[list[str], list[Skipped]]:
+    """``(paths, skipped)``: every image calibration may draw from: ``--calib`` (an
+    ImageFolder or a flat folder of images, by the folder rule of :mod:`edge_tl.images`;
+    ``skip_bad`` leaves its bad files out and lists them), or the run's training split.
 
     Raises:
         EdgeTLError: a backbone export without ``--calib``, or a folder that does not exist.
+        BadImageError: a calibration file that is not a readable image (not ``skip_bad``).
     """
     if calib is not None:
         folder = Path(calib)
@@ -117,17 +122,20 @@ def calibration_pool(calib: str | Path | None, fit_set: Dataset | None) -> list[
             raise EdgeTLError(
                 f"calibration folder {folder} does not exist; pass a folder of images"
             )
-        flat = [str(p) for p in list_images(folder)]
-        if flat:
-            return flat
-        if not any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()):
+        files, dirs = entries(folder)
+        if files:
+            flat, skipped = check_images(files, skip_bad)
+            if flat:
+                return flat, skipped
+        if not dirs:
             raise EdgeTLError(
                 f"calibration folder {folder} has no images; pass a folder of images or an "
                 "ImageFolder (<class>/<image>)"
             )
-        return list(image_folder(folder).paths)
+        ds = image_folder(folder, skip_bad=skip_bad)
+        return list(ds.paths), list(ds.skipped)
     if fit_set is not None:
-        return list(fit_set.paths)
+        return list(fit_set.paths), []
     raise EdgeTLError("exporting a backbone needs real images: pass --calib DATA")
 
 

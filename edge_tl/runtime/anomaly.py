@@ -46,8 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_tl.data import list_images
 from edge_tl.errors import EdgeTLError
+from edge_tl.images import SKIPPED, Skipped, folder_images
 from edge_tl.runtime import patchcore as pc
 from edge_tl.runtime.preprocess import ImageLike, load_image
 from edge_tl.runtime.versions import StoreKind, VersionedStore
@@ -165,7 +165,7 @@ class AnomalyState:
             "calibration_warning": calibration_warning(len(self.loo_maps), self.false_alarm),
             **{
                 k: self.meta[k]
-                for k in ("op", "parent", "created", "fit_s", "duplicates")
+                for k in ("op", "parent", "created", "fit_s", "duplicates", SKIPPED)
                 if k in self.meta
             },
         }
@@ -459,8 +459,15 @@ def check_settings(coreset: float, max_mb: float, false_alarm: float) -> None:
 
 
 # ---- input ----------------------------------------------------------------------------
-def good_images(folder: str | Path) -> list[str]:
-    """The good images of a flat folder, or of an MVTec-layout folder's ``train/good``."""
+def good_images(folder: str | Path, skip_bad: bool = False) -> tuple[list[str], list[Skipped]]:
+    """``(paths, skipped)``: the good images of a flat folder, or of an MVTec-layout folder's
+    ``train/good``, by the folder rule of :mod:`edge_tl.images` (each decoded once; with
+    ``skip_bad`` bad files are left out and listed).
+
+    Raises:
+        EdgeTLError: no such folder, or no images in it.
+        BadImageError: a file that is not a readable image (not ``skip_bad``).
+    """
     root = Path(folder)
     if not root.is_dir():
         raise EdgeTLError(f"good-image folder {root} does not exist; pass a folder of images")
@@ -472,14 +479,16 @@ def good_images(folder: str | Path) -> list[str]:
                 f"training images in {good}, or pass a flat folder of good images"
             )
         root = good
-    paths = list_images(root)
-    if not paths and (root / GOOD).is_dir():
+    paths, skipped = folder_images(root, skip_bad)
+    if not paths and not skipped and (root / GOOD).is_dir():
         raise EdgeTLError(
             f"{root} has no images but a {GOOD} folder; pass {root / GOOD} (or the MVTec root "
             f"above {root.name})"
         )
     if not paths:
         raise EdgeTLError(
-            f"{root} has no images ({', '.join(IMAGE_EXTENSIONS)}); pass a folder of good images"
+            f"{root} has no "
+            + (f"readable images ({len(skipped)} skipped)" if skipped else "images")
+            + f" ({', '.join(IMAGE_EXTENSIONS)}); pass a folder of good images"
         )
-    return [str(p) for p in paths]
+    return paths, skipped

@@ -25,6 +25,7 @@ import numpy as np
 
 from edge_tl.data import Dataset, image_folder, open_dataset
 from edge_tl.errors import EdgeTLError
+from edge_tl.images import SKIPPED, Skipped
 from edge_tl.runtime import learner
 from edge_tl.runtime.evaluation import confusion
 from edge_tl.runtime.heads import LinearHead
@@ -67,6 +68,7 @@ class HeadChange:
     quantile: float | None = None
     threshold: float | None = None
     open_set: bool = True
+    skip_bad: bool = False  # leave bad files of DATA out (listed in the summary's "skipped")
 
     def __post_init__(self) -> None:
         given = [
@@ -88,6 +90,8 @@ class HeadChange:
             )
         if self.add and not self.data:
             raise EdgeTLError("--add needs DATA, the images to add")
+        if self.skip_bad and not self.data:
+            raise EdgeTLError("--skip-bad leaves bad files of DATA out; it needs DATA")
         if self.head is not None and not (self.data and not self.add):
             raise EdgeTLError(
                 "--head chooses the kind of a new head learned from DATA; --add and the other "
@@ -210,16 +214,19 @@ class Classifier:
             )
         return results
 
-    def evaluate(self, ds: Dataset | str | Path, batch_size: int = 16) -> Evaluation:
+    def evaluate(
+        self, ds: Dataset | str | Path, batch_size: int = 16, skip_bad: bool = False
+    ) -> Evaluation:
         """Accuracy, per-class accuracy and the confusion matrix on ``ds`` (a Dataset, an
-        ImageFolder path or ``"elpv"``).
+        ImageFolder path or ``"elpv"``; ``skip_bad`` leaves a folder's bad files out and
+        lists them in ``skipped``).
 
         Raises:
             EdgeTLError: a class of ``ds`` is not a label of the head, or ``ds`` is empty.
         """
         state = self.require()
         if not isinstance(ds, Dataset):
-            ds = open_dataset(ds)
+            ds = open_dataset(ds, skip_bad)
         labels = state.labels
         unknown = [c for c in ds.classes if c not in labels]
         if unknown:
@@ -247,10 +254,13 @@ class Classifier:
             seconds=round(seconds, 2),
             bundle=str(self._model.path),
             artifact=f"{artifact.format}-{artifact.precision}",
+            skipped=[sk.to_dict() for sk in ds.skipped],
         )
 
     # ---- learning (each change writes a new version) ----------------------------------
-    def _support(self, data: SupportLike) -> tuple[np.ndarray, list[str]]:
+    def _support(
+        self, data: SupportLike, skip_bad: bool = False
+    ) -> tuple[np.ndarray, list[str], tuple[Skipped, ...]]:
         desc = "embedding support images"
         if isinstance(data, dict):
             empty = [n for n, imgs in data.items() if not imgs]
@@ -258,9 +268,10 @@ class Classifier:
                 raise EdgeTLError(f"class {empty[0]!r} has no images; add images or drop it")
             names = [n for n, imgs in data.items() for _ in imgs]
             paths = [p for imgs in data.values() for p in imgs]
-            return self._model.embed(paths, desc=desc), names
-        ds = data if isinstance(data, Dataset) else image_folder(data)
-        return self._model.embed(ds.paths, desc=desc), [ds.classes[i] for i in ds.labels]
+            return self._model.embed(paths, desc=desc), names, ()
+        ds = data if isinstance(data, Dataset) else image_folder(data, skip_bad=skip_bad)
+        x = self._model.embed(ds.paths, desc=desc)
+        return x, [ds.classes[i] for i in ds.labels], ds.skipped
 
     def learn(
         self,
@@ -268,17 +279,22 @@ class Classifier:
         head: str = learner.DEFAULT_HEAD,
         quantile: float | None = learner.DEFAULT_QUANTILE,
         k: int = 1,
+        skip_bad: bool = False,
     ) -> HeadState:
         """A new head from support images (``head``: linear, prototype or knn). The
-        previous head stays as a version for :meth:`rollback`."""
-        x, names = self._support(data)
-        return self._commit(learner.learn(x, names, head, quantile, k), "learn")
+        previous head stays as a version for :meth:`rollback`. ``skip_bad`` leaves bad
+        files of a folder out; they are listed in the version's ``skipped``."""
+        x, names, skipped = self._support(data, skip_bad)
+        state = learner.learn(x, names, head, quantile, k)
+        return self._commit(_noting(state, skipped), "learn")
 
-    def add(self, data: SupportLike) -> HeadState:
+    def add(self, data: SupportLike, skip_bad: bool = False) -> HeadState:
         """Add examples and classes to the current head (or to the exported head)."""
         self.require()  # before the images are embedded: no head, no work
-        x, names = self._support(data)  # outside the lock: only the arithmetic waits
-        return self._change(lambda state: learner.add(state, x, names), "add")
+        x, names, skipped = self._support(
+            data, skip_bad
+        )  # outside the lock: only the arithmetic waits
+        return self._change(lambda state: _noting(learner.add(state, x, names), skipped), "add")
 
     def add_class(self, name: str, images: list[ImageLike]) -> HeadState:
         """Teach one new class from a few images."""
@@ -318,9 +334,11 @@ class Classifier:
         """
         if change.data and not change.add:
             kind = change.head or learner.DEFAULT_HEAD
-            state = self.learn(change.data, kind, change.effective_quantile, change.k)
+            state = self.learn(
+                change.data, kind, change.effective_quantile, change.k, change.skip_bad
+            )
         elif change.data:
-            state = self.add(change.data)
+            state = self.add(change.data, change.skip_bad)
         elif change.remove:
             state = self.remove_class(change.remove)
         elif change.relabel:
@@ -333,7 +351,10 @@ class Classifier:
         fresh = bool(change.data) and not change.add
         if change.threshold is not None or (change.sets_open_set and not fresh):
             threshold = change.threshold if change.open_set else None
+            skipped = state.meta.get(SKIPPED)
             state = self.set_threshold(threshold, change.effective_quantile)
+            if skipped:  # shown with the result; recorded in the version that learned
+                state = replace(state, meta={**state.meta, SKIPPED: skipped})
         return state
 
     def rollback(self, to: int | None = None) -> HeadState:
@@ -376,3 +397,11 @@ def _classify(
     if sim is not None and thr is not None:
         pred = np.where(sim >= thr, pred, -1)
     return proba, pred, sim
+
+
+def _noting(state: HeadState, skipped: Sequence[Skipped]) -> HeadState:
+    """``state`` with the files skipped under ``--skip-bad`` in its metadata (kept in the
+    version file and shown in its summary)."""
+    if not skipped:
+        return state
+    return replace(state, meta={**state.meta, SKIPPED: [s.to_dict() for s in skipped]})

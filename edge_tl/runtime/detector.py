@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge_tl.errors import EdgeTLError
+from edge_tl.images import SKIPPED, Skipped
 from edge_tl.runtime import anomaly, evaluation, patchcore
 from edge_tl.runtime.anomaly import AnomalyState
 from edge_tl.runtime.overlay import write_overlay
@@ -62,6 +63,7 @@ class BankChange:
     false_alarm: float | None = None
     stages: tuple[str, ...] | None = None
     pool: int | None = None
+    skip_bad: bool = False  # leave bad files of ``good`` out (listed in "skipped")
 
     def __post_init__(self) -> None:
         if self.good is None and (self.false_alarm is None or self.add):
@@ -79,6 +81,8 @@ class BankChange:
             )
             if value is not None
         ]
+        if self.skip_bad and self.good is None:
+            raise EdgeTLError("--skip-bad leaves bad files of GOOD_DIR out; it needs GOOD_DIR")
         if (self.add or self.good is None) and kept:
             what = "--add keeps" if self.add else "--false-alarm alone re-calibrates"
             raise EdgeTLError(
@@ -96,11 +100,31 @@ def _check_maps_dir(maps_dir: str | Path | None) -> None:
         raise EdgeTLError(f"--maps {maps_dir} is a file; pass a folder for the overlay PNGs")
 
 
-def _paths(good: GoodLike) -> list[Any]:
-    return anomaly.good_images(good) if isinstance(good, (str, Path)) else list(good)
+def _paths(good: GoodLike, skip_bad: bool) -> tuple[list[Any], list[Skipped]]:
+    if isinstance(good, (str, Path)):
+        return anomaly.good_images(good, skip_bad)
+    return list(good), []
 
 
-def _noting(state: AnomalyState, dropped: list[dict[str, str]]) -> AnomalyState:
+def _noting(state: AnomalyState, skipped: Sequence[Skipped]) -> AnomalyState:
+    """``state`` with the files skipped under ``--skip-bad`` in its metadata."""
+    if not skipped:
+        return state
+    return replace(state, meta={**state.meta, SKIPPED: [s.to_dict() for s in skipped]})
+
+
+def overlay_name(taken: set[str], stem: str) -> str:
+    """``<stem>.png``, or ``<stem>_2.png``, ``_3``, ... when a name is already ``taken`` in
+    this call (``lineA/0001.jpg`` and ``lineB/0001.jpg``); the name is added to ``taken``."""
+    name, n = f"{stem}.png", 1
+    while name in taken:
+        n += 1
+        name = f"{stem}_{n}.png"
+    taken.add(name)
+    return name
+
+
+def _with_copies(state: AnomalyState, dropped: list[dict[str, str]]) -> AnomalyState:
     """``state`` with the copies that were dropped recorded in its version's metadata."""
     return replace(state, meta={**state.meta, "duplicates": dropped}) if dropped else state
 
@@ -148,16 +172,20 @@ class AnomalyDetector:
         coreset: float = anomaly.DEFAULT_CORESET,
         max_mb: float = anomaly.DEFAULT_MAX_MB,
         false_alarm: float = anomaly.DEFAULT_FALSE_ALARM,
+        skip_bad: bool = False,
     ) -> AnomalyState:
         """Build a new bank from good images; the previous bank stays as a version.
 
         Copies of an earlier image (same decoded pixels) are dropped and listed in the
         version's ``duplicates``; a calibration set too small for ``false_alarm`` is named
         in the summary's ``calibration_warning`` (see :mod:`edge_tl.runtime.anomaly`).
+        ``skip_bad`` leaves bad files of a folder out; they are listed in the version's
+        ``skipped``.
         """
         anomaly.check_features(stages, pool)
         anomaly.check_settings(coreset, max_mb, false_alarm)
-        paths, digests, dropped = anomaly.unique_images(_paths(good))
+        paths, skipped = _paths(good, skip_bad)
+        paths, digests, dropped = anomaly.unique_images(paths)
         feats = self._model.patch_features(
             paths, stages, pool, desc="patch features of good images"
         )
@@ -171,13 +199,14 @@ class AnomalyDetector:
             false_alarm,
             digests=digests,
         )
-        return self._commit(_noting(state, dropped), "build")
+        return self._commit(_noting(_with_copies(state, dropped), skipped), "build")
 
-    def add(self, good: GoodLike) -> AnomalyState:
+    def add(self, good: GoodLike, skip_bad: bool = False) -> AnomalyState:
         """Grow the bank with new good images and re-calibrate its threshold (copies of
         images in the bank or earlier in ``good`` are dropped, as in :meth:`fit`)."""
         state = self.require()
-        paths, digests, dropped = anomaly.unique_images(_paths(good), state.digests)
+        paths, skipped = _paths(good, skip_bad)
+        paths, digests, dropped = anomaly.unique_images(paths, state.digests)
         if not paths:
             raise EdgeTLError(
                 f"all {len(dropped)} images are copies of images already in the bank "
@@ -193,7 +222,7 @@ class AnomalyDetector:
                     f"the anomaly bank of {self._model.path} was replaced while the images "
                     "were read (other features); run the command again"
                 )
-            return _noting(anomaly.add(current, feats, digests), dropped)
+            return _noting(_with_copies(anomaly.add(current, feats, digests), dropped), skipped)
 
         return self._change(grow, "add")
 
@@ -211,9 +240,12 @@ class AnomalyDetector:
         if change.good is None:
             return self.set_false_alarm(change.false_alarm)  # type: ignore[arg-type]
         if change.add:
-            state = self.add(change.good)
+            state = self.add(change.good, change.skip_bad)
             if change.false_alarm is not None:
+                skipped = state.meta.get(SKIPPED)
                 state = self.set_false_alarm(change.false_alarm)
+                if skipped:  # shown with the result; recorded in the version that added
+                    state = replace(state, meta={**state.meta, SKIPPED: skipped})
             return state
         return self.fit(
             change.good,
@@ -222,6 +254,7 @@ class AnomalyDetector:
             anomaly.DEFAULT_CORESET if change.coreset is None else change.coreset,
             anomaly.DEFAULT_MAX_MB if change.max_mb is None else change.max_mb,
             anomaly.DEFAULT_FALSE_ALARM if change.false_alarm is None else change.false_alarm,
+            change.skip_bad,
         )
 
     def rollback(self, to: int | None = None) -> AnomalyState:
@@ -276,14 +309,16 @@ class AnomalyDetector:
         """Score, threshold and verdict per image (batch 1, as a camera would).
 
         With ``maps`` each verdict carries its anomaly map at the image's size; with
-        ``maps_dir`` an overlay PNG per image is written there (``<image stem>.png``).
+        ``maps_dir`` an overlay PNG per image is written there: ``<image stem>.png``, and
+        ``<stem>_2.png``, ``_3``, ... for images of one name from several folders (a file of
+        that name from an earlier call is replaced).
         """
         state = self.require()
         engine, pre = self._model.engine, self._model.manifest.preprocess
         thr = state.threshold
         _check_maps_dir(maps_dir)
         out: list[Verdict] = []
-        stems: dict[str, int] = {}
+        taken: set[str] = set()
         for src in images:
             img = load_image(src)
             x = to_input(img, pre)[None]
@@ -296,22 +331,26 @@ class AnomalyDetector:
             png = None
             if maps_dir is not None and up is not None:
                 stem = Path(name).stem if name != "<image>" else "image"
-                stems[stem] = stems.get(stem, 0) + 1  # two images of one name: two overlays
-                stem += f"_{stems[stem]}" if stems[stem] > 1 else ""
-                png = str(write_overlay(Path(maps_dir) / f"{stem}.png", img, up, thr, float(s[0])))
+                png_path = Path(maps_dir) / overlay_name(taken, stem)
+                png = str(write_overlay(png_path, img, up, thr, float(s[0])))
             verdict = anomaly.ANOMALOUS if s[0] > thr else anomaly.GOOD
             out.append(Verdict(name, score, round(thr, 4), verdict, png, up if maps else None))
         return out
 
     def evaluate(
-        self, folder: str | Path, maps_dir: str | Path | None = None, batch_size: int = 16
+        self,
+        folder: str | Path,
+        maps_dir: str | Path | None = None,
+        batch_size: int = 16,
+        skip_bad: bool = False,
     ) -> AnomalyEvaluation:
         """Image AUROC, pixel AUROC (when masks exist), F1 and false-alarm rate at the stored
         threshold on an MVTec-layout folder; ``maps_dir`` gets one overlay PNG per image
-        (``<defect>_<image stem>.png``)."""
+        (``<defect>_<image stem>.png``, ``_2``, ... for stems met twice). ``skip_bad`` leaves
+        bad images out (listed in ``skipped``)."""
         state = self.require()
         _check_maps_dir(maps_dir)
-        items = evaluation.mvtec_test(folder)
+        items, skipped = evaluation.mvtec_test(folder, skip_bad)
         paths = [it.path for it in items]
         y = np.array([it.defect != evaluation.GOOD for it in items], np.int64)
         t0 = time.perf_counter()
@@ -325,6 +364,7 @@ class AnomalyDetector:
         thr = state.threshold
         has_masks = any(it.mask for it in items)
         pix = evaluation.PixelAuroc(float(grid.min()), float(grid.max())) if has_masks else None
+        taken: set[str] = set()
         if pix is not None or maps_dir is not None:
             for it, g, s in zip(items, grid, score, strict=True):
                 img = load_image(it.path)
@@ -333,7 +373,7 @@ class AnomalyDetector:
                 if pix is not None:
                     pix.update(up, mask)
                 if maps_dir is not None:
-                    png = Path(maps_dir) / f"{it.defect}_{Path(it.path).stem}.png"
+                    png = Path(maps_dir) / overlay_name(taken, f"{it.defect}_{Path(it.path).stem}")
                     write_overlay(png, img, up, thr, float(s), mask)
         per_defect = {
             d: round(evaluation.auroc(score[sel], y[sel]), 4)
@@ -356,4 +396,5 @@ class AnomalyDetector:
             maps=None if maps_dir is None else str(maps_dir),
             bundle=str(self._model.path),
             artifact=f"{artifact.format}-{artifact.precision}",
+            skipped=[sk.to_dict() for sk in skipped],
         )

@@ -14,10 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from edge_tl.data import list_images
 from edge_tl.errors import EdgeTLError
+from edge_tl.images import (
+    BadImageError,
+    Skipped,
+    check_images,
+    decoding,
+    entries,
+    folder_images,
+    image_size,
+    read_image,
+)
 
 __all__ = [
     "GOOD",
@@ -139,9 +147,19 @@ class TestItem:
     mask: str | None
 
 
-def mvtec_test(folder: str | Path) -> list[TestItem]:
-    """``test/<good|defect>/*`` of an MVTec-layout folder with ``ground_truth`` masks when
-    present. Masks are checked (exist, same size as their image) before anything runs."""
+def mvtec_test(folder: str | Path, skip_bad: bool = False) -> tuple[list[TestItem], list[Skipped]]:
+    """``(items, skipped)``: ``test/<good|defect>/*`` of an MVTec-layout folder with
+    ``ground_truth`` masks when present, by the folder rule of :mod:`edge_tl.images`.
+
+    Every image and mask is decoded and checked (mask exists, same size as its image)
+    before anything runs; with ``skip_bad`` a bad image, or an image whose mask does not
+    decode, is left out and listed.
+
+    Raises:
+        EdgeTLError: no ``test/good`` or no defect folder, an empty folder, a missing mask,
+            a mask of another size than its image.
+        BadImageError: a bad image or mask (not ``skip_bad``).
+    """
     root = Path(folder)
     test = root / "test"
     if not test.is_dir():
@@ -149,39 +167,60 @@ def mvtec_test(folder: str | Path) -> list[TestItem]:
             f"{root} has no test folder; lay it out as {root}/test/good and "
             f"{root}/test/<defect type> (MVTec AD layout)"
         )
-    classes = sorted(p for p in test.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = entries(test)[1]
     if not any(c.name == GOOD for c in classes) or len(classes) < 2:
         raise EdgeTLError(
             f"{test} needs a good folder and at least one defect folder (found "
             f"{[c.name for c in classes]}); AUROC compares the two"
         )
     gt = root / "ground_truth"
-    items = []
+    items: list[TestItem] = []
+    skipped: list[Skipped] = []
     for c in classes:
-        files = list_images(c)
+        files, bad = folder_images(c, skip_bad)
+        skipped += bad
         if not files:
-            raise EdgeTLError(f"{c} has no images; add some or remove the folder")
+            raise EdgeTLError(
+                f"{c} has no readable images ({len(bad)} skipped); add some or remove the folder"
+            )
         for f in files:
-            mask = None
-            if c.name != GOOD and gt.is_dir():
-                m = gt / c.name / f"{f.stem}_mask.png"
-                if not m.is_file():
+            mask = _mask_of(Path(f), c.name, gt)
+            if mask is not None:
+                try:
+                    check_images([mask])
+                except BadImageError as e:
+                    if not skip_bad:
+                        raise
+                    skipped.append(Skipped(f, f"its mask {mask} {e.reason}"))
+                    continue
+                (a, b), (am, bm) = image_size(f), image_size(mask)
+                if (a, b) != (am, bm):
                     raise EdgeTLError(
-                        f"{f} has no mask {m}; add it, or remove {gt} to skip pixel metrics"
+                        f"mask {mask} is {am}x{bm} but its image {f} is {a}x{b}; masks must "
+                        "match their images pixel for pixel"
                     )
-                with Image.open(f) as a, Image.open(m) as b:
-                    if a.size != b.size:
-                        raise EdgeTLError(
-                            f"mask {m} is {b.size[0]}x{b.size[1]} but its image {f} is "
-                            f"{a.size[0]}x{a.size[1]}; masks must match their images pixel "
-                            "for pixel"
-                        )
-                mask = str(m)
-            items.append(TestItem(str(f), c.name, mask))
-    return items
+            items.append(TestItem(f, c.name, mask))
+    return items, skipped
+
+
+def _mask_of(f: Path, defect: str, gt: Path) -> str | None:
+    if defect == GOOD or not gt.is_dir():
+        return None
+    m = gt / defect / f"{f.stem}_mask.png"
+    if not m.is_file():
+        raise EdgeTLError(f"{f} has no mask {m}; add it, or remove {gt} to skip pixel metrics")
+    return str(m)
 
 
 def load_mask(path: str) -> np.ndarray:
-    """A mask PNG as ``bool[H, W]`` (grey level above 127: defect)."""
-    with Image.open(path) as m:
-        return np.asarray(m.convert("L")) > 127
+    """A mask image as ``bool[H, W]``: every non-zero pixel is defect (0/255 masks, 0/1
+    masks, 16-bit masks and masks with one value per defect all read alike).
+
+    Raises:
+        BadImageError: the mask does not decode.
+    """
+    img = read_image(path)
+    with decoding(path):
+        if img.mode not in ("1", "L", "I;16", "I;16B", "I;16L", "I", "F"):
+            img = img.convert("L")
+        return np.asarray(img) > 0

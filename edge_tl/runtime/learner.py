@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from edge_tl.errors import EdgeTLError
+from edge_tl.images import SKIPPED
 from edge_tl.runtime.heads import (
     FEWSHOT_POWER,
     KnnHead,
@@ -163,7 +164,11 @@ class HeadState:
                 if self.threshold is None and self.quantile is not None
                 else {}
             ),
-            **{k: self.meta[k] for k in ("op", "parent", "created", "fit_ms") if k in self.meta},
+            **{
+                k: self.meta[k]
+                for k in ("op", "parent", "created", "fit_ms", SKIPPED)
+                if k in self.meta
+            },
         }
 
     # ---- persistence ------------------------------------------------------------------

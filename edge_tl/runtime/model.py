@@ -20,6 +20,7 @@ from edge_tl.bundle import read_manifest
 from edge_tl.data import Dataset, fingerprint, open_dataset
 from edge_tl.data import split as split_dataset
 from edge_tl.errors import EdgeTLError
+from edge_tl.images import entries
 from edge_tl.progress import progress
 from edge_tl.runtime import anomaly, patchcore
 from edge_tl.runtime.classifier import Classifier
@@ -191,6 +192,7 @@ class Model:
         data: str | Path | Dataset,
         split: str = "all",
         maps_dir: str | Path | None = None,
+        skip_bad: bool = False,
     ) -> Evaluation | AnomalyEvaluation:
         """Accuracy on a labelled data set, or anomaly AUROC on an MVTec-layout folder.
 
@@ -200,6 +202,8 @@ class Model:
             split: ``all``, or the run's ``train`` / ``val`` / ``test`` split (the split
                 recorded in the manifest, on the same data set only).
             maps_dir: anomaly overlays are written here.
+            skip_bad: leave bad image files of a folder out (listed in the result's
+                ``skipped``) instead of stopping on the first.
 
         Raises:
             EdgeTLError: a folder the bundle cannot be evaluated on, with the reason.
@@ -216,13 +220,13 @@ class Model:
                 raise EdgeTLError(
                     "--split is for classification; an MVTec folder has its own test/"
                 )
-            return self.detector.evaluate(data, maps_dir)
+            return self.detector.evaluate(data, maps_dir, skip_bad=skip_bad)
         if maps_dir is not None:
             raise EdgeTLError(
                 "--maps draws anomaly maps, on an MVTec-layout folder (test/good, "
                 "test/<defect>) with a bundle that has an anomaly bank; drop --maps here"
             )
-        ds = data if isinstance(data, Dataset) else open_dataset(data)
+        ds = data if isinstance(data, Dataset) else open_dataset(data, skip_bad)
         if split != "all":
             ds = self._run_split(ds, split, str(data))
         return self.classifier.evaluate(ds)
@@ -244,4 +248,4 @@ def _is_mvtec(folder: Path) -> bool:
     """An MVTec-layout folder: ``test/`` holding one folder per kind (``good``, defects); an
     ImageFolder with a class named ``test`` holds images there instead."""
     test = folder / "test"
-    return test.is_dir() and any(p.is_dir() for p in test.iterdir())
+    return test.is_dir() and bool(entries(test)[1])

@@ -10,9 +10,10 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops
 
 from edge_tl.errors import EdgeTLError
+from edge_tl.images import decoding, read_image
 from edge_tl.spec import IMAGE_EXTENSIONS, Preprocess
 
 __all__ = ["IMAGE_EXTENSIONS", "batch_inputs", "load_image", "to_input", "to_pixels"]
@@ -29,24 +30,22 @@ def load_image(src: ImageLike) -> Image.Image:
     whose three channels are equal; every other mode (palette, RGBA, CMYK, 16-bit, float)
     becomes RGB. The input tensor is the same either way.
 
+    Files are opened by :func:`edge_tl.images.read_image`: the first frame, the pixel
+    limit (``EDGE_TL_MAX_PIXELS``), no Pillow warning on the terminal.
+
     Raises:
-        EdgeTLError: the file is missing or is not a readable image.
+        EdgeTLError: the file is missing or a folder.
+        BadImageError: not a readable image, or over the pixel limit (a subclass of
+            :class:`EdgeTLError`).
     """
     if isinstance(src, Image.Image):
-        img = src
-    else:
-        try:
-            with Image.open(src) as f:
-                img = ImageOps.exif_transpose(f)
-                img.load()
-        except FileNotFoundError:
-            raise EdgeTLError(f"image {src} does not exist; check the path") from None
-        except IsADirectoryError:
-            raise EdgeTLError(f"{src} is a folder; pass image files (e.g. {src}/*.jpg)") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise EdgeTLError(
-                f"{src} is not a readable image ({type(e).__name__}); remove or replace the file"
-            ) from None
+        return _rgb_or_grey(src)
+    img = read_image(src)
+    with decoding(src):  # conversions too can fail (LAB) or warn (palette transparency)
+        return _rgb_or_grey(img)
+
+
+def _rgb_or_grey(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # Fixed scales, never the image's own range: 16/32-bit integers are 16-bit data,
         # float images are 0..1 intensities.

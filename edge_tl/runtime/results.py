@@ -38,6 +38,7 @@ class Prediction:
 class Evaluation:
     """A head measured on a labelled data set.
 
+    ``skipped`` lists the files left out under ``--skip-bad`` (``{"path", "reason"}``).
     ``accuracy`` counts images called ``unknown`` as wrong; ``unknown_rate`` is their
     share. ``confusion_matrix`` is over ``labels`` (the classes present), rows true,
     columns predicted; ``seconds`` is the wall time of embedding and classifying.
@@ -53,6 +54,7 @@ class Evaluation:
     seconds: float
     bundle: str
     artifact: str
+    skipped: list[dict[str, str]] = field(default_factory=list)  # under --skip-bad
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -86,7 +88,8 @@ class AnomalyEvaluation:
 
     ``image_auroc`` over good vs defective images; ``pixel_auroc`` over mask pixels (None
     without masks); F1, precision, recall and ``false_alarm_rate`` (good images flagged) at
-    the stored ``threshold``, whose target rate is ``target_false_alarm``.
+    the stored ``threshold``, whose target rate is ``target_false_alarm``; ``skipped`` lists
+    the files left out under ``--skip-bad`` (``{"path", "reason"}``).
     """
 
     image_auroc: float
@@ -105,6 +108,7 @@ class AnomalyEvaluation:
     maps: str | None
     bundle: str
     artifact: str
+    skipped: list[dict[str, str]] = field(default_factory=list)  # under --skip-bad
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

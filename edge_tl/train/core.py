@@ -23,6 +23,7 @@ from edge_tl.backbones import build
 from edge_tl.bundle import check_destination
 from edge_tl.data import Dataset, fingerprint, open_dataset, split
 from edge_tl.errors import EdgeTLError
+from edge_tl.images import SKIPPED
 from edge_tl.train import distributed as dist
 from edge_tl.train.config import TrainConfig
 from edge_tl.train.loop import fit
@@ -39,6 +40,7 @@ def train(
     force: bool = False,
     resume: bool = False,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Train on ``data`` (ImageFolder path or ``"elpv"``) and write the run folder ``out``.
 
@@ -46,6 +48,8 @@ def train(
         force: replace an existing run folder (and discard an old checkpoint).
         resume: continue an interrupted run from ``OUT.checkpoint.pt``.
         on_epoch_end: called with each epoch's history row (rank 0 only).
+        skip_bad: leave bad image files out (listed in the metrics' ``skipped``; the
+            export leaves the same files out) instead of stopping on the first.
 
     Returns:
         The metrics written to ``out/metrics.json``.
@@ -66,7 +70,7 @@ def train(
                 )
             ckpt_file.unlink()
     state = load_checkpoint(ckpt_file, config) if resume else None
-    ds = open_dataset(data)
+    ds = open_dataset(data, skip_bad)
     splits = split(ds, config.split)
     _check_splits(ds, splits)
     if state is not None and state["data_fingerprint"] != fingerprint(ds):
@@ -86,6 +90,8 @@ def train(
         )
     metrics["train_seconds"] = round(time.perf_counter() - start, 1)
     metrics["n_train"], metrics["n_val"], metrics["n_test"] = (len(splits[k]) for k in splits)
+    if ds.skipped:
+        metrics[SKIPPED] = [s.to_dict() for s in ds.skipped]
     metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         metrics["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

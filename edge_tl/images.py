@@ -1,0 +1,283 @@
+"""Image files: which files of a folder every command reads (one rule), and opening one
+safely (a pixel limit, Pillow's warnings kept off the terminal, every failure one typed
+error). Torch-free; a floor module, so the workstation and the device read files alike.
+
+The folder rule, for every command that reads a folder (``train``, ``learn``, ``anomaly``,
+``evaluate``, ``export --calib``):
+
+- hidden and operating-system files and folders are ignored: names starting with ``.``
+  (``.DS_Store``, macOS's ``._*`` resource forks), ``Thumbs.db``, ``ehthumbs.db``,
+  ``desktop.ini``, ``__MACOSX``, ``$RECYCLE.BIN``, ``System Volume Information``;
+- every other file is an image by its extension, in any case (``.JPG``, ``.Png``):
+  :data:`~edge_tl.spec.IMAGE_EXTENSIONS`;
+- any other file, or an image that does not decode (truncated, not an image, over the
+  pixel limit), is a bad file: the command stops and names it, or with ``--skip-bad`` skips
+  it and lists it (:class:`Skipped`).
+
+The pixel limit (a guard against decompression bombs: a 200 KB PNG can claim 13,400 x
+13,400 pixels, 540 MB decoded) is :data:`DEFAULT_MAX_PIXELS`, or the environment variable
+``EDGE_TL_MAX_PIXELS``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps
+
+from edge_tl.errors import EdgeTLError
+from edge_tl.spec import IMAGE_EXTENSIONS
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "MAX_PIXELS_ENV",
+    "SKIPPED",
+    "BadImageError",
+    "Skipped",
+    "check_images",
+    "decoding",
+    "entries",
+    "folder_images",
+    "ignored",
+    "image_size",
+    "is_image_name",
+    "list_images",
+    "max_pixels",
+    "read_image",
+]
+
+SKIPPED = "skipped"
+"""The key under which results list the files skipped under ``--skip-bad``."""
+MAX_PIXELS_ENV = "EDGE_TL_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 120_000_000
+"""Width x height above which an image is refused: every camera sensor sold (108 MP phones,
+65 MP industrial cameras) fits, 360 MB as 8-bit RGB."""
+
+_OS_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
+_OS_FOLDERS = frozenset({"__macosx", "$recycle.bin", "system volume information"})
+
+
+class BadImageError(EdgeTLError):
+    """One file that is not a readable image (``path``, ``reason``); a folder command stops
+    on it, or skips it with ``--skip-bad``."""
+
+    def __init__(self, path: Any, reason: str, fix: str = "remove or replace the file") -> None:
+        super().__init__(f"{path} {reason}; {fix}")
+        self.path, self.reason, self.fix = str(path), reason, fix
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file a folder command skipped under ``--skip-bad``, and why."""
+
+    path: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "reason": self.reason}
+
+
+# ---- the folder rule ------------------------------------------------------------------
+def ignored(path: str | os.PathLike) -> bool:
+    """True for hidden and operating-system files and folders (see the module docstring)."""
+    name = Path(path).name
+    low = name.lower()
+    return name.startswith(".") or low in _OS_FILES or low in _OS_FOLDERS
+
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    """True when the file's extension, in any case, is one of ``IMAGE_EXTENSIONS``."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def entries(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """``(files, folders)`` directly in ``folder``, sorted, without ignored names.
+
+    Every command lists folders through this one function.
+    """
+    files, dirs = [], []
+    for p in sorted(Path(folder).iterdir()):
+        if ignored(p):
+            continue
+        if p.is_dir():
+            dirs.append(p)
+        elif p.is_file():
+            files.append(p)
+    return files, dirs
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The files of ``folder`` with an image extension (ignored names left out), sorted.
+
+    A listing only; :func:`check_images` decides which of a folder's files are usable.
+    """
+    return [p for p in entries(folder)[0] if is_image_name(p)]
+
+
+def folder_images(
+    folder: str | os.PathLike, skip_bad: bool = False
+) -> tuple[list[str], list[Skipped]]:
+    """The usable images of a flat folder (``(paths, skipped)``): its files by the folder
+    rule, each decoded once by :func:`check_images`. Subfolders are not looked into.
+
+    Raises:
+        BadImageError: a file that is not a readable image (not ``skip_bad``).
+    """
+    return check_images(entries(folder)[0], skip_bad)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` from the file's header (nothing decoded).
+
+    Raises:
+        BadImageError: not an image.
+    """
+    with decoding(path), Image.open(path) as f:
+        return f.size
+
+
+SKIP_BAD_HINT = "or pass --skip-bad to leave bad files out"
+
+
+def check_images(
+    files: Sequence[str | os.PathLike], skip_bad: bool = False
+) -> tuple[list[str], list[Skipped]]:
+    """Decode every file once, before any work: ``(usable paths, skipped files)``.
+
+    A file without an image extension, or one that does not decode (see
+    :func:`read_image`), stops the check with :class:`BadImageError` naming it, or with
+    ``skip_bad`` is left out and listed. JPEGs are decoded at 1/8 scale (libjpeg reads the
+    whole stream either way, so truncation is still found; about 0.5 ms for 200 x 200).
+
+    Raises:
+        BadImageError: the first bad file, when not ``skip_bad``.
+    """
+    kept: list[str] = []
+    skipped: list[Skipped] = []
+    for f in files:
+        try:
+            if not is_image_name(f):
+                raise BadImageError(
+                    f,
+                    f"is not an image file (extension {Path(f).suffix or '(none)'}; images "
+                    f"are {', '.join(IMAGE_EXTENSIONS)} in any case)",
+                    "move it out of the folder",
+                )
+            read_image(f, draft=True)
+        except BadImageError as e:
+            if not skip_bad:
+                raise BadImageError(e.path, e.reason, f"{e.fix}, {SKIP_BAD_HINT}") from None
+            skipped.append(Skipped(str(f), e.reason))
+            continue
+        kept.append(str(f))
+    return kept, skipped
+
+
+# ---- opening one image ----------------------------------------------------------------
+def max_pixels() -> int:
+    """The pixel limit in force: ``EDGE_TL_MAX_PIXELS``, else :data:`DEFAULT_MAX_PIXELS`.
+
+    Raises:
+        EdgeTLError: the variable is not a positive integer.
+    """
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip().replace("_", "")
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    if not raw.isdigit() or int(raw) < 1:
+        raise EdgeTLError(
+            f"{MAX_PIXELS_ENV}={os.environ[MAX_PIXELS_ENV]!r} is not a pixel count; set it to "
+            f"a positive integer (default {DEFAULT_MAX_PIXELS:,})"
+        )
+    return int(raw)
+
+
+@contextmanager
+def _pillow_quiet(limit: int) -> Iterator[None]:
+    """Pillow's own warnings (size, corrupt EXIF, palette transparency) stay off the
+    terminal: an image decodes correctly or is refused by :func:`read_image`, so the
+    warnings add nothing a user can act on. edge_tl's limit is checked by
+    :func:`read_image`; Pillow's own (an error above twice ``Image.MAX_IMAGE_PIXELS``) is
+    raised only when ``EDGE_TL_MAX_PIXELS`` asks for more than it allows."""
+    if Image.MAX_IMAGE_PIXELS is not None and limit > 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit
+    with warnings.catch_warnings():
+        # module-scoped, so that were catch_warnings' restore to interleave across threads,
+        # only Pillow's warnings would stay silenced
+        warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        yield
+
+
+def _over_limit(src: Any, pixels: int, limit: int, size: str = "") -> BadImageError:
+    needed = -(-pixels // 1_000_000) * 1_000_000
+    return BadImageError(
+        src,
+        f"is {size}{pixels:,} pixels, over edge_tl's limit of {limit:,} (a guard against "
+        "decompression bombs)",
+        f"if the image is genuine, raise the limit with {MAX_PIXELS_ENV}={needed}",
+    )
+
+
+@contextmanager
+def decoding(src: Any) -> Iterator[None]:
+    """Decoding or converting ``src`` within: Pillow quiet (see :func:`_pillow_quiet`) and
+    every failure one typed error naming ``src``.
+
+    Raises:
+        EdgeTLError: ``src`` does not exist or is a folder.
+        BadImageError: anything else Pillow raises on it.
+    """
+    try:
+        with _pillow_quiet(max_pixels()):
+            yield
+    except (EdgeTLError, KeyboardInterrupt):
+        raise
+    except FileNotFoundError:
+        raise EdgeTLError(f"image {src} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise EdgeTLError(f"{src} is a folder; pass image files (e.g. {src}/*.jpg)") from None
+    except Image.DecompressionBombError as e:  # Pillow's check (at twice its own limit) ran
+        # first, in Image.open; it names the size
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = int(found.group(1)) if found else 2 * (Image.MAX_IMAGE_PIXELS or 0) + 1
+        raise _over_limit(src, pixels, max_pixels()) from None
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many types on bad data
+        # (OSError, SyntaxError, ValueError, struct.error, IndexError, EOFError, ...)
+        detail = str(e).splitlines()[0][:120] if str(e) else ""
+        reason = f"is not a readable image ({type(e).__name__}{': ' + detail if detail else ''})"
+        raise BadImageError(src, reason) from None
+
+
+def read_image(src: str | os.PathLike | Any, draft: bool = False) -> Image.Image:
+    """Decode an image file (or a binary file object): its first frame, EXIF orientation
+    applied, in the file's own mode (``RGB``, ``L``, ``I;16``, ``P``, ``CMYK``, ...).
+
+    Args:
+        draft: JPEGs decoded at reduced scale, orientation not applied (a check only).
+
+    Raises:
+        EdgeTLError: the file does not exist or is a folder.
+        BadImageError: not an image, truncated or damaged, or over the pixel limit (the
+            message says how to raise it).
+    """
+    limit = max_pixels()
+    with decoding(src), Image.open(src) as f:
+        w, h = f.size
+        if w * h > limit:
+            raise _over_limit(src, w * h, limit, f"{w:,} x {h:,} = ")
+        if draft:
+            if f.format == "JPEG":
+                f.draft(f.mode, (max(1, w // 8), max(1, h // 8)))
+            f.load()
+            return f
+        img = ImageOps.exif_transpose(f)  # a decoded copy
+        img.load()
+        return img

@@ -134,10 +134,19 @@ def check_label(name: object, where: str = "", fix: str = "rename it") -> str:
 
 
 def check_labels(
-    names: Iterable[object], where: str = "", existing: Iterable[str] = (), fix: str = "rename it"
+    names: Iterable[object],
+    where: str = "",
+    existing: Iterable[str] = (),
+    fix: str = "rename it",
+    written: bool = False,
 ) -> None:
     """Check every name in ``names`` by :data:`LABEL_RULE`, and that no two of ``names`` and
     ``existing`` (a head's other classes, already checked) are equal ignoring case.
+
+    ``written``: the names are read back from a bundle (``manifest.json``, a head version);
+    then only names that are equal outright are refused. Bundles exported before the rule
+    carry torchvision's ImageNet labels ``Cardigan`` (the corgi) and ``cardigan`` (the
+    sweater); they must keep loading, and new names are still checked against both.
 
     Raises:
         EdgeTLError: the first name that breaks the rule, or the first pair that collides.
@@ -145,6 +154,8 @@ def check_labels(
     seen = {str(n).casefold(): str(n) for n in existing}
     for name in names:
         key = check_label(name, where, fix).casefold()
+        if written:
+            key = str(name)
         if key in seen:
             other, origin = seen[key], f" ({where})" if where else ""
             what = (
@@ -612,7 +623,7 @@ class Manifest:
             )
         where, fix = "manifest.json", "re-export the bundle"
         m = _from_dict(cls, d, where, fix)
-        check_labels(m.labels, "labels of manifest.json", fix=fix)
+        check_labels(m.labels, "labels of manifest.json", fix=fix, written=True)
         m = dataclasses.replace(
             m,
             preprocess=Preprocess.from_dict(m.preprocess, f"{where} preprocess", fix),

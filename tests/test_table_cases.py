@@ -201,7 +201,7 @@ def test_copies_are_found_by_their_pixels(tmp_path):
     folder = _copy(tiles, tmp_path / "good")
     shutil.copy(tiles[0], folder / "copy.jpg")  # the same file
     Image.open(tiles[1]).save(folder / "re-encoded.png")  # the same pixels, another format
-    images = an.good_images(folder)
+    images, _ = an.good_images(folder)
     kept, digests, dropped = an.unique_images(images)
     assert len(kept) == 4 and digests.shape == (4, 32) and digests.dtype == np.uint8
     # listed in name order, the first of equal images is kept ("copy.jpg" sorts first)
@@ -237,3 +237,18 @@ def test_copies_do_not_lower_the_threshold_and_a_small_set_is_warned(bundle, tmp
     # a rate the 30 images can calibrate: no warning
     res = cli("anomaly", bundle, "--false-alarm", "0.1")
     assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+
+
+def test_bundles_written_before_the_rule_keep_loading():
+    """ImageNet's 'Cardigan' (corgi) and 'cardigan' (sweater) were both exported before the
+    rule: read back they load, a new name is still checked against both, and a name given
+    twice outright is still refused."""
+    from edge_tl.spec import check_labels
+
+    check_labels(["Cardigan", "cardigan", "tabby"], "labels of manifest.json", written=True)
+    with pytest.raises(EdgeTLError, match="differ only in case"):
+        check_labels(["CARDIGAN"], "classes to add", existing=["Cardigan", "cardigan"])
+    with pytest.raises(EdgeTLError, match="given twice"):
+        check_labels(["tabby", "tabby"], "labels of manifest.json", written=True)
+    with pytest.raises(EdgeTLError, match="differ only in case"):
+        check_labels(["Cardigan", "cardigan"], "class folders of data")

@@ -271,7 +271,10 @@ def _head_arrays(z: Any, where: str) -> dict[str, Any]:
         raise ValueError("labels is not a 1-D array of class names")
     a["labels"] = [str(s) for s in labels]
     check_labels(
-        a["labels"], f"labels of {where}", fix="roll back to an earlier head or learn a new one"
+        a["labels"],
+        f"labels of {where}",
+        fix="roll back to an earlier head or learn a new one",
+        written=True,
     )
     n_classes = len(a["labels"])
     x = a["support_x"] = numbers("support_x", 2)

@@ -381,9 +381,18 @@ def remember(identity: str, sig: Signature) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(path):
             try:
-                seen = json.loads(path.read_text()) if path.is_file() else {}
+                seen = json.loads(path.read_bytes()) if path.is_file() else {}
             except ValueError:
-                seen = {}  # a damaged record: start again (it can only be less strict)
+                seen = None
+            if not isinstance(seen, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("signed_at"), str) for v in seen.values()
+            ):
+                # Fail closed: starting again would let the replay it guards against through.
+                raise EdgeTLError(
+                    f"{path} (the signatures this device accepted, for the replay guard) is "
+                    "damaged; restore it, or remove it to start a new record (every bundle "
+                    "path then accepts its next signature once)"
+                )
             last = seen.get(identity)
             if last and sig.signed_at < last["signed_at"]:
                 raise EdgeTLError(

@@ -163,6 +163,13 @@ def test_an_older_signed_bundle_copied_over_a_newer_one_is_refused(signed, keys,
     assert cli("inspect", old, "--trust", pub, env=state).returncode == 0  # another path
     assert cli("sign", slot, "--key", key).returncode == 0  # going back on purpose
     assert cli("inspect", slot, "--trust", pub, env=state).returncode == 0
+    # a damaged record fails closed: starting afresh would let the replay through
+    record = Path(state["EDGE_TL_STATE"]) / "signatures.json"
+    for garbage in ("{garbage", "[]", '{"x": 1}'):
+        record.write_text(garbage)
+        one_line_error(cli("inspect", slot, "--trust", pub, env=state), "is damaged", "remove it")
+    record.unlink()
+    assert cli("inspect", slot, "--trust", pub, env=state).returncode == 0
 
 
 @pytest.mark.slow

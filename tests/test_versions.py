@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_tl.errors import EdgeTLError
 from edge_tl.runtime import learner, versions
 from edge_tl.runtime.versions import CURRENT, StoreKind, VersionedStore
 from edge_tl.spec import Artifact, Manifest, Preprocess, Source
@@ -231,3 +232,22 @@ def test_pruning_keeps_the_parent_a_plain_rollback_goes_to(tmp_path):
         store.save(_state(seed), "add")
         assert _same(store.rollback(), base) and store.current() == 1
     assert 1 in store.versions() and len(store.versions()) == 3
+
+
+def test_a_lost_current_pointer_is_named_never_answered_with_the_exported_head(tmp_path):
+    """A partial copy or a cleanup script that drops ``CURRENT`` must not turn a camera's
+    learned head (or bank) back into the exported one without a word."""
+    store = _store(tmp_path)
+    store.save(_state(0), "learn")
+    (store.dir / CURRENT).unlink()
+    assert store.load() is None  # one version, no pointer: a first write cut before it
+    second = store.save(_state(1), "add")
+    (store.dir / CURRENT).unlink()
+    with pytest.raises(EdgeTLError, match=r"CURRENT is missing.*rollback .*--to N"):
+        store.load()
+    assert [h.get("current") for h in store.history()] == [False, False]
+    assert _same(store.rollback(to=2), second) and _same(store.load(), second)
+    (store.dir / CURRENT).unlink()
+    (store.dir / CURRENT).mkdir()
+    with pytest.raises(EdgeTLError, match="is not a file; remove it"):
+        store.load()

@@ -209,7 +209,7 @@ class AnomalyState:
                 sigma,
                 json.loads(str(z["meta"])),
                 np.asarray(z["digests"], np.uint8).reshape(-1, 32)
-                if "digests" in z.files
+                if "digests" in z
                 else np.zeros((0, 32), np.uint8),
             )
         except (KeyError, ValueError, TypeError) as e:

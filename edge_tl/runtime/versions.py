@@ -140,8 +140,19 @@ class VersionedStore:
             EdgeTLError: ``CURRENT`` is damaged or names a version that is not on disk.
         """
         f = self.dir / CURRENT
+        if not f.exists():
+            # Versions without a pointer: a lone first version is a first write cut before
+            # its pointer (nothing was learned yet); more than that, the pointer was lost
+            # (a partial copy, a cleanup script), and answering with the exported head or
+            # no bank would be silently wrong.
+            if self.versions() in ([], [1]):
+                return None
+            raise EdgeTLError(
+                f"{f} is missing while {self.dir} holds versions {self.versions()}; "
+                f"{self._way_back(f)}"
+            )
         if not f.is_file():
-            return None
+            raise EdgeTLError(f"{f} is not a file; remove it, then {self._way_back(f)}")
         raw = f.read_bytes().decode("ascii", "replace")
         text, parts = raw.strip(), raw.split()
         try:  # the line ends in a newline: a pointer cut short ("12 <hex>" -> "1") is caught

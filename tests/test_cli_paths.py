@@ -124,8 +124,15 @@ def test_training_interrupted_with_ctrl_c_resumes_from_its_checkpoint(neu_small,
         "--patience", "0", "--batch-size", "8", "--workers", "0", "--test-frac", "0.25",
         "--out", str(out),
     ]  # fmt: skip
+    # Ctrl-C's default in the child even when this suite runs in the background of a
+    # non-interactive shell (which starts it with SIGINT ignored, inherited by children).
     proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 600
     while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:

@@ -251,33 +251,40 @@ def test_a_short_soak_keeps_state_and_heap_bounded(bundle, neu_small):
     assert after["gc_objects"] - before["gc_objects"] < 2000, (before, after)
 
 
+_BLAS_CHECK = """
+import sys, threading
+from pathlib import Path
+from threadpoolctl import threadpool_info
+from edge_tl.runtime.patchcore import one_blas_thread
+
+def blas():
+    return [i["num_threads"] for i in threadpool_info()
+            if i["user_api"] == "blas" and "numpy" in Path(i["filepath"]).parent.name]
+
+before = blas()
+if not before or max(before) == 1:
+    sys.exit(3)  # numpy's BLAS runs one thread here: nothing to limit or restore
+entered, inside = threading.Barrier(4), []
+
+def scorer(i):
+    with one_blas_thread():
+        entered.wait()  # all four inside at once, then they leave in their own order
+        inside.append(blas())
+        threading.Event().wait(0.01 * i)
+
+threads = [threading.Thread(target=scorer, args=(i,)) for i in (3, 1, 2, 0)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert all(max(n) == 1 for n in inside) and blas() == before, (before, inside, blas())
+"""
+
+
 def test_the_blas_limit_of_overlapping_scorers_is_restored_by_the_last_to_leave():
-    from threadpoolctl import threadpool_info
-
-    from edge_tl.runtime.patchcore import one_blas_thread
-
-    def blas() -> list[int]:  # numpy's own BLAS: torch's or scipy's, loaded later by other
-        # tests of this process, are not what the scorer limits
-        return [
-            i["num_threads"]
-            for i in threadpool_info()
-            if i["user_api"] == "blas" and "numpy" in Path(i["filepath"]).parent.name
-        ]
-
-    before = blas()
-    if not before or max(before) == 1:
+    """In a fresh interpreter: OpenBLAS reports its thread count per calling thread once the
+    main thread has set a limit, so a long test process reads other threads' counts wrong."""
+    res = subprocess.run([sys.executable, "-c", _BLAS_CHECK], capture_output=True, text=True)
+    if res.returncode == 3:
         pytest.skip("numpy's BLAS runs one thread here: nothing to limit or restore")
-    entered, inside = threading.Barrier(4), []
-
-    def scorer(i: int) -> None:
-        with one_blas_thread():
-            entered.wait()  # all four inside at once, then they leave in their own order
-            inside.append(blas())
-            threading.Event().wait(0.01 * i)
-
-    threads = [threading.Thread(target=scorer, args=(i,)) for i in (3, 1, 2, 0)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(max(n) == 1 for n in inside) and blas() == before
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -37,6 +37,7 @@ __all__ = [
     "SelfTestSpec",
     "Source",
     "SplitRecord",
+    "TextPreprocess",
     "builtin_profiles",
     "builtin_recipes",
     "check_label",
@@ -228,6 +229,63 @@ class Preprocess:
     def from_dict(cls, d: dict[str, Any], where: str = "preprocess", fix: str = FIX) -> Preprocess:
         p = _from_dict(cls, d, where, fix)
         return dataclasses.replace(p, mean=tuple(p.mean), std=tuple(p.std))
+
+
+TEXT_POOLING = ("mean", "cls")
+MAX_TEXT_LENGTH = 4096
+"""The longest token sequence a text bundle may ask for."""
+
+
+@dataclass(frozen=True)
+class TextPreprocess:
+    """How the device turns a text into the encoder's inputs and its output into an
+    embedding, as data (a text bundle's ``preprocess``; ``modality`` tells it from an image
+    bundle's :class:`Preprocess`).
+
+    ``tokenizer`` is the bundle's Hugging Face ``tokenizer.json`` (read by the Rust
+    ``tokenizers`` library on the device, so no torch and no ``transformers``): texts are
+    truncated to ``max_length`` tokens, special tokens included, and a batch is padded to
+    its longest text. The encoder takes ``inputs`` (int64 ``[batch, tokens]``) and gives
+    ``hidden_output`` (float32 ``[batch, tokens, dim]``), pooled by ``pooling`` (``mean``
+    over the attention mask, as sentence-transformers does; ``cls``: the first token) and
+    L2-normalised when ``normalize``.
+    """
+
+    tokenizer: str
+    max_length: int
+    modality: str = "text"
+    inputs: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
+    hidden_output: str = "last_hidden_state"
+    pooling: str = "mean"
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        _one_of("preprocess", "modality", self.modality, ("text",))
+        _one_of("preprocess", "pooling", self.pooling, TEXT_POOLING)
+        if not 2 <= self.max_length <= MAX_TEXT_LENGTH:
+            raise EdgeTLError(
+                f"preprocess: max_length = {_short(self.max_length)} is not between 2 and "
+                f"{MAX_TEXT_LENGTH}"
+            )
+        if "input_ids" not in self.inputs or "attention_mask" not in self.inputs:
+            raise EdgeTLError(
+                f"preprocess: inputs = {_short(self.inputs)} must name input_ids and attention_mask"
+            )
+
+    @classmethod
+    def from_dict(
+        cls, d: dict[str, Any], where: str = "preprocess", fix: str = FIX
+    ) -> TextPreprocess:
+        p = _from_dict(cls, d, where, fix)
+        return dataclasses.replace(p, inputs=tuple(p.inputs))
+
+
+def read_preprocess(d: Any, where: str, fix: str = FIX) -> Preprocess | TextPreprocess:
+    """The ``preprocess`` table of a manifest or run: text when it says ``modality = "text"``,
+    else an image's."""
+    if isinstance(d, dict) and d.get("modality") == "text":
+        return TextPreprocess.from_dict(d, where, fix)
+    return Preprocess.from_dict(d, where, fix)
 
 
 MAX_INPUT_SIZE = 4096
@@ -502,7 +560,7 @@ class Manifest:
     edge_tl_version: str
     backbone: str
     input_name: str
-    preprocess: Preprocess
+    preprocess: Preprocess | TextPreprocess
     outputs: dict[str, list[Any]]
     artifact: Artifact
     labels: list[str]
@@ -514,6 +572,11 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def modality(self) -> str:
+        """``text`` for a text encoder's bundle, else ``image``."""
+        return "text" if isinstance(self.preprocess, TextPreprocess) else "image"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -538,7 +601,7 @@ class Manifest:
         check_labels(m.labels, "labels of manifest.json", fix=fix, written=True)
         m = dataclasses.replace(
             m,
-            preprocess=Preprocess.from_dict(m.preprocess, f"{where} preprocess", fix),
+            preprocess=read_preprocess(m.preprocess, f"{where} preprocess", fix),
             artifact=Artifact.from_dict(m.artifact, f"{where} artifact", fix),
             head=None if m.head is None else HeadEntry.from_dict(m.head, f"{where} head", fix),
             source=Source.from_dict(m.source, f"{where} source", fix),
@@ -583,6 +646,8 @@ class Manifest:
                     "(64 hex digits); re-export the bundle"
                 )
         named = [*self.artifact.files]
+        if isinstance(self.preprocess, TextPreprocess):
+            named.append(self.preprocess.tokenizer)
         if self.head is not None:
             named += [self.head.file, *([self.head.exemplars] if self.head.exemplars else [])]
         if self.self_test is not None:

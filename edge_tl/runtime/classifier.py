@@ -187,16 +187,22 @@ class Classifier:
         ``float32[N, D]``; index ``-1`` is unknown (similarity below the threshold)."""
         return _classify(self.require(), emb)
 
-    def predict(self, images: Sequence[ImageLike], top_k: int = 1) -> list[Prediction]:
-        """Label, score and top-k per image (one at a time, batch 1, as a camera would)."""
+    def predict(
+        self, images: Sequence[ImageLike] | Sequence[str], top_k: int = 1
+    ) -> list[Prediction]:
+        """Label, score and top-k per image (one at a time, batch 1, as a camera would), or
+        per text on a text bundle."""
         self.require()
         if top_k < 1:
             raise EdgeTLError(f"--top-k must be at least 1, not {top_k}")
         engine, pre = self._model.engine, self._model.manifest.preprocess
+        text = self._model.text is not None
         results = []
         for src in images:
-            x = to_input(load_image(src), pre)[None]
-            emb = engine.run(x, (EMBEDDING,))[EMBEDDING]
+            if text:
+                emb = self._model.embed_texts([src])
+            else:
+                emb = engine.run(to_input(load_image(src), pre)[None], (EMBEDDING,))[EMBEDDING]
             state = self.require()  # one head for the whole answer, even if learning swaps it
             labels = state.labels
             probas, pred, sim = _classify(state, emb)
@@ -204,7 +210,8 @@ class Classifier:
             order = np.argsort(-proba)[:top_k]
             results.append(
                 Prediction(
-                    image=str(src) if not hasattr(src, "size") else "<image>",
+                    image=None if text else str(src) if not hasattr(src, "size") else "<image>",
+                    text=src if text else None,
                     label=UNKNOWN if pred[0] < 0 else labels[order[0]],
                     score=float(proba[order[0]]),
                     similarity=None if sim is None else round(float(sim[0]), 4),

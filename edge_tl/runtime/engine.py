@@ -8,7 +8,7 @@ string* (``CPU``, ``GPU``, ``NPU``, ``AUTO:NPU,CPU``). Torch-free.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +21,7 @@ __all__ = [
     "CPU_PROVIDER",
     "DISABLED_OPTIMIZERS",
     "Engine",
+    "Inputs",
     "OpenVinoEngine",
     "OrtEngine",
     "make_engine",
@@ -32,12 +33,15 @@ DISABLED_OPTIMIZERS = "disabled_optimizers"
 """ONNX Runtime engine option: comma-separated graph optimizers to leave off."""
 
 
-class Engine(Protocol):
-    """Runs the backbone: ``float32[N,3,H,W]`` -> named outputs."""
+Inputs = np.ndarray | Mapping[str, np.ndarray]
+"""An image batch ``float32[N,3,H,W]`` (the bundle's one input), or named inputs (a text
+encoder's ``input_ids``, ``attention_mask``, ... as int64 ``[N, tokens]``)."""
 
-    def run(
-        self, x: np.ndarray, outputs: Sequence[str] = (EMBEDDING,)
-    ) -> dict[str, np.ndarray]: ...
+
+class Engine(Protocol):
+    """Runs the backbone: an image batch or named inputs -> named outputs."""
+
+    def run(self, x: Inputs, outputs: Sequence[str] = (EMBEDDING,)) -> dict[str, np.ndarray]: ...
 
 
 class OrtEngine:
@@ -69,8 +73,9 @@ class OrtEngine:
             raise EdgeTLError(f"ONNX Runtime cannot load {path}: {e}") from None
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def run(self, x: np.ndarray, outputs: Sequence[str] = (EMBEDDING,)) -> dict[str, np.ndarray]:
-        res = self.session.run(list(outputs), {INPUT_NAME: x})
+    def run(self, x: Inputs, outputs: Sequence[str] = (EMBEDDING,)) -> dict[str, np.ndarray]:
+        feed = dict(x) if isinstance(x, Mapping) else {INPUT_NAME: x}
+        res = self.session.run(list(outputs), feed)
         return dict(zip(outputs, res, strict=True))
 
 
@@ -105,8 +110,8 @@ class OpenVinoEngine:
             request = self._local.request = self.compiled.create_infer_request()
         return request
 
-    def run(self, x: np.ndarray, outputs: Sequence[str] = (EMBEDDING,)) -> dict[str, np.ndarray]:
-        res = self.request.infer({0: x})
+    def run(self, x: Inputs, outputs: Sequence[str] = (EMBEDDING,)) -> dict[str, np.ndarray]:
+        res = self.request.infer(dict(x) if isinstance(x, Mapping) else {0: x})
         by_name = {k.get_any_name(): v for k, v in res.items()}
         return {name: np.array(by_name[name]) for name in outputs}
 

@@ -29,9 +29,10 @@ from edge_tl.runtime.engine import Engine, make_engine
 from edge_tl.runtime.preprocess import ImageLike, batch_inputs
 from edge_tl.runtime.results import AnomalyEvaluation, Evaluation, Prediction, Verdict
 from edge_tl.runtime.selftest import enforce, run_self_test
+from edge_tl.runtime.text import TextEncoder, pool
 from edge_tl.runtime.versions import CURRENT
 from edge_tl.signing import Trust
-from edge_tl.spec import EMBEDDING, Manifest
+from edge_tl.spec import EMBEDDING, Manifest, TextPreprocess
 
 __all__ = ["Model", "Task"]
 
@@ -91,6 +92,10 @@ class Model:
             options = {**artifact.engine_options, ORT_SPINNING: "0"}
             artifact = replace(artifact, engine_options=options)
         self.engine: Engine = make_engine(self.path, artifact, threads, providers, ov_device)
+        pre = self.manifest.preprocess
+        self.text: TextEncoder | None = (
+            TextEncoder(self.path, pre) if isinstance(pre, TextPreprocess) else None
+        )
         self.self_test: dict[str, Any] | None = None
         if self_test:
             enforce(self.path, self.check_self_test())
@@ -106,6 +111,11 @@ class Model:
         return self.self_test
 
     @property
+    def modality(self) -> str:
+        """``text`` for a text encoder's bundle (inputs are strings), else ``image``."""
+        return self.manifest.modality
+
+    @property
     def task(self) -> Task:
         """``anomaly`` when the bundle has an anomaly bank, else ``classify``."""
         return "anomaly" if self.detector.state is not None else "classify"
@@ -113,21 +123,47 @@ class Model:
     # ---- the engine ---------------------------------------------------------------------
     def batches(
         self,
-        images: Sequence[ImageLike],
+        images: Sequence[ImageLike] | Sequence[str],
         outputs: tuple[str, ...],
         batch_size: int = 16,
         desc: str | None = None,
     ) -> Iterator[dict[str, np.ndarray]]:
-        """The engine's ``outputs`` for ``images``, ``batch_size`` at a time."""
+        """The engine's ``outputs`` for ``images`` (or texts, on a text bundle: ``embedding``
+        is then pooled from the encoder's token vectors), ``batch_size`` at a time."""
         pre = self.manifest.preprocess
         starts = range(0, len(images), batch_size)
         for i in progress(starts, desc=desc) if desc else starts:
-            yield self.engine.run(batch_inputs(images[i : i + batch_size], pre), outputs)
+            chunk = images[i : i + batch_size]
+            if self.text is None:
+                yield self.engine.run(batch_inputs(chunk, pre), outputs)
+            else:
+                yield {EMBEDDING: self.embed_texts(chunk)}
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """``float32[N, D]`` embeddings of ``texts`` in one engine call: tokenized by the
+        bundle's tokenizer, pooled as its manifest says (:mod:`edge_tl.runtime.text`).
+
+        Raises:
+            EdgeTLError: an image bundle, or an empty text.
+        """
+        if self.text is None:
+            raise EdgeTLError(
+                f"bundle {self.path} is an image model ({self.manifest.backbone}); it takes "
+                "images, not texts"
+            )
+        pre = self.text.pre
+        inputs = self.text.encode(texts)
+        hidden = self.engine.run(inputs, (pre.hidden_output,))[pre.hidden_output]
+        return pool(hidden, inputs["attention_mask"], pre)
 
     def embed(
-        self, images: Sequence[ImageLike], batch_size: int = 16, desc: str | None = None
+        self,
+        images: Sequence[ImageLike] | Sequence[str],
+        batch_size: int = 16,
+        desc: str | None = None,
     ) -> np.ndarray:
-        """Pooled embeddings ``float32[N, D]`` of image files or PIL images."""
+        """Pooled embeddings ``float32[N, D]`` of image files or PIL images (or of texts, on
+        a text bundle)."""
         out = [o[EMBEDDING] for o in self.batches(images, (EMBEDDING,), batch_size, desc)]
         dim = self.manifest.outputs[EMBEDDING][-1]
         return np.concatenate(out) if out else np.zeros((0, dim), np.float32)

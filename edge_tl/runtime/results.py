@@ -23,15 +23,21 @@ class Prediction:
     probability of the top class; ``top_k`` lists ``{"label", "score"}`` best first.
     """
 
-    image: str
+    image: str | None
     label: str
     score: float
     similarity: float | None
     threshold: float | None
     top_k: list[dict[str, Any]]
+    text: str | None = None
+    """The text classified (a text bundle); ``image`` is then None."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for key in ("image", "text"):  # the one that names the input stays
+            if d[key] is None:
+                del d[key]
+        return d
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from edge_tl.errors import EdgeTLError
 from edge_tl.runtime.engine import Engine, make_engine
 from edge_tl.runtime.host import host_info
 from edge_tl.runtime.preprocess import normalise_pixels
-from edge_tl.spec import EMBEDDING, Artifact, Manifest, Preprocess, SelfTestSpec
+from edge_tl.runtime.text import TextEncoder, pool
+from edge_tl.spec import EMBEDDING, Artifact, Manifest, Preprocess, SelfTestSpec, TextPreprocess
 
 __all__ = [
     "SELF_TEST_FILE",
@@ -41,14 +42,23 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
-def _embed_stored(bundle: Path, file: str, pre: Preprocess, engine: Engine) -> np.ndarray:
-    """Per-image cosines ``float32[N]`` of the self-test images in ``bundle/file`` through
-    ``engine`` with their FP32 embeddings: the stored ``uint8`` pixels read back, normalised
-    as the manifest says, and run as one batch. The export and the device both call this,
-    so the figure recorded at export is the one the device reproduces on the same host."""
+def _embed_stored(
+    bundle: Path, file: str, pre: Preprocess | TextPreprocess, engine: Engine
+) -> np.ndarray:
+    """Per-item cosines ``float32[N]`` of the self-test inputs in ``bundle/file`` through
+    ``engine`` with their FP32 embeddings: the stored ``uint8`` pixels read back and
+    normalised as the manifest says (a text bundle: the stored ``texts``, tokenized by the
+    bundle's tokenizer and pooled), run as one batch. The export and the device both call
+    this, so the figure recorded at export is the one the device reproduces on the same
+    host."""
     with np.load(bundle / file, allow_pickle=False) as z:
-        pixels, ref = z["pixels"], z["embedding"]
-    got = engine.run(normalise_pixels(pixels, pre), (EMBEDDING,))[EMBEDDING]
+        ref = z["embedding"]
+        if isinstance(pre, TextPreprocess):
+            inputs = TextEncoder(bundle, pre).encode([str(t) for t in z["texts"]])
+            hidden = engine.run(inputs, (pre.hidden_output,))[pre.hidden_output]
+            got = pool(hidden, inputs["attention_mask"], pre)
+        else:
+            got = engine.run(normalise_pixels(z["pixels"], pre), (EMBEDDING,))[EMBEDDING]
     return _cosine(got, ref).astype(np.float32)
 
 
@@ -57,7 +67,7 @@ def write_self_test(
     pixels: np.ndarray,
     reference: np.ndarray,
     artifact: Artifact,
-    pre: Preprocess,
+    pre: Preprocess | TextPreprocess,
     on_fail: str,
     margin: float,
 ) -> SelfTestSpec | None:
@@ -77,11 +87,15 @@ def write_self_test(
 
     Raises:
         EdgeTLError: the engine cannot load the artifact.
+
+    A text bundle passes ``pixels`` as a ``str`` array ``[N]`` of check texts (stored as
+    ``texts``: a unicode array, read without pickles).
     """
     if on_fail == "off":
         return None
     idx = np.linspace(0, len(pixels) - 1, min(SELF_TEST_IMAGES, len(pixels))).round().astype(int)
-    arrays = {"pixels": pixels[idx], "embedding": reference[idx].astype(np.float32)}
+    key = "texts" if isinstance(pre, TextPreprocess) else "pixels"
+    arrays = {key: pixels[idx], "embedding": reference[idx].astype(np.float32)}
     np.savez(folder / SELF_TEST_FILE, **arrays)
     cos = _embed_stored(folder, SELF_TEST_FILE, pre, make_engine(folder, artifact))
     np.savez(folder / SELF_TEST_FILE, **arrays, export_cosine=cos)

@@ -52,13 +52,13 @@ class ArtifactRow:
     ``accuracy_fp32_head``: with the run's own head, trained in PyTorch on FP32;
     ``accuracy_own_head``: with a head fit on this row's embeddings of the training split
     (the FP32 rows share the one fit on ONNX FP32 embeddings); None without labels. Cosines and
-    agreement are fractions; ``size_mb`` in MB (1e6 bytes); ``latency_ms`` the batch-1
-    median in milliseconds.
+    agreement are fractions (agreement None without a head: a pretrained text encoder);
+    ``size_mb`` in MB (1e6 bytes); ``latency_ms`` the batch-1 median in milliseconds.
     """
 
     cosine_mean: float
     cosine_min: float
-    top1_agreement: float
+    top1_agreement: float | None
     accuracy_own_head: float | None = None
     accuracy_fp32_head: float | None = None
     size_mb: float = 0.0
@@ -90,9 +90,9 @@ class FidelityReport:
 
     ``artifacts`` holds ``pytorch-fp32``, ``onnx-fp32`` and the recipe's artifact, in that
     order. ``per_class`` maps each row to per-class accuracy (None without labels).
-    ``sensitive_layers`` ranks convolutions by the cosine they win back in FP32 (ORT INT8
-    accuracy control); ``calibration_sensitivity`` is the accuracy and cosine over disjoint
-    calibration subsets (INT8), or None.
+    ``sensitive_layers`` ranks layers (convolutions, a text encoder's MatMuls) by the cosine
+    they win back in FP32 (ORT INT8 accuracy control); ``calibration_sensitivity`` is the
+    accuracy and cosine over disjoint calibration subsets (INT8), or None.
     """
 
     backbone: str
@@ -107,6 +107,9 @@ class FidelityReport:
     accuracy_control: list[ControlStep] = field(default_factory=list)
     sensitive_layers: list[dict[str, Any]] = field(default_factory=list)
     calibration_sensitivity: dict[str, Any] | None = None
+    unit: str = "images"
+    """What was checked: ``images``, or ``texts`` for a text encoder (``n_images`` counts
+    them)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -183,7 +186,7 @@ def markdown(report: FidelityReport) -> str:
     out = [
         f"# Fidelity report: {report.backbone} -> {report.recipe}",
         "",
-        f"Checked on {report.checked_on} ({report.n_images} images) on "
+        f"Checked on {report.checked_on} ({report.n_images} {report.unit}) on "
         f"{host['cpu']} ({host['cpu_class']}; {', '.join(host['int8_isa']) or 'no SIMD INT8'}), "
         f"against FP32 PyTorch. Tolerance: cosine >= {tol.min_cosine}, top-1 drop <= "
         f"{tol.max_top1_drop * 100:.1f} pt. Verdict: **{report.verdict}**.",
@@ -222,7 +225,7 @@ def markdown(report: FidelityReport) -> str:
         out.append("")
     if report.sensitive_layers:
         out += [
-            "Most sensitive convolutions (cosine gained when kept in FP32): "
+            "Most sensitive layers (cosine gained when kept in FP32): "
             + ", ".join(
                 f"#{r['index']} {r['shape']} (+{r['gain']:.4f})"
                 for r in report.sensitive_layers[:8]
@@ -237,7 +240,7 @@ def markdown(report: FidelityReport) -> str:
             "## Calibration sensitivity",
             "",
             f"{len(spread['subsets'])} disjoint subsets of {spread['images_per_subset']} "
-            f"images: accuracy {accs} (spread {_fmt(spread['accuracy_spread'], True)}), "
+            f"{report.unit}: accuracy {accs} (spread {_fmt(spread['accuracy_spread'], True)}), "
             f"cosine {coss} (spread {spread['cosine_spread']:.4f}).",
             "",
         ]
@@ -256,7 +259,10 @@ def _plot(path: Path, report: FidelityReport, cosines: dict[str, np.ndarray]) ->
     for name, cos in cosines.items():
         ax.hist(np.clip(cos, lo, 1.0), bins=40, range=(lo, 1.0), alpha=0.6, label=name)
     ax.axvline(tol, color="k", ls="--", lw=1, label="tolerance")
-    ax.set(title="Embedding cosine vs FP32 PyTorch, per image", xlabel="cosine", ylabel="images")
+    item = report.unit.rstrip("s")
+    ax.set(
+        title=f"Embedding cosine vs FP32 PyTorch, per {item}", xlabel="cosine", ylabel=report.unit
+    )
     ax.legend(fontsize=8)
     ax = axes[1]
     pc = report.per_class or {}
@@ -276,10 +282,10 @@ def _plot(path: Path, report: FidelityReport, cosines: dict[str, np.ndarray]) ->
         )
         lo = max(0.0, min(min(v.values()) for v in pc.values()) * 100 - 5)
         ax.set_ylim(lo, 100 + (100 - lo) * 0.3)  # headroom for the legend above the bars
-        ax.set(title="Per-class accuracy on held-out images", ylabel="accuracy %")
+        ax.set(title=f"Per-class accuracy on held-out {report.unit}", ylabel="accuracy %")
         ax.legend(fontsize=8, loc="upper center", ncol=len(names))
     else:
-        ax.text(0.5, 0.5, "no labelled held-out images", ha="center", va="center")
+        ax.text(0.5, 0.5, f"no labelled held-out {report.unit}", ha="center", va="center")
         ax.set_axis_off()
     if panels == 3:
         ax = axes[2]

@@ -298,7 +298,7 @@ PREPROCESS_CHOICES = {
 }
 RECIPE_FORMATS = ("onnx", "openvino")
 RECIPE_PRECISIONS = ("fp32", "fp16", "int8")
-RECIPE_QUANT = ("none", "ort-static", "nncf")
+RECIPE_QUANT = ("none", "ort-static", "ort-dynamic", "nncf")
 SELF_TEST_MODES = ("refuse", "warn", "off")
 
 
@@ -321,6 +321,7 @@ class Recipe:
     calibration_size: int = 100
     calibration_method: str = "minmax"
     per_channel: bool = True
+    reduce_range: bool = False
     activation_type: str = "u8"
     weight_type: str = "s8"
     overflow_fix: str = "enable"
@@ -478,13 +479,14 @@ class SplitRecord:
         return _from_dict(cls, d, where, fix)
 
 
-SOURCE_KINDS = ("run", "imagenet")
+SOURCE_KINDS = ("run", "imagenet", "pretrained")
 
 
 @dataclass(frozen=True)
 class Source:
-    """Where a bundle came from: a training run (``kind="run"``) or a pretrained backbone
-    exported without training (``kind="imagenet"``)."""
+    """Where a bundle came from: a training run (``kind="run"``), or a pretrained backbone
+    exported without training: an image backbone with its ImageNet classifier
+    (``kind="imagenet"``) or a text encoder without a head (``kind="pretrained"``)."""
 
     kind: str
     weights_sha256: str | None = None

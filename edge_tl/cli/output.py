@@ -13,7 +13,7 @@ from typing import Any
 
 from edge_tl.report import FidelityReport, table
 from edge_tl.runtime.results import AnomalyEvaluation, Evaluation, Prediction, Verdict
-from edge_tl.spec import Manifest
+from edge_tl.spec import Manifest, TextPreprocess
 
 __all__ = [
     "bank_summary",
@@ -212,15 +212,26 @@ def inspect(
     a = m.artifact
     print(f"bundle {bundle}: {m.backbone}, {a.format} {a.precision} (recipe {a.recipe})")
     print(f"  {signature_line(signature)}")
-    print(
-        f"  input {m.input_name} {m.preprocess.size}x{m.preprocess.size} {m.preprocess.colour}, "
-        f"mean {m.preprocess.mean}, std {m.preprocess.std}"
-    )
+    pre = m.preprocess
+    if isinstance(pre, TextPreprocess):
+        print(
+            f"  input text: tokenizer {pre.tokenizer}, at most {pre.max_length} tokens, "
+            f"inputs {', '.join(pre.inputs)}; {pre.pooling} pooling of {pre.hidden_output}"
+            + (", L2-normalised" if pre.normalize else "")
+        )
+    else:
+        print(
+            f"  input {m.input_name} {pre.size}x{pre.size} {pre.colour}, "
+            f"mean {pre.mean}, std {pre.std}"
+        )
     print(f"  outputs: {', '.join(f'{k} {v}' for k, v in m.outputs.items())}")
-    print(
-        f"  labels ({len(m.labels)}): {', '.join(m.labels[:8])}"
-        + (" ..." if len(m.labels) > 8 else "")
-    )
+    if m.labels:
+        print(
+            f"  labels ({len(m.labels)}): {', '.join(m.labels[:8])}"
+            + (" ..." if len(m.labels) > 8 else "")
+        )
+    elif m.head is None:
+        print(f"  no head (a pretrained encoder): learn one with `edge-tl learn {bundle} DATA`")
     if a.engine_options:
         print(f"  engine options: {a.engine_options}")
     if m.self_test:
@@ -245,7 +256,7 @@ def inspect(
             )
     if report is not None:
         print(
-            f"fidelity ({report.checked_on}, {report.n_images} images, on "
+            f"fidelity ({report.checked_on}, {report.n_images} {report.unit}, on "
             f"{report.host['cpu']}): {report.verdict}"
         )
         print(table(report))

@@ -32,7 +32,7 @@ import edge_tl
 from edge_tl.errors import EdgeTLError, require
 from edge_tl.spec import Recipe
 
-__all__ = ["quantize_nncf_isolated"]
+__all__ = ["child_failed", "quantize_nncf_isolated"]
 
 
 def quantize_nncf_isolated(
@@ -66,16 +66,24 @@ def quantize_nncf_isolated(
             env={**os.environ, "PYTHONPATH": path},
             check=False,
         )
-        error = work / "error.txt"
-        if proc.returncode != 0 and error.is_file():
-            raise EdgeTLError(error.read_text().strip())
-        if proc.returncode != 0:
-            how = (
-                f"signal {signal.Signals(-proc.returncode).name}"
-                if proc.returncode < 0
-                else f"exit {proc.returncode}"
-            )
-            raise RuntimeError(f"NNCF quantization stopped ({how}); see the messages above")
+        child_failed(proc.returncode, work / "error.txt")
+
+
+def child_failed(returncode: int, error: Path) -> None:
+    """Raise what a quantization child reported (``error``: its one-line EdgeTLError), or
+    how it died; nothing when it exited 0.
+
+    Raises:
+        EdgeTLError: the child's own error.
+        RuntimeError: the child died (a signal) or failed without a report.
+    """
+    if returncode != 0 and error.is_file():
+        raise EdgeTLError(error.read_text().strip())
+    if returncode != 0:
+        how = (
+            f"signal {signal.Signals(-returncode).name}" if returncode < 0 else f"exit {returncode}"
+        )
+        raise RuntimeError(f"NNCF quantization stopped ({how}); see the messages above")
 
 
 # not ``-m edge_tl.export.isolated``: the package imports this module first, and runpy warns

@@ -39,6 +39,7 @@ from edge_tl.export.source import (
     open_backbone,
     open_run,
 )
+from edge_tl.export.text_source import is_text_source
 from edge_tl.report import ArtifactRow, FidelityReport, Tolerance, write_report
 from edge_tl.runtime.engine import OrtEngine
 from edge_tl.runtime.heads import LinearHead
@@ -80,6 +81,10 @@ def export_bundle(
         backbone: export ImageNet features and classifier without training.
         calib: images for calibration and parity checks (ImageFolder or flat folder);
             defaults to the run's training and validation images.
+
+    A text run (``run.json`` says ``"modality": "text"``) or a text backbone
+    (``all-minilm-l6-v2``) goes to :func:`edge_tl.export.text.export_text_bundle` (``calib``
+    then names a file of texts; ``weights``, ``logits`` and ``skip_bad`` do not apply).
         head_fit: ``artifact`` refits the run's linear head on the artifact's own embeddings
             of the training and validation images; ``source`` keeps the head trained in
             PyTorch.
@@ -107,6 +112,15 @@ def export_bundle(
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if (run is None) == (backbone is None):
         raise EdgeTLError("pass either a RUN folder or --backbone NAME, not both or neither")
+    if is_text_source(run, backbone):
+        for flag, given in (("--weights", weights), ("--logits", logits), ("--skip-bad", skip_bad)):
+            if given:
+                raise EdgeTLError(
+                    f"{flag} is for image models; a text encoder's export does without it"
+                )
+        from edge_tl.export.text import export_text_bundle
+
+        return export_text_bundle(out, rec, run, backbone, calib, head_fit, force, sign)
     if weights is not None and run is not None:
         raise EdgeTLError("--weights goes with --backbone; a run folder carries its own weights")
     if head_fit not in HEAD_FITS:

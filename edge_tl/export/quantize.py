@@ -71,7 +71,8 @@ def build_artifact(
                 quantize_ort(onnx_fp32, out_dir / "backbone.onnx", calib, recipe, Path(work_dir))
             else:
                 raise EdgeTLError(
-                    f"recipe {recipe.name}: format onnx supports fp32 or ort-static int8"
+                    f"recipe {recipe.name}: an image backbone exports to ONNX as fp32 or "
+                    "ort-static int8 (ort-dynamic is for text encoders)"
                 )
             return ["backbone.onnx"], options
     ov = require("openvino", "export")
@@ -118,6 +119,7 @@ def quantize_ort(
             Reader(),
             quant_format=q.QuantFormat.QDQ,
             per_channel=recipe.per_channel,
+            reduce_range=recipe.reduce_range,
             activation_type=getattr(q.QuantType, _ORT_TYPES[recipe.activation_type]),
             weight_type=getattr(q.QuantType, _ORT_TYPES[recipe.weight_type]),
             calibrate_method=getattr(q.CalibrationMethod, _ORT_METHODS[recipe.calibration_method]),

@@ -153,8 +153,16 @@ def export(args: argparse.Namespace) -> int:
 def predict(args: argparse.Namespace) -> int:
     from edge_tl.runtime import Model
 
-    results = Model(args.bundle, trust=args.trust).predict(
-        [str(p) for p in args.images],
+    texts = _texts(args)
+    if not texts and not args.images:
+        raise EdgeTLError("nothing to predict: give IMAGE files, or --text/--text-file")
+    model = Model(args.bundle, trust=args.trust)
+    if texts and model.modality != "text":
+        raise model.wrong_input("--text/--text-file give texts")
+    if args.images and model.modality == "text":
+        raise model.wrong_input(f"{args.images[0]} was given as an image")
+    results = model.predict(
+        texts or [str(p) for p in args.images],
         top_k=args.top_k,
         task="classify" if args.classify else None,
         maps_dir=args.maps,
@@ -164,6 +172,25 @@ def predict(args: argparse.Namespace) -> int:
     else:
         output.predictions(results)
     return 0
+
+
+def _texts(args: argparse.Namespace) -> list[str]:
+    """The texts of ``--text`` and ``--text-file`` (in that order), checked before any
+    bundle is loaded."""
+    from edge_tl.runtime.text import check_texts
+    from edge_tl.texts import read_texts
+
+    if args.text_column is not None and args.text_file is None:
+        raise EdgeTLError("--text-column names the column of --text-file; give --text-file")
+    texts = check_texts(args.text, "--text")
+    if args.text_file is not None:
+        texts += read_texts(args.text_file, args.text_column or "text")
+    if texts and args.images:
+        raise EdgeTLError(
+            "give IMAGES or --text/--text-file, not both (an image bundle takes images, a "
+            "text bundle texts)"
+        )
+    return texts
 
 
 def anomaly(args: argparse.Namespace) -> int:
@@ -205,6 +232,8 @@ def learn(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         open_set=not args.no_open_set,
         skip_bad=args.skip_bad,
+        text_column=args.text_column,
+        label_column=args.label_column,
     )
     classifier = Model(args.bundle, trust=args.trust).classifier
     before = classifier.state.summary() if classifier.state is not None else None
@@ -274,13 +303,19 @@ def bench(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     from edge_tl.runtime import Model
 
-    res = Model(args.bundle, trust=args.trust).evaluate(
-        args.data, split=args.split, maps_dir=args.maps, skip_bad=args.skip_bad
+    model = Model(args.bundle, trust=args.trust)
+    res = model.evaluate(
+        args.data,
+        split=args.split,
+        maps_dir=args.maps,
+        skip_bad=args.skip_bad,
+        text_column=args.text_column,
+        label_column=args.label_column,
     )
     if args.json:
         output.print_json(res.to_dict())
     else:
-        output.evaluation(res)
+        output.evaluation(res, unit=model.modality)
     output.skipped(res.skipped)
     return 0
 

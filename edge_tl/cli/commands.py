@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Iterator
 
 from edge_tl.cli import output
-from edge_tl.cli.training_flags import train_config
+from edge_tl.cli.training_flags import is_text_training, text_train_config, train_config
 from edge_tl.errors import EdgeTLError, require
 from edge_tl.images import SKIPPED
 
@@ -73,6 +73,8 @@ def bundle_from_archive(args: argparse.Namespace) -> Iterator[None]:
 
 def train(args: argparse.Namespace) -> int:
     _workstation()
+    if is_text_training(args):
+        return _train_text(args)
     from edge_tl.train import train as train_run
 
     cfg = train_config(args, args.strategy)
@@ -96,17 +98,46 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_text(args: argparse.Namespace) -> int:
+    require("transformers", "nlp")
+    from edge_tl.train.text import train_text
+
+    cfg = text_train_config(args, args.strategy)
+    metrics = train_text(
+        args.data, args.out, cfg, force=args.force, resume=args.resume, skip_bad=args.skip_bad
+    )
+    if args.json:
+        output.print_json(metrics)
+    else:
+        tested = cfg.test_data or "the test split"
+        print(
+            f"trained {cfg.strategy} on {args.data}: test accuracy "
+            f"{metrics['test_accuracy']:.4f} on {tested} (n={metrics['n_test']}) -> {args.out}"
+        )
+    return 0
+
+
 def compare(args: argparse.Namespace) -> int:
     _workstation()
+    from edge_tl.train.compare import (
+        DEFAULT_STRATEGIES,
+        TEXT_DEFAULT_STRATEGIES,
+        markdown,
+        parse_strategies,
+    )
     from edge_tl.train.compare import compare as compare_runs
-    from edge_tl.train.compare import markdown, parse_strategies
 
-    strategies = parse_strategies(args.strategies)
+    text = is_text_training(args)
+    if text:
+        require("transformers", "nlp")
+    default = TEXT_DEFAULT_STRATEGIES if text else DEFAULT_STRATEGIES
+    strategies = parse_strategies(args.strategies or default, text)
+    make_config = text_train_config if text else train_config
     result = compare_runs(
         args.data,
         args.out,
         strategies,
-        train_config(args, strategies[0]),
+        make_config(args, strategies[0]),
         threshold=args.threshold / 100,
         force=args.force,
         resume=args.resume,

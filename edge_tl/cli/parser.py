@@ -53,16 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         epilog=EPILOG,
-        help="train a classifier on an ImageFolder (or 'elpv') and write a run folder",
+        help="train a classifier on images or texts and write a run folder",
         description="Train on DATA (an ImageFolder <class>/<image>, or 'elpv' for the ELPV "
         "solar-cell package) with a transfer strategy: linear-probe, finetune (default: the "
         "last --train-stages stages + head), full, selective, bn-only, bias-only, gradual, "
         "from-scratch. When everything before the first trainable block is frozen, its "
         "activations are computed once and cached. Interrupted runs continue with --resume. "
         "Under torchrun (torchrun --nproc-per-node N -m edge_tl.cli train ...) it trains "
-        "with DistributedDataParallel.",
+        "with DistributedDataParallel. Text data (CSV/TSV, JSON Lines, <class>/*.txt, or "
+        "trec6:train, bbc-news, ...) fine-tunes a text encoder (all-minilm-l6-v2): "
+        "linear-probe, finetune (the last --train-layers layers + head), full.",
     )
-    t.add_argument("data", help="ImageFolder path, or 'elpv'")
+    t.add_argument("data", help="ImageFolder path or 'elpv'; or text data")
     t.add_argument("--out", required=True, type=Path, help="run folder to create")
     add_training_flags(t)
     t.add_argument("--strategy", default="finetune", help=f"one of {', '.join(STRATEGIES)}")
@@ -84,11 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         "transfer (from-scratch as good as a transfer strategy, or transfer gaining less "
         "than --threshold).",
     )
-    c.add_argument("data", help="ImageFolder path, or 'elpv'")
+    c.add_argument("data", help="ImageFolder path or 'elpv'; or text data")
     c.add_argument(
         "--strategies",
-        default="linear-probe,finetune,full,bn-only,from-scratch",
-        help="comma-separated (default linear-probe,finetune,full,bn-only,from-scratch)",
+        help="comma-separated (default linear-probe,finetune,full,bn-only,from-scratch; on "
+        "text linear-probe,finetune,full)",
     )
     c.add_argument("--out", required=True, type=Path, help="comparison folder to create")
     add_training_flags(c)

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 from edge_tl.cli import output
 from edge_tl.cli.training_flags import is_text_training, text_train_config, train_config
@@ -404,12 +405,22 @@ def verify(args: argparse.Namespace) -> int:
 
 def demo(args: argparse.Namespace) -> int:
     _workstation()
+    recipes = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
+    if args.text:
+        from edge_tl.demo_text import run_text_demo
+
+        if args.data != "elpv" or args.strategy != "finetune":
+            raise EdgeTLError("--data and --strategy are for the image demo; drop them with --text")
+        run_text_demo(
+            args.out or Path("demo-output-text"), epochs=args.epochs or 3, recipes=recipes
+        )
+        return 0
     from edge_tl.demo import run_demo
 
     run_demo(
-        args.out,
+        args.out or Path("demo-output"),
         strategy=args.strategy,
-        epochs=args.epochs,
+        epochs=args.epochs or 6,
         train_stages=args.train_stages,
         data=args.data,
         recipes=tuple(r.strip() for r in args.recipes.split(",") if r.strip()),

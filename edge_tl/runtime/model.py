@@ -25,7 +25,7 @@ from edge_tl.progress import progress
 from edge_tl.runtime import anomaly, patchcore
 from edge_tl.runtime.classifier import Classifier
 from edge_tl.runtime.detector import AnomalyDetector
-from edge_tl.runtime.engine import Engine, make_engine
+from edge_tl.runtime.engine import Engine, Inputs, make_engine
 from edge_tl.runtime.preprocess import ImageLike, batch_inputs
 from edge_tl.runtime.results import AnomalyEvaluation, Evaluation, Prediction, Verdict
 from edge_tl.runtime.selftest import enforce, run_self_test
@@ -188,6 +188,16 @@ class Model:
                 yield self.engine.run(batch_inputs(chunk, pre), outputs)
             else:
                 yield {EMBEDDING: self.embed_texts(chunk)}
+
+    def engine_inputs(
+        self, items: Sequence[ImageLike] | Sequence[str]
+    ) -> tuple[Inputs, tuple[str, ...]]:
+        """``(inputs, outputs)`` of one engine call on ``items``: preprocessed images and
+        ``("embedding",)``, or a text bundle's tokenized texts and its encoder output (to time
+        the engine alone: ``model.engine.run(*model.engine_inputs(items))``)."""
+        if self.text is None:
+            return batch_inputs(items, self.manifest.preprocess), (EMBEDDING,)
+        return self.text.encode(items), (self.text.pre.hidden_output,)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """``float32[N, D]`` embeddings of ``texts`` in one engine call: tokenized by the

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo demo-text test lint venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/edge-tl demo
+
+# the text story (TREC-6, all-MiniLM-L6-v2 through optimum); about 10 minutes on 2 cores
+demo-text: $(STAMP)
+	$(VENV)/bin/edge-tl demo --text
 
 # Every test in one process. A process that had quantized with NNCF and then trained with torch
 # crashed (segfault) in long sessions, so the suite once ran in two. The crash did not reproduce

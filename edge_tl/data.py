@@ -1,5 +1,6 @@
 """Datasets as lists of (image path, label): ImageFolder and the ELPV package, the one image
-listing and the one split every part of edge_tl uses. Torch-free.
+listing and the one split every part of edge_tl uses. Torch-free. Text data sets are the
+same :class:`Dataset` with ``modality="text"``, read by :mod:`edge_tl.texts`.
 
 Folders are read by the one folder rule of :mod:`edge_tl.images` and checked up front
 (missing, empty class, a file that is not a readable image), so a bad data set fails before
@@ -28,7 +29,9 @@ __all__ = [
     "image_folder",
     "list_images",
     "open_dataset",
+    "check_split",
     "split",
+    "split_sizes",
     "stratified_split",
 ]
 
@@ -38,7 +41,11 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Dataset:
-    """Image paths with integer labels into ``classes``; ``meta`` per sample (ELPV cell type)."""
+    """Image paths with integer labels into ``classes``; ``meta`` per sample (ELPV cell type).
+
+    A text data set (``modality="text"``, :func:`edge_tl.texts.open_text_dataset`) holds the
+    texts themselves in ``paths`` (also :attr:`texts`).
+    """
 
     name: str
     classes: list[str]
@@ -46,16 +53,36 @@ class Dataset:
     labels: np.ndarray
     meta: list[dict[str, str]] = field(default_factory=list)
     skipped: tuple[Skipped, ...] = ()
-    """Bad files left out under ``skip_bad`` (:func:`image_folder`)."""
+    """Bad files (rows of a text file) left out under ``skip_bad``."""
+    modality: str = "image"
+    """``image`` (``paths`` are image files) or ``text`` (``paths`` are the texts)."""
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def texts(self) -> list[str]:
+        """The texts of a text data set.
+
+        Raises:
+            EdgeTLError: an image data set.
+        """
+        if self.modality != "text":
+            raise EdgeTLError(f"data set {self.name} holds images, not texts")
+        return self.paths
+
+    @property
+    def unit(self) -> str:
+        """What one sample is, for messages: ``image`` or ``text``."""
+        return "text" if self.modality == "text" else "image"
 
     def subset(self, idx: np.ndarray | list[int]) -> Dataset:
         idx = np.asarray(idx, dtype=np.int64)
         meta = [self.meta[i] for i in idx] if self.meta else []
         paths = [self.paths[i] for i in idx]
-        return Dataset(self.name, self.classes, paths, self.labels[idx], meta, self.skipped)
+        return Dataset(
+            self.name, self.classes, paths, self.labels[idx], meta, self.skipped, self.modality
+        )
 
 
 def image_folder(root: str | Path, check_images: bool = True, skip_bad: bool = False) -> Dataset:
@@ -145,13 +172,17 @@ def open_dataset(spec: str | Path, skip_bad: bool = False) -> Dataset:
 
 
 def fingerprint(ds: Dataset) -> str:
-    """SHA-256 of the class names and file names, in order: a split by seed is only the same
-    split when this is unchanged."""
+    """SHA-256 of the class names and file names (of a text data set: the texts), in order:
+    a split by seed is only the same split when this is unchanged."""
     import hashlib
 
     h = hashlib.sha256()
     for path, label in zip(ds.paths, ds.labels, strict=True):
-        h.update(f"{ds.classes[label]}/{Path(path).name}\n".encode())
+        if ds.modality == "text":  # a text may hold any character, so each is length-prefixed
+            item = f"{ds.classes[label]}\0{len(path)}\0{path}\n"
+        else:
+            item = f"{ds.classes[label]}/{Path(path).name}\n"
+        h.update(item.encode("utf-8", "surrogatepass"))
     return h.hexdigest()
 
 
@@ -172,12 +203,46 @@ def stratified_split(
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         rng.shuffle(idx)
-        n_test = int(round(test_frac * len(idx)))
-        n_val = int(round(val_frac * len(idx)))
+        _, n_val, n_test = split_sizes(len(idx), test_frac, val_frac)
         out["test"] += idx[:n_test].tolist()
         out["val"] += idx[n_test : n_test + n_val].tolist()
         out["train"] += idx[n_test + n_val :].tolist()
     return {k: np.asarray(sorted(v), np.int64) for k, v in out.items()}
+
+
+def split_sizes(n: int, test_frac: float, val_frac: float = 0.0) -> tuple[int, int, int]:
+    """``(train, val, test)`` counts :func:`stratified_split` gives a class of ``n``."""
+    n_test, n_val = int(round(test_frac * n)), int(round(val_frac * n))
+    return n - n_test - n_val, n_val, n_test
+
+
+def check_split(ds: Dataset, record: SplitRecord) -> None:
+    """Refuse a split that leaves a class out of the training or the test split.
+
+    Each class needs one example to learn from and one to be measured on; with few
+    examples, :func:`stratified_split`'s rounding gives it none (a class of 1, or of 2 at
+    ``test_frac`` 0.2).
+
+    Raises:
+        EdgeTLError: naming the first such class, its count and the count it needs.
+    """
+    t, v = record.test_frac, record.val_frac
+
+    def fits(n: int) -> bool:
+        train, _, test = split_sizes(n, t, v)
+        return train >= 1 and test >= 1
+
+    counts = np.bincount(ds.labels, minlength=len(ds.classes))
+    for name, count in zip(ds.classes, counts.tolist(), strict=True):
+        if count and not fits(count):
+            need = next((n for n in range(count + 1, count + 10_000) if fits(n)), None)
+            unit, least = ds.unit, f"at least {need}" if need else "more"
+            raise EdgeTLError(
+                f"class {name!r} of {ds.name} has {count} {unit}{'s' if count != 1 else ''}; "
+                f"the split asked (test {t:g}, val {v:g}) needs {least} {unit}s of it, "
+                f"so that the class is in both the training and the test split; add {unit}s "
+                f"of {name!r}, leave the class out, or change --test-frac/--val-frac"
+            )
 
 
 def split(ds: Dataset, record: SplitRecord) -> dict[str, np.ndarray]:
@@ -191,6 +256,7 @@ def split(ds: Dataset, record: SplitRecord) -> dict[str, np.ndarray]:
     Example:
         >>> split(ds, SplitRecord(test_frac=0.2, val_frac=0.1, seed=0))["test"]  # doctest: +SKIP
     """
+    check_split(ds, record)
     splits = stratified_split(ds.labels, record.test_frac, record.val_frac, record.seed)
     if record.train_per_class:
         tr = splits["train"]

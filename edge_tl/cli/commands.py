@@ -12,9 +12,10 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 from edge_tl.cli import output
-from edge_tl.cli.training_flags import train_config
+from edge_tl.cli.training_flags import is_text_training, text_train_config, train_config
 from edge_tl.errors import EdgeTLError, require
 from edge_tl.images import SKIPPED
 
@@ -73,6 +74,8 @@ def bundle_from_archive(args: argparse.Namespace) -> Iterator[None]:
 
 def train(args: argparse.Namespace) -> int:
     _workstation()
+    if is_text_training(args):
+        return _train_text(args)
     from edge_tl.train import train as train_run
 
     cfg = train_config(args, args.strategy)
@@ -96,17 +99,46 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_text(args: argparse.Namespace) -> int:
+    require("transformers", "nlp")
+    from edge_tl.train.text import train_text
+
+    cfg = text_train_config(args, args.strategy)
+    metrics = train_text(
+        args.data, args.out, cfg, force=args.force, resume=args.resume, skip_bad=args.skip_bad
+    )
+    if args.json:
+        output.print_json(metrics)
+    else:
+        tested = cfg.test_data or "the test split"
+        print(
+            f"trained {cfg.strategy} on {args.data}: test accuracy "
+            f"{metrics['test_accuracy']:.4f} on {tested} (n={metrics['n_test']}) -> {args.out}"
+        )
+    return 0
+
+
 def compare(args: argparse.Namespace) -> int:
     _workstation()
+    from edge_tl.train.compare import (
+        DEFAULT_STRATEGIES,
+        TEXT_DEFAULT_STRATEGIES,
+        markdown,
+        parse_strategies,
+    )
     from edge_tl.train.compare import compare as compare_runs
-    from edge_tl.train.compare import markdown, parse_strategies
 
-    strategies = parse_strategies(args.strategies)
+    text = is_text_training(args)
+    if text:
+        require("transformers", "nlp")
+    default = TEXT_DEFAULT_STRATEGIES if text else DEFAULT_STRATEGIES
+    strategies = parse_strategies(args.strategies or default, text)
+    make_config = text_train_config if text else train_config
     result = compare_runs(
         args.data,
         args.out,
         strategies,
-        train_config(args, strategies[0]),
+        make_config(args, strategies[0]),
         threshold=args.threshold / 100,
         force=args.force,
         resume=args.resume,
@@ -153,8 +185,16 @@ def export(args: argparse.Namespace) -> int:
 def predict(args: argparse.Namespace) -> int:
     from edge_tl.runtime import Model
 
-    results = Model(args.bundle, trust=args.trust).predict(
-        [str(p) for p in args.images],
+    texts = _texts(args)
+    if not texts and not args.images:
+        raise EdgeTLError("nothing to predict: give IMAGE files, or --text/--text-file")
+    model = Model(args.bundle, trust=args.trust)
+    if texts and model.modality != "text":
+        raise model.wrong_input("--text/--text-file give texts")
+    if args.images and model.modality == "text":
+        raise model.wrong_input(f"{args.images[0]} was given as an image")
+    results = model.predict(
+        texts or [str(p) for p in args.images],
         top_k=args.top_k,
         task="classify" if args.classify else None,
         maps_dir=args.maps,
@@ -164,6 +204,25 @@ def predict(args: argparse.Namespace) -> int:
     else:
         output.predictions(results)
     return 0
+
+
+def _texts(args: argparse.Namespace) -> list[str]:
+    """The texts of ``--text`` and ``--text-file`` (in that order), checked before any
+    bundle is loaded."""
+    from edge_tl.runtime.text import check_texts
+    from edge_tl.texts import read_texts
+
+    if args.text_column is not None and args.text_file is None:
+        raise EdgeTLError("--text-column names the column of --text-file; give --text-file")
+    texts = check_texts(args.text, "--text")
+    if args.text_file is not None:
+        texts += read_texts(args.text_file, args.text_column or "text")
+    if texts and args.images:
+        raise EdgeTLError(
+            "give IMAGES or --text/--text-file, not both (an image bundle takes images, a "
+            "text bundle texts)"
+        )
+    return texts
 
 
 def anomaly(args: argparse.Namespace) -> int:
@@ -205,6 +264,8 @@ def learn(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         open_set=not args.no_open_set,
         skip_bad=args.skip_bad,
+        text_column=args.text_column,
+        label_column=args.label_column,
     )
     classifier = Model(args.bundle, trust=args.trust).classifier
     before = classifier.state.summary() if classifier.state is not None else None
@@ -274,13 +335,19 @@ def bench(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     from edge_tl.runtime import Model
 
-    res = Model(args.bundle, trust=args.trust).evaluate(
-        args.data, split=args.split, maps_dir=args.maps, skip_bad=args.skip_bad
+    model = Model(args.bundle, trust=args.trust)
+    res = model.evaluate(
+        args.data,
+        split=args.split,
+        maps_dir=args.maps,
+        skip_bad=args.skip_bad,
+        text_column=args.text_column,
+        label_column=args.label_column,
     )
     if args.json:
         output.print_json(res.to_dict())
     else:
-        output.evaluation(res)
+        output.evaluation(res, unit=model.modality)
     output.skipped(res.skipped)
     return 0
 
@@ -338,12 +405,22 @@ def verify(args: argparse.Namespace) -> int:
 
 def demo(args: argparse.Namespace) -> int:
     _workstation()
+    recipes = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
+    if args.text:
+        from edge_tl.demo_text import run_text_demo
+
+        if args.data != "elpv" or args.strategy != "finetune":
+            raise EdgeTLError("--data and --strategy are for the image demo; drop them with --text")
+        run_text_demo(
+            args.out or Path("demo-output-text"), epochs=args.epochs or 3, recipes=recipes
+        )
+        return 0
     from edge_tl.demo import run_demo
 
     run_demo(
-        args.out,
+        args.out or Path("demo-output"),
         strategy=args.strategy,
-        epochs=args.epochs,
+        epochs=args.epochs or 6,
         train_stages=args.train_stages,
         data=args.data,
         recipes=tuple(r.strip() for r in args.recipes.split(",") if r.strip()),

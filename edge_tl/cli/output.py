@@ -82,17 +82,24 @@ def predictions(results: list[Prediction] | list[Verdict]) -> None:
         else:
             sim = "" if r.similarity is None else f"\tsimilarity {r.similarity:.3f}"
             more = "".join(f"\t{t['label']} {t['score']:.3f}" for t in r.top_k[1:])
-            print(f"{r.image}\t{r.label}\t{r.score:.3f}{sim}{more}")
+            src = r.image if r.text is None else _one_line(r.text)
+            print(f"{src}\t{r.label}\t{r.score:.3f}{sim}{more}")
 
 
-def evaluation(res: Evaluation | AnomalyEvaluation) -> None:
+def _one_line(text: str, width: int = 60) -> str:
+    """A text on one short line: white space runs as one space, cut at ``width``."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def evaluation(res: Evaluation | AnomalyEvaluation, unit: str = "image") -> None:
     if isinstance(res, AnomalyEvaluation):
         _anomaly_evaluation(res)
         return
     head = res.head
     version = "exported head" if head["version"] is None else f"head v{head['version']}"
     print(
-        f"accuracy {res.accuracy:.4f} on {res.n} images ({res.artifact}, {version}, "
+        f"accuracy {res.accuracy:.4f} on {res.n} {unit}s ({res.artifact}, {version}, "
         f"{head['head']})"
         + (f"; {res.unknown_rate:.1%} called unknown" if res.unknown_rate else "")
     )

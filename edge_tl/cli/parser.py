@@ -53,16 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         epilog=EPILOG,
-        help="train a classifier on an ImageFolder (or 'elpv') and write a run folder",
+        help="train a classifier on images or texts and write a run folder",
         description="Train on DATA (an ImageFolder <class>/<image>, or 'elpv' for the ELPV "
         "solar-cell package) with a transfer strategy: linear-probe, finetune (default: the "
         "last --train-stages stages + head), full, selective, bn-only, bias-only, gradual, "
         "from-scratch. When everything before the first trainable block is frozen, its "
         "activations are computed once and cached. Interrupted runs continue with --resume. "
         "Under torchrun (torchrun --nproc-per-node N -m edge_tl.cli train ...) it trains "
-        "with DistributedDataParallel.",
+        "with DistributedDataParallel. Text data (CSV/TSV, JSON Lines, <class>/*.txt, or "
+        "trec6:train, bbc-news, ...) fine-tunes a text encoder (all-minilm-l6-v2): "
+        "linear-probe, finetune (the last --train-layers layers + head), full.",
     )
-    t.add_argument("data", help="ImageFolder path, or 'elpv'")
+    t.add_argument("data", help="ImageFolder path or 'elpv'; or text data")
     t.add_argument("--out", required=True, type=Path, help="run folder to create")
     add_training_flags(t)
     t.add_argument("--strategy", default="finetune", help=f"one of {', '.join(STRATEGIES)}")
@@ -84,11 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         "transfer (from-scratch as good as a transfer strategy, or transfer gaining less "
         "than --threshold).",
     )
-    c.add_argument("data", help="ImageFolder path, or 'elpv'")
+    c.add_argument("data", help="ImageFolder path or 'elpv'; or text data")
     c.add_argument(
         "--strategies",
-        default="linear-probe,finetune,full,bn-only,from-scratch",
-        help="comma-separated (default linear-probe,finetune,full,bn-only,from-scratch)",
+        help="comma-separated (default linear-probe,finetune,full,bn-only,from-scratch; on "
+        "text linear-probe,finetune,full)",
     )
     c.add_argument("--out", required=True, type=Path, help="comparison folder to create")
     add_training_flags(c)
@@ -153,14 +155,34 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser(
         "predict",
         epilog=EPILOG,
-        help="classify images, or score them for anomalies, with a bundle (torch-free)",
+        help="classify images or texts, or score images for anomalies, with a bundle (torch-free)",
         description="Classify IMAGES with BUNDLE's head; on a bundle with an anomaly bank "
         "(`edge-tl anomaly`), give each image's anomaly score, the threshold and a verdict "
-        "(good/anomalous) instead (--classify forces the head).",
+        "(good/anomalous) instead (--classify forces the head). A text bundle classifies "
+        "the texts of --text and --text-file instead.",
     )
     pr.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     add_trust(pr)
-    pr.add_argument("images", nargs="+", type=Path, help="image files")
+    pr.add_argument("images", nargs="*", type=Path, help="image files (an image bundle)")
+    pr.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a text to classify (a text bundle; repeatable)",
+    )
+    pr.add_argument(
+        "--text-file",
+        type=Path,
+        metavar="FILE",
+        help="texts to classify: one per line (UTF-8), or the --text-column of a .csv/.tsv/.jsonl",
+    )
+    pr.add_argument(
+        "--text-column",
+        default=None,
+        metavar="NAME",
+        help="--text-file as a table: the column holding the text (default text)",
+    )
     pr.add_argument(
         "--top-k", type=int, default=1, help="classification: the k best labels (default 1)"
     )
@@ -222,15 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         epilog=EPILOG,
         help="accuracy of a bundle on a labelled data set, or anomaly AUROC (torch-free)",
-        description="Evaluate BUNDLE on DATA (ImageFolder, or 'elpv'). --split test uses the "
-        "held-out split the bundle's run was trained with. On a bundle with an anomaly bank "
-        "and an MVTec-layout DATA (test/good, test/<defect>, optional "
+        description="Evaluate BUNDLE on DATA (ImageFolder, or 'elpv'; for a text bundle, "
+        "text data: a .csv/.tsv/.jsonl with --text-column and --label-column, a folder "
+        "<class>/<file>.txt, or trec6, trec6:train, trec6:test, bbc-news, disaster-tweets). "
+        "--split test uses the held-out split the bundle's run was trained with. On a "
+        "bundle with an anomaly bank and an MVTec-layout DATA (test/good, test/<defect>, optional "
         "ground_truth/<defect>/<name>_mask.png): image AUROC, pixel AUROC, F1 and "
         "false-alarm rate at the stored threshold; --maps DIR writes overlays.",
     )
     ev.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     add_trust(ev)
-    ev.add_argument("data", help="ImageFolder, 'elpv', or an MVTec-layout folder")
+    ev.add_argument(
+        "data", help="ImageFolder, 'elpv', an MVTec-layout folder, or text data (a text bundle)"
+    )
     ev.add_argument(
         "--split",
         default="all",
@@ -241,6 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--maps", type=Path, metavar="DIR", help="anomaly: write heat-map overlay PNGs here"
     )
     ev.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
+    ev.add_argument(
+        "--text-column",
+        default=None,
+        metavar="NAME",
+        help="text data: the column (JSON key) holding the text (default text)",
+    )
+    ev.add_argument(
+        "--label-column",
+        default=None,
+        metavar="NAME",
+        help="text data: the column (JSON key) holding the class name (default label)",
+    )
     ev.add_argument("--json", action="store_true", help="print the figures as JSON")
     ev.set_defaults(func=commands.evaluate)
 
@@ -257,7 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     le.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     add_trust(le)
-    le.add_argument("data", nargs="?", help="ImageFolder of support images")
+    le.add_argument(
+        "data",
+        nargs="?",
+        help="ImageFolder of support images; for a text bundle, text data (.csv/.tsv/.jsonl, "
+        "a folder <class>/<file>.txt, or a named set such as trec6:train)",
+    )
     le.add_argument(
         "--head",
         default=None,
@@ -280,6 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--threshold", type=float, help="open set: a fixed cosine threshold")
     le.add_argument("--no-open-set", action="store_true", help="never answer unknown")
     le.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
+    le.add_argument(
+        "--text-column",
+        default=None,
+        metavar="NAME",
+        help="text data: the column (JSON key) holding the text (default text)",
+    )
+    le.add_argument(
+        "--label-column",
+        default=None,
+        metavar="NAME",
+        help="text data: the column (JSON key) holding the class name (default label)",
+    )
     le.add_argument("--json", action="store_true", help="print the new head's summary as JSON")
     le.set_defaults(func=commands.learn)
 
@@ -428,8 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--out",
         type=Path,
-        default=Path("demo-output"),
-        help="folder for the run and bundles (default ./demo-output)",
+        default=None,
+        help="folder for the run and bundles (default ./demo-output, ./demo-output-text)",
     )
     d.add_argument("--data", default="elpv", help="'elpv' (default) or an ImageFolder path")
     d.add_argument(
@@ -438,7 +493,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="export recipes, comma-separated (default onnx-fp32,ort-int8,openvino-int8)",
     )
     d.add_argument("--strategy", default="finetune", help="transfer strategy (default finetune)")
-    d.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
+    d.add_argument(
+        "--text",
+        action="store_true",
+        help="the text story instead: fine-tune all-MiniLM-L6-v2 on TREC-6, export ONNX FP32 / "
+        "ORT INT8 / OpenVINO INT8 through optimum, evaluate on the 500 test questions, then "
+        "few-shot learning on the device (about 10 minutes on 2 cores; --out default "
+        "./demo-output-text)",
+    )
+    d.add_argument("--epochs", type=int, default=None, help="training epochs (default 6; text 3)")
     d.add_argument(
         "--train-stages", type=int, default=1, help="finetune: final stages trained (default 1)"
     )

@@ -22,9 +22,9 @@ from edge_tl.archive import is_archive, open_bundle
 from edge_tl.errors import EdgeTLError
 from edge_tl.runtime.host import host_info
 from edge_tl.runtime.model import Model
-from edge_tl.runtime.preprocess import ImageLike, load_image, to_input
+from edge_tl.runtime.preprocess import ImageLike
 from edge_tl.runtime.selftest import reference_images
-from edge_tl.spec import EMBEDDING, DeviceProfile
+from edge_tl.spec import DeviceProfile
 
 __all__ = ["bench", "bundle_size_mb", "latency", "peak_rss_mb", "resolve_device"]
 
@@ -33,12 +33,12 @@ def latency(
     model: Model, images: Sequence[ImageLike], repeats: int = 3, warmup: int = 3
 ) -> dict[str, float]:
     """p50/p95 milliseconds of the classifier's ``predict([image])`` (decode, preprocess,
-    engine, head) and of the raw engine call.
+    engine, head; for a text bundle ``images`` are texts: tokenize, engine, pooling, head)
+    and of the raw engine call.
 
     The two are interleaved image by image, so a slow phase of the host hits both.
     """
-    pre = model.manifest.preprocess
-    inputs = [to_input(load_image(p), pre)[None] for p in images]
+    inputs = [model.engine_inputs([p]) for p in images]
     predict = model.classifier.predict
     for i in range(warmup):
         predict([images[i % len(images)]])
@@ -48,7 +48,7 @@ def latency(
             t0 = time.perf_counter()
             predict([path])
             t1 = time.perf_counter()
-            model.engine.run(x, (EMBEDDING,))
+            model.engine.run(*x)
             t2 = time.perf_counter()
             e2e.append(t1 - t0)
             raw.append(t2 - t1)
@@ -216,17 +216,14 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         trust=spec.get("trust"),
     )
     load_ms = (time.perf_counter() - t0) * 1e3
-    images: list[ImageLike] = list(spec["images"]) or _selftest_images(model)
+    images = list(spec["images"]) or _selftest_images(model)
     lat = latency(model, images, repeats=max(1, spec["repeats"] // len(images)), warmup=3)
-    pre = model.manifest.preprocess
-    x = np.concatenate(
-        [to_input(load_image(images[i % len(images)]), pre)[None] for i in range(spec["batch"])]
-    )
-    model.engine.run(x, (EMBEDDING,))
+    x = model.engine_inputs([images[i % len(images)] for i in range(spec["batch"])])
+    model.engine.run(*x)
     t0 = time.perf_counter()
     n = 0
     while time.perf_counter() - t0 < 2.0 or n < 3:
-        model.engine.run(x, (EMBEDDING,))
+        model.engine.run(*x)
         n += 1
     seconds = time.perf_counter() - t0
     return {
@@ -243,12 +240,16 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _selftest_images(model: Model) -> list[ImageLike]:
+def _selftest_images(model: Model) -> list[ImageLike] | list[str]:
+    """The bundle's self-test images (or texts, for a text bundle) to time."""
     spec = model.manifest.self_test
     if spec is None:
         raise EdgeTLError(
-            f"bundle {model.path} has no self-test images to time; pass some with --images"
+            f"bundle {model.path} has no self-test inputs to time; pass images with --images"
         )
+    if model.text is not None:
+        with np.load(model.path / spec.file, allow_pickle=False) as z:
+            return [str(t) for t in z["texts"]]
     return list(reference_images(model.path, spec))
 
 

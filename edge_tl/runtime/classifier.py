@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_tl.data import Dataset, image_folder, open_dataset
+from edge_tl.data import Dataset, image_folder
 from edge_tl.errors import EdgeTLError
 from edge_tl.images import SKIPPED, Skipped
 from edge_tl.runtime import learner
@@ -32,6 +32,7 @@ from edge_tl.runtime.heads import LinearHead
 from edge_tl.runtime.learner import UNKNOWN, HeadState
 from edge_tl.runtime.preprocess import ImageLike, load_image, to_input
 from edge_tl.runtime.results import Evaluation, Prediction
+from edge_tl.runtime.text import check_texts
 from edge_tl.spec import EMBEDDING, check_label
 
 if TYPE_CHECKING:
@@ -39,8 +40,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Classifier", "HeadChange", "SupportLike"]
 
-SupportLike = str | Path | Dataset | dict[str, list[ImageLike]]
-"""Support images: an ImageFolder path, a Dataset, or ``{class name: [images]}``."""
+SupportLike = str | Path | Dataset | dict[str, list[ImageLike]] | dict[str, list[str]]
+"""Support images: an ImageFolder path, a Dataset, or ``{class name: [images]}``; on a
+text bundle, text data (:func:`edge_tl.texts.open_text_dataset`) or ``{class name: [texts]}``."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class HeadChange:
     threshold: float | None = None
     open_set: bool = True
     skip_bad: bool = False  # leave bad files of DATA out (listed in the summary's "skipped")
+    text_column: str | None = None  # text data: the column of DATA with the text ("text")
+    label_column: str | None = None  # text data: the column of DATA with the class ("label")
 
     def __post_init__(self) -> None:
         given = [
@@ -92,6 +96,12 @@ class HeadChange:
             raise EdgeTLError("--add needs DATA, the images to add")
         if self.skip_bad and not self.data:
             raise EdgeTLError("--skip-bad leaves bad files of DATA out; it needs DATA")
+        for flag, value in (
+            ("--text-column", self.text_column),
+            ("--label-column", self.label_column),
+        ):
+            if value is not None and not self.data:
+                raise EdgeTLError(f"{flag} names a column of DATA, the text data; it needs DATA")
         if self.head is not None and not (self.data and not self.add):
             raise EdgeTLError(
                 "--head chooses the kind of a new head learned from DATA; --add and the other "
@@ -197,6 +207,10 @@ class Classifier:
             raise EdgeTLError(f"--top-k must be at least 1, not {top_k}")
         engine, pre = self._model.engine, self._model.manifest.preprocess
         text = self._model.text is not None
+        if text:
+            if any(not isinstance(src, str) for src in images):
+                raise self._model.wrong_input("it was given an image, not a text")
+            check_texts(images)
         results = []
         for src in images:
             if text:
@@ -222,23 +236,30 @@ class Classifier:
         return results
 
     def evaluate(
-        self, ds: Dataset | str | Path, batch_size: int = 16, skip_bad: bool = False
+        self,
+        ds: Dataset | str | Path,
+        batch_size: int = 16,
+        skip_bad: bool = False,
+        text_column: str | None = None,
+        label_column: str | None = None,
     ) -> Evaluation:
         """Accuracy, per-class accuracy and the confusion matrix on ``ds`` (a Dataset, an
-        ImageFolder path or ``"elpv"``; ``skip_bad`` leaves a folder's bad files out and
-        lists them in ``skipped``).
+        ImageFolder path or ``"elpv"``; on a text bundle, text data read by
+        :func:`edge_tl.texts.open_text_dataset` with ``text_column`` / ``label_column``;
+        ``skip_bad`` leaves bad files or rows out and lists them in ``skipped``).
 
         Raises:
-            EdgeTLError: a class of ``ds`` is not a label of the head, or ``ds`` is empty.
+            EdgeTLError: a class of ``ds`` is not a label of the head, ``ds`` is empty, or
+                ``ds`` is data of the other modality (images for a text bundle).
         """
         state = self.require()
-        if not isinstance(ds, Dataset):
-            ds = open_dataset(ds, skip_bad)
+        ds = self._model.open_data(ds, skip_bad, text_column, label_column)
         labels = state.labels
         unknown = [c for c in ds.classes if c not in labels]
         if unknown:
+            what = "class(es)" if ds.modality == "text" else "class folder(s)"
             raise EdgeTLError(
-                f"class folder(s) {', '.join(unknown)} are not labels of this bundle "
+                f"{what} {', '.join(unknown)} of {ds.name} are not labels of this bundle "
                 f"({', '.join(labels[:10])}{'...' if len(labels) > 10 else ''}); "
                 "rename or remove them"
             )
@@ -266,17 +287,27 @@ class Classifier:
 
     # ---- learning (each change writes a new version) ----------------------------------
     def _support(
-        self, data: SupportLike, skip_bad: bool = False
+        self,
+        data: SupportLike,
+        skip_bad: bool = False,
+        text_column: str | None = None,
+        label_column: str | None = None,
     ) -> tuple[np.ndarray, list[str], tuple[Skipped, ...]]:
-        desc = "embedding support images"
+        unit = "text" if self._model.modality == "text" else "image"
+        desc = f"embedding support {unit}s"
         if isinstance(data, dict):
             empty = [n for n, imgs in data.items() if not imgs]
             if empty:
-                raise EdgeTLError(f"class {empty[0]!r} has no images; add images or drop it")
+                raise EdgeTLError(f"class {empty[0]!r} has no {unit}s; add {unit}s or drop it")
+            if unit == "text":
+                for name, texts in data.items():
+                    if any(not isinstance(t, str) for t in texts):
+                        raise self._model.wrong_input(f"class {name!r} holds an image, not a text")
+                    check_texts(texts, f"text of class {name!r}")
             names = [n for n, imgs in data.items() for _ in imgs]
             paths = [p for imgs in data.values() for p in imgs]
             return self._model.embed(paths, desc=desc), names, ()
-        ds = data if isinstance(data, Dataset) else image_folder(data, skip_bad=skip_bad)
+        ds = self._model.open_data(data, skip_bad, text_column, label_column, image_folder)
         x = self._model.embed(ds.paths, desc=desc)
         return x, [ds.classes[i] for i in ds.labels], ds.skipped
 
@@ -287,20 +318,29 @@ class Classifier:
         quantile: float | None = learner.DEFAULT_QUANTILE,
         k: int = 1,
         skip_bad: bool = False,
+        text_column: str | None = None,
+        label_column: str | None = None,
     ) -> HeadState:
-        """A new head from support images (``head``: linear, prototype or knn). The
-        previous head stays as a version for :meth:`rollback`. ``skip_bad`` leaves bad
-        files of a folder out; they are listed in the version's ``skipped``."""
-        x, names, skipped = self._support(data, skip_bad)
+        """A new head from support images (or texts, on a text bundle; ``text_column`` /
+        ``label_column`` name the columns of text data) (``head``: linear, prototype or
+        knn). The previous head stays as a version for :meth:`rollback`. ``skip_bad``
+        leaves bad files of a folder (bad rows of a text file) out; they are listed in the
+        version's ``skipped``."""
+        x, names, skipped = self._support(data, skip_bad, text_column, label_column)
         state = learner.learn(x, names, head, quantile, k)
         return self._commit(_noting(state, skipped), "learn")
 
-    def add(self, data: SupportLike, skip_bad: bool = False) -> HeadState:
+    def add(
+        self,
+        data: SupportLike,
+        skip_bad: bool = False,
+        text_column: str | None = None,
+        label_column: str | None = None,
+    ) -> HeadState:
         """Add examples and classes to the current head (or to the exported head)."""
         self.require()  # before the images are embedded: no head, no work
-        x, names, skipped = self._support(
-            data, skip_bad
-        )  # outside the lock: only the arithmetic waits
+        # outside the lock: only the arithmetic waits
+        x, names, skipped = self._support(data, skip_bad, text_column, label_column)
         return self._change(lambda state: _noting(learner.add(state, x, names), skipped), "add")
 
     def add_class(self, name: str, images: list[ImageLike]) -> HeadState:
@@ -342,10 +382,16 @@ class Classifier:
         if change.data and not change.add:
             kind = change.head or learner.DEFAULT_HEAD
             state = self.learn(
-                change.data, kind, change.effective_quantile, change.k, change.skip_bad
+                change.data,
+                kind,
+                change.effective_quantile,
+                change.k,
+                change.skip_bad,
+                change.text_column,
+                change.label_column,
             )
         elif change.data:
-            state = self.add(change.data, change.skip_bad)
+            state = self.add(change.data, change.skip_bad, change.text_column, change.label_column)
         elif change.remove:
             state = self.remove_class(change.remove)
         elif change.relabel:

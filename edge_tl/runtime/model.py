@@ -8,7 +8,7 @@ Torch-free. :class:`Model` opens a bundle once; :attr:`Model.classifier` (the he
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -17,15 +17,15 @@ import numpy as np
 
 from edge_tl.archive import is_archive, open_bundle
 from edge_tl.bundle import read_manifest
-from edge_tl.data import Dataset, fingerprint, open_dataset
+from edge_tl.data import ELPV, Dataset, fingerprint, open_dataset
 from edge_tl.data import split as split_dataset
 from edge_tl.errors import EdgeTLError
-from edge_tl.images import entries
+from edge_tl.images import entries, is_image_name
 from edge_tl.progress import progress
 from edge_tl.runtime import anomaly, patchcore
 from edge_tl.runtime.classifier import Classifier
 from edge_tl.runtime.detector import AnomalyDetector
-from edge_tl.runtime.engine import Engine, make_engine
+from edge_tl.runtime.engine import Engine, Inputs, make_engine
 from edge_tl.runtime.preprocess import ImageLike, batch_inputs
 from edge_tl.runtime.results import AnomalyEvaluation, Evaluation, Prediction, Verdict
 from edge_tl.runtime.selftest import enforce, run_self_test
@@ -33,6 +33,7 @@ from edge_tl.runtime.text import TextEncoder, pool
 from edge_tl.runtime.versions import CURRENT
 from edge_tl.signing import Trust
 from edge_tl.spec import EMBEDDING, Manifest, TextPreprocess
+from edge_tl.texts import NAMED_SETS, is_text_source, open_text_dataset
 
 __all__ = ["Model", "Task"]
 
@@ -120,6 +121,55 @@ class Model:
         """``anomaly`` when the bundle has an anomaly bank, else ``classify``."""
         return "anomaly" if self.detector.state is not None else "classify"
 
+    # ---- what it takes ------------------------------------------------------------------
+    def wrong_input(self, what: str) -> EdgeTLError:
+        """The error for inputs of the other modality; ``what`` says what was given
+        (``"trec6 is text data"``)."""
+        if self.modality == "text":
+            return EdgeTLError(
+                f"bundle {self.path} is a text model ({self.manifest.backbone}), and {what}; "
+                "pass --text/--text-file or text data (.csv/.tsv/.jsonl, a folder "
+                f"<class>/<file>.txt, or {', '.join(NAMED_SETS)})"
+            )
+        return EdgeTLError(
+            f"bundle {self.path} is an image model ({self.manifest.backbone}), and {what}; "
+            "pass images (files, or an ImageFolder <class>/<image>)"
+        )
+
+    def open_data(
+        self,
+        data: str | Path | Dataset,
+        skip_bad: bool = False,
+        text_column: str | None = None,
+        label_column: str | None = None,
+        images: Callable[..., Dataset] = open_dataset,
+    ) -> Dataset:
+        """A labelled data set of this bundle's modality: for a text bundle read by
+        :func:`edge_tl.texts.open_text_dataset` (``text_column`` / ``label_column``, default
+        ``text`` / ``label``), for an image bundle by ``images`` (an ImageFolder reader).
+
+        Raises:
+            EdgeTLError: data of the other modality (images for a text bundle, text for an
+                image bundle), column names for an image bundle, or what the reader raises.
+        """
+        if isinstance(data, Dataset):
+            if data.modality != self.modality:
+                raise self.wrong_input(f"the data set {data.name} holds {data.unit}s")
+            return data
+        if self.modality == "text":
+            if not is_text_source(data) and _holds_images(data):
+                raise self.wrong_input(f"{data} holds images")
+            return open_text_dataset(data, text_column or "text", label_column or "label", skip_bad)
+        if is_text_source(data):
+            raise self.wrong_input(f"{data} is text data")
+        if text_column is not None or label_column is not None:
+            flag = "--text-column" if text_column is not None else "--label-column"
+            raise EdgeTLError(
+                f"{flag} names a column of text data; bundle {self.path} is an image model "
+                f"({self.manifest.backbone}) and reads image folders: drop it"
+            )
+        return images(data, skip_bad=skip_bad)
+
     # ---- the engine ---------------------------------------------------------------------
     def batches(
         self,
@@ -138,6 +188,16 @@ class Model:
                 yield self.engine.run(batch_inputs(chunk, pre), outputs)
             else:
                 yield {EMBEDDING: self.embed_texts(chunk)}
+
+    def engine_inputs(
+        self, items: Sequence[ImageLike] | Sequence[str]
+    ) -> tuple[Inputs, tuple[str, ...]]:
+        """``(inputs, outputs)`` of one engine call on ``items``: preprocessed images and
+        ``("embedding",)``, or a text bundle's tokenized texts and its encoder output (to time
+        the engine alone: ``model.engine.run(*model.engine_inputs(items))``)."""
+        if self.text is None:
+            return batch_inputs(items, self.manifest.preprocess), (EMBEDDING,)
+        return self.text.encode(items), (self.text.pre.hidden_output,)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """``float32[N, D]`` embeddings of ``texts`` in one engine call: tokenized by the
@@ -229,24 +289,29 @@ class Model:
         split: str = "all",
         maps_dir: str | Path | None = None,
         skip_bad: bool = False,
+        text_column: str | None = None,
+        label_column: str | None = None,
     ) -> Evaluation | AnomalyEvaluation:
         """Accuracy on a labelled data set, or anomaly AUROC on an MVTec-layout folder.
 
         Args:
             data: a :class:`Dataset`, an ImageFolder path, ``"elpv"``, or an MVTec-layout
-                folder (``test/good``, ``test/<defect>``; needs an anomaly bank).
+                folder (``test/good``, ``test/<defect>``; needs an anomaly bank); on a text
+                bundle, text data (:func:`edge_tl.texts.open_text_dataset`).
             split: ``all``, or the run's ``train`` / ``val`` / ``test`` split (the split
                 recorded in the manifest, on the same data set only).
             maps_dir: anomaly overlays are written here.
-            skip_bad: leave bad image files of a folder out (listed in the result's
-                ``skipped``) instead of stopping on the first.
+            skip_bad: leave bad image files of a folder (bad rows of a text file) out
+                (listed in the result's ``skipped``) instead of stopping on the first.
+            text_column: text data: the column holding the text (default ``text``).
+            label_column: text data: the column holding the class (default ``label``).
 
         Raises:
             EdgeTLError: a folder the bundle cannot be evaluated on, with the reason.
         """
         if split not in SPLIT_CHOICES:
             raise EdgeTLError(f"--split must be one of {', '.join(SPLIT_CHOICES)}")
-        if not isinstance(data, Dataset) and _is_mvtec(Path(data)):
+        if self.modality == "image" and not isinstance(data, Dataset) and _is_mvtec(Path(data)):
             if self.detector.state is None:
                 raise EdgeTLError(
                     f"{data} is an MVTec-layout folder but {self.path} has no anomaly bank; "
@@ -262,7 +327,7 @@ class Model:
                 "--maps draws anomaly maps, on an MVTec-layout folder (test/good, "
                 "test/<defect>) with a bundle that has an anomaly bank; drop --maps here"
             )
-        ds = data if isinstance(data, Dataset) else open_dataset(data, skip_bad)
+        ds = self.open_data(data, skip_bad, text_column, label_column)
         if split != "all":
             ds = self._run_split(ds, split, str(data))
         return self.classifier.evaluate(ds)
@@ -275,9 +340,17 @@ class Model:
         if record.data_fingerprint and fingerprint(ds) != record.data_fingerprint:
             raise EdgeTLError(
                 f"{where} is not the data set this bundle was trained on (other classes or "
-                f"images), so --split {name} would not be its held-out split; use --split all"
+                f"{ds.unit}s), so --split {name} would not be its held-out split; use --split all"
             )
         return ds.subset(split_dataset(ds, record)[name])
+
+
+def _holds_images(data: str | Path) -> bool:
+    """Image data by its name: ``elpv``, an image file, or a folder that is not text data."""
+    path = Path(data)
+    if str(data) == ELPV and not path.exists():
+        return True
+    return path.is_dir() or is_image_name(path)
 
 
 def _is_mvtec(folder: Path) -> bool:

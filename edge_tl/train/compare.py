@@ -24,9 +24,12 @@ from edge_tl.progress import log_to_stderr, logging_to_stderr
 from edge_tl.spec import STRATEGIES
 from edge_tl.train.config import TrainConfig
 from edge_tl.train.runs import RUN_FILE
+from edge_tl.train.text_config import TEXT_STRATEGIES, TextTrainConfig
 
 __all__ = [
     "COMPARE_FILE",
+    "DEFAULT_STRATEGIES",
+    "TEXT_DEFAULT_STRATEGIES",
     "compare",
     "markdown",
     "negative_transfer",
@@ -38,6 +41,8 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 COMPARE_FILE = "compare.json"
+DEFAULT_STRATEGIES = "linear-probe,finetune,full,bn-only,from-scratch"
+TEXT_DEFAULT_STRATEGIES = ",".join(TEXT_STRATEGIES)
 
 
 def partial_path(out: str | Path) -> Path:
@@ -46,13 +51,21 @@ def partial_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def _child(data: str, out: str, config: dict[str, Any], error_file: str, console: bool) -> None:
-    from edge_tl.train.core import train
-
+def _child(
+    data: str, out: str, config: dict[str, Any], error_file: str, console: bool, text: bool
+) -> None:
     if console:  # the parent shows status lines: so does this (spawned) process
         log_to_stderr()
     try:
-        train(data, out, TrainConfig.from_dict(config), force=True)
+        if text:
+            from edge_tl.train.text import train_text
+            from edge_tl.train.text_config import TextTrainConfig
+
+            train_text(data, out, TextTrainConfig.from_dict(config), force=True)
+        else:
+            from edge_tl.train.core import train
+
+            train(data, out, TrainConfig.from_dict(config), force=True)
     except EdgeTLError as e:
         Path(error_file).write_text(str(e))
         raise SystemExit(2) from None
@@ -61,12 +74,15 @@ def _child(data: str, out: str, config: dict[str, Any], error_file: str, console
         raise
 
 
-def parse_strategies(text: str) -> list[str]:
+def parse_strategies(text: str, text_data: bool = False) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]``, each a strategy (of text models with ``text_data``)."""
     names = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in names if s not in STRATEGIES]
+    known = TEXT_STRATEGIES if text_data else STRATEGIES
+    bad = [s for s in names if s not in known]
     if bad or not names:
+        what = "strategy for text models" if text_data else "strategy"
         raise EdgeTLError(
-            f"unknown strategy {', '.join(bad) or '(none)'}; choose from {', '.join(STRATEGIES)}"
+            f"unknown {what} {', '.join(bad) or '(none)'}; choose from {', '.join(known)}"
         )
     if len(set(names)) != len(names):
         raise EdgeTLError(f"--strategies lists a strategy twice: {text}")
@@ -77,7 +93,7 @@ def compare(
     data: str | Path,
     out: str | Path,
     strategies: list[str],
-    base: TrainConfig,
+    base: TrainConfig | TextTrainConfig,
     threshold: float = 0.02,
     force: bool = False,
     resume: bool = False,
@@ -115,7 +131,14 @@ def compare(
             err.unlink(missing_ok=True)
             p = ctx.Process(
                 target=_child,
-                args=(str(data), str(run), cfg.to_dict(), str(err), logging_to_stderr()),
+                args=(
+                    str(data),
+                    str(run),
+                    cfg.to_dict(),
+                    str(err),
+                    logging_to_stderr(),
+                    isinstance(base, TextTrainConfig),
+                ),
             )
             p.start()
             p.join()
@@ -234,11 +257,12 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"n_train {n['n_train']}, n_test {n['n_test']}; data {result['data']}")
     checked = any(r["strategy"] == "from-scratch" for r in rows)
-    none = (
-        "no negative transfer flagged"
-        if checked
-        else ("negative transfer not checked: add from-scratch to --strategies")
-    )
+    if checked:
+        none = "no negative transfer flagged"
+    elif "text_column" in result["config"]:
+        none = "negative transfer not checked: text models have no from-scratch baseline"
+    else:
+        none = "negative transfer not checked: add from-scratch to --strategies"
     for f in result["flags"] or [none]:
         lines.append(f"- {f}")
     return "\n".join(lines)

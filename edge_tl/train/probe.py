@@ -13,7 +13,30 @@ from edge_tl.runtime.heads import DEFAULT_L2_GRID, LinearHead
 from edge_tl.train.cache import cache_activations
 from edge_tl.train.config import TrainConfig
 
-__all__ = ["linear_probe"]
+__all__ = ["fit_probe_head", "linear_probe"]
+
+
+def fit_probe_head(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    n_classes: int,
+    seed: int = 0,
+) -> LinearHead:
+    """A softmax head on embeddings ``x_train[N, D]``: its L2 penalty picked from
+    :data:`~edge_tl.runtime.heads.DEFAULT_L2_GRID` by accuracy on ``x_val`` (ties: lower
+    log-loss), or by the head's own hold-out when there is no validation split."""
+    if not len(x_val):
+        return LinearHead.fit(x_train, y_train, n_classes, seed=seed)
+    scores = []
+    for l2 in DEFAULT_L2_GRID:
+        h = LinearHead.fit(x_train, y_train, n_classes, l2=l2)
+        p = h.predict_proba(x_val)
+        acc = float((p.argmax(1) == y_val).mean())
+        nll = float(-np.log(p[np.arange(len(y_val)), y_val] + 1e-12).mean())
+        scores.append((acc, -nll, l2))
+    return LinearHead.fit(x_train, y_train, n_classes, l2=max(scores)[2])
 
 
 def linear_probe(
@@ -29,17 +52,7 @@ def linear_probe(
     )
     k = len(ds.classes)
     tr, va, te = splits["train"], splits["val"], splits["test"]
-    if len(va):
-        scores = []
-        for l2 in DEFAULT_L2_GRID:
-            h = LinearHead.fit(emb[tr], ds.labels[tr], k, l2=l2)
-            p = h.predict_proba(emb[va])
-            acc = float((p.argmax(1) == ds.labels[va]).mean())
-            nll = float(-np.log(p[np.arange(len(va)), ds.labels[va]] + 1e-12).mean())
-            scores.append((acc, -nll, l2))
-        head = LinearHead.fit(emb[tr], ds.labels[tr], k, l2=max(scores)[2])
-    else:
-        head = LinearHead.fit(emb[tr], ds.labels[tr], k, seed=config.seed)
+    head = fit_probe_head(emb[tr], ds.labels[tr], emb[va], ds.labels[va], k, config.seed)
     test_y = ds.labels[te]
     test_pred = head.predict_proba(emb[te]).argmax(1)
     test_acc = float((test_pred == test_y).mean())

@@ -144,6 +144,11 @@ def load_run(run: str | Path) -> tuple[dict[str, Any], FeatureModel, LinearHead]
             f"{FORMAT_VERSION}; retrain with this version or use the edge_tl that wrote it "
             f"({record.get('edge_tl_version', 'unknown')})"
         )
+    if record.get("modality") == "text":
+        raise EdgeTLError(
+            f"run folder {run} holds a text model; read it with "
+            "edge_tl.train.text_runs.load_text_run"
+        )
     from safetensors.torch import load_file
 
     from edge_tl.backbones import load_strict

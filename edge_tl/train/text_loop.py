@@ -13,7 +13,9 @@ embeddings. AdamW with layer-wise learning-rate decay (``lr_backbone`` for the l
 ``layer_decay`` per layer towards the input; no weight decay on norms and biases), the head
 at ``lr_head``, linear warm-up then cosine decay, label smoothing, batches bucketed by length
 (less padding), early stopping on validation accuracy, an atomic checkpoint after every
-epoch (only the trained tensors: the frozen ones are the pretrained weights).
+epoch (only the trained tensors: the frozen ones are the pretrained weights). ``finetune``
+runs the frozen layers once per text and caches their output (:class:`Embedder`), as the
+image path caches activations at its freeze boundary.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 from edge_tl.data import Dataset
+from edge_tl.errors import EdgeTLError
 from edge_tl.progress import progress
 from edge_tl.runtime.evaluation import macro_f1
 from edge_tl.runtime.heads import LinearHead
@@ -38,7 +41,7 @@ from edge_tl.train.runs import save_checkpoint
 from edge_tl.train.text_config import TextTrainConfig
 from edge_tl.train.text_encoder import pool_torch, tokenize
 
-__all__ = ["TextClassifier", "fit_text", "length_batches"]
+__all__ = ["Embedder", "TextClassifier", "fit_text", "length_batches", "token_lengths"]
 
 _logger = logging.getLogger(__name__)
 
@@ -66,12 +69,25 @@ class TextClassifier(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor(math.log(INITIAL_SCALE)))
 
     def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[N, D]`` pooled, normalised embeddings of tokenized texts (every layer runs)."""
         hidden = self.encoder(**inputs).last_hidden_state
         return pool_torch(hidden, inputs["attention_mask"], self.pre)
 
+    def embed_from(self, hidden: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+        """``[N, D]`` embeddings from ``hidden[N, T, D]``, the input of layer ``start``
+        (padded positions are masked out as keys and left out of the pooling)."""
+        ext = self.encoder.get_extended_attention_mask(mask, mask.shape)
+        for layer in layers_of(self.encoder)[start:]:
+            out = layer(hidden, attention_mask=ext)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return pool_torch(hidden, mask, self.pre)
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, K]`` of embeddings ``z[N, D]``: ``s * (dropout(z) @ W.T) + b``."""
+        return self.log_scale.exp() * (self.dropout(z) @ self.head.weight.T) + self.head.bias
+
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        z = self.dropout(self.embed(inputs))
-        return self.log_scale.exp() * (z @ self.head.weight.T) + self.head.bias
+        return self.classify(self.embed(inputs))
 
     def linear_head(self) -> LinearHead:
         """The head as the device runs it: ``s * W`` and ``b`` on the embedding."""
@@ -159,21 +175,81 @@ def token_lengths(tokenizer: Any, texts: Sequence[str], pre: TextPreprocess) -> 
     return np.asarray([len(ids) for ids in enc["input_ids"]], np.int64)
 
 
+class Embedder:
+    """A batch's embeddings, through the layers that train.
+
+    ``full``: texts tokenized per batch, every layer runs. ``finetune``: the frozen layers
+    run once per text (in eval mode: no dropout, so their output never changes); their
+    output, the input of the first trained layer, is cached unpadded (``float32[T_i, D]``
+    per text, ~20 KB for a 13-token question) and each batch runs only the trained layers.
+    Padding positions are masked as attention keys and left out of the pooling, so the
+    cached path gives the full forward's embeddings (checked in tests/test_text_train.py).
+    """
+
+    def __init__(
+        self,
+        model: TextClassifier,
+        tokenizer: Any,
+        sets: dict[str, Dataset],
+        lengths: dict[str, np.ndarray],
+        config: TextTrainConfig,
+        device: torch.device,
+    ) -> None:
+        self.model, self.tokenizer, self.sets, self.device = model, tokenizer, sets, device
+        n = len(layers_of(model.encoder))
+        self.start = None if config.strategy == "full" else n - config.train_layers
+        self.cache: dict[str, list[torch.Tensor]] = {}
+        self.cache_seconds = 0.0
+        if self.start is not None:
+            t0 = time.perf_counter()
+            for k, d in sets.items():
+                self.cache[k] = self._hidden(d.paths, lengths[k], f"caching {k} texts")
+            self.cache_seconds = round(time.perf_counter() - t0, 1)
+
+    @torch.no_grad()
+    def _hidden(self, texts: list[str], lengths: np.ndarray, desc: str) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+        self.model.encoder.eval()
+        batches = length_batches(lengths, 64, None)
+        for idx in progress(batches, total=len(batches), desc=desc):
+            enc = _inputs(self.tokenizer, texts, idx, self.model.pre, self.device)
+            states = self.model.encoder(**enc, output_hidden_states=True).hidden_states
+            h = states[self.start].float().cpu()
+            for row, i in enumerate(idx):
+                out[i] = h[row, : lengths[i]].clone()
+        return out
+
+    def __call__(self, split: str, idx: np.ndarray) -> torch.Tensor:
+        """``[len(idx), D]`` embeddings of texts ``idx`` of ``split``."""
+        if self.start is None:
+            texts = self.sets[split].paths
+            return self.model.embed(
+                _inputs(self.tokenizer, texts, idx, self.model.pre, self.device)
+            )
+        rows = [self.cache[split][i] for i in idx]
+        hidden = nn.utils.rnn.pad_sequence(rows, batch_first=True).to(self.device)
+        mask = torch.zeros(hidden.shape[:2], dtype=torch.int64)
+        for r, t in enumerate(rows):
+            mask[r, : len(t)] = 1
+        return self.model.embed_from(hidden, mask.to(self.device), self.start)
+
+
 def _inputs(tokenizer, texts, idx, pre, device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in tokenize(tokenizer, [texts[i] for i in idx], pre).items()}
 
 
 @torch.no_grad()
 def _evaluate(
-    model: TextClassifier, tokenizer: Any, ds: Dataset, lengths: np.ndarray, config, device
+    model: TextClassifier, embed: Embedder, split: str, lengths: np.ndarray, config
 ) -> tuple[float, float, np.ndarray]:
-    """``(loss, accuracy, predictions)`` on ``ds`` (NaN and empty when it is empty)."""
+    """``(loss, accuracy, predictions)`` on ``split`` (NaN and empty when it is empty)."""
+    ds = embed.sets[split]
     if len(ds) == 0:
         return float("nan"), float("nan"), np.zeros(0, np.int64)
     model.eval()
     logits = torch.zeros(len(ds), model.head.out_features)
     for idx in length_batches(lengths, max(config.batch_size, 64), None):
-        logits[idx] = model(**_inputs(tokenizer, ds.paths, idx, model.pre, device)).float().cpu()
+        logits[idx] = model.classify(embed(split, idx)).float().cpu()
     y = torch.from_numpy(ds.labels)
     pred = logits.argmax(1).numpy()
     return float(nn.functional.cross_entropy(logits, y)), float((pred == ds.labels).mean()), pred
@@ -208,6 +284,7 @@ def fit_text(
     base_lrs = [g["lr"] for g in opt.param_groups]
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     lengths = {k: token_lengths(tokenizer, d.paths, pre) for k, d in sets.items()}
+    embed = Embedder(model, tokenizer, sets, lengths, config, device)
     train = sets["train"]
     gen = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = len(length_batches(lengths["train"], config.batch_size, None))
@@ -216,9 +293,12 @@ def fit_text(
     history: list[dict[str, Any]] = []
     best, best_key, step, first, bad = None, None, 0, 1, 0
     if state is not None:
-        missing = set(_trained_state(model)) ^ set(state["model"])
-        if missing:
-            raise RuntimeError(f"checkpoint tensors differ from the model's: {sorted(missing)[:3]}")
+        differ = set(_trained_state(model)) ^ set(state["model"])
+        if differ:
+            raise EdgeTLError(
+                f"{ckpt_file} holds other trained tensors than this run trains (e.g. "
+                f"{sorted(differ)[0]}); start over with --force"
+            )
         model.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
@@ -243,7 +323,7 @@ def fit_text(
             for g, lr in zip(opt.param_groups, base_lrs, strict=True):
                 g["lr"] = lr * scale
             yb = torch.from_numpy(train.labels[idx]).to(device)
-            logits = model(**_inputs(tokenizer, train.paths, idx, pre, device))
+            logits = model.classify(embed("train", idx))
             loss = loss_fn(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -253,9 +333,7 @@ def fit_text(
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(idx)
         train_seconds = time.perf_counter() - t0
-        val_loss, val_acc, _ = _evaluate(
-            model, tokenizer, sets["val"], lengths["val"], config, device
-        )
+        val_loss, val_acc, _ = _evaluate(model, embed, "val", lengths["val"], config)
         row = {
             "epoch": epoch,
             "train_loss": total_loss / max(seen, 1),
@@ -304,9 +382,7 @@ def fit_text(
             )
             break
     model.load_state_dict(best, strict=False)
-    _, test_acc, test_pred = _evaluate(
-        model, tokenizer, sets["test"], lengths["test"], config, device
-    )
+    _, test_acc, test_pred = _evaluate(model, embed, "test", lengths["test"], config)
     model.cpu().eval()
     best_row = (
         max(history, key=lambda r: (r["val_accuracy"], -r["val_loss"])) if has_val else history[-1]
@@ -321,8 +397,10 @@ def fit_text(
         "epochs_run": len(history),
         "stopped_early_at": stopped,
         "boundary": "text"
-        if config.strategy == "full"
-        else f"last {config.train_layers} of {len(layers_of(model.encoder))} layers",
+        if embed.start is None
+        else f"layer {embed.start} input (cached): {config.train_layers} of "
+        f"{len(layers_of(model.encoder))} layers train",
+        "cache_seconds": embed.cache_seconds,
         "seconds_per_epoch": round(float(np.median([r["seconds"] for r in history])), 2),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "head_scale": round(float(model.log_scale.detach().exp()), 4),

@@ -27,7 +27,7 @@ import numpy as np
 from edge_tl import __version__
 from edge_tl.backbones import get_text_spec
 from edge_tl.bundle import atomic_folder, read_json
-from edge_tl.data import Dataset, split
+from edge_tl.data import Dataset, fingerprint, split
 from edge_tl.errors import EdgeTLError
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.spec import FORMAT_VERSION, TextPreprocess
@@ -40,22 +40,12 @@ __all__ = [
     "data_ref",
     "load_text_run",
     "run_texts",
-    "text_fingerprint",
     "text_splits",
     "write_text_run",
 ]
 
 ENCODER_DIR = "encoder"
 _ENCODER_FILES = ("config.json", "model.safetensors", "tokenizer.json")
-
-
-def text_fingerprint(ds: Dataset) -> str:
-    """SHA-256 of every (class, text) pair in order: the same split by seed is only the same
-    split of the same texts."""
-    h = hashlib.sha256()
-    for text, label in zip(ds.paths, ds.labels, strict=True):
-        h.update(f"{ds.classes[label]}\t{text}\n".encode())
-    return h.hexdigest()
 
 
 def data_ref(data: str | Path) -> str:
@@ -114,7 +104,7 @@ def write_text_run(
         "weights_sha256": _sha256(spec.model_dir() / "model.safetensors"),
         "data": data_ref(data),
         "data_name": ds.name,
-        "data_fingerprint": text_fingerprint(ds),
+        "data_fingerprint": fingerprint(ds),
         "test_data": None if config.test_data is None else data_ref(config.test_data),
         "test_fingerprint": test_fingerprint,
         "text_column": config.text_column,
@@ -220,7 +210,7 @@ def run_texts(record: dict[str, Any], skip_bad: bool = False) -> dict[str, Datas
         ("training data", ds, record.get("data_fingerprint")),
         ("test data", test, record.get("test_fingerprint")),
     ):
-        if d is not None and fp is not None and text_fingerprint(d) != fp:
+        if d is not None and fp is not None and fingerprint(d) != fp:
             raise EdgeTLError(
                 f"the {what} of the run changed since it was trained (other texts or labels); "
                 "restore it or retrain"

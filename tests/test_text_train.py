@@ -168,7 +168,7 @@ def test_compare_on_text_runs_probe_and_finetune(tmp_path, capsys):
         (["trec6:train", "--strategy", "bn-only"], "text models train with linear-probe, finetune"),
         (["trec6:train", "--backbone", "bert-nope"], "unknown text backbone 'bert-nope'"),
         (["trec6:train", "--backbone", "resnet18"], "is text data and --backbone resnet18"),
-        (["trec6:train", "--augment", "natural", "--qat"], "--augment, --qat apply to images"),
+        (["trec6:train", "--augment", "natural", "--qat"], "--augment, --qat apply to images only"),
         (["trec6:train", "--train-layers", "7"], "has 6 layers; use 1..6"),
     ],
 )
@@ -184,7 +184,7 @@ def test_text_backbone_on_images_and_text_flags_on_images_are_refused(neu_small,
     out = tmp_path / "run"
     for args, message in (
         (["--backbone", "all-minilm-l6-v2"], "is a text encoder, and"),
-        (["--train-layers", "3"], "--train-layers apply to text data only"),
+        (["--train-layers", "3"], "--train-layers applies to text data only"),
     ):
         assert main(["train", str(neu_small), *args, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
@@ -192,6 +192,9 @@ def test_text_backbone_on_images_and_text_flags_on_images_are_refused(neu_small,
     assert not out.exists()
     with pytest.raises(EdgeTLError, match="text models train with"):
         TextTrainConfig(strategy="from-scratch")
+    args = ["compare", "trec6:train", "--strategies", "finetune,gradual", "--out", str(out)]
+    assert main(args) == 2
+    assert "gradual: not a strategy for text models" in capsys.readouterr().err
 
 
 @pytest.mark.slow

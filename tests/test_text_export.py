@@ -4,7 +4,7 @@ INT8 keeps the recipe's cosine floor; a run's bundle carries its refit head and 
 the tokenizer is hashed; bad input is refused in one line with nothing written.
 
 Small on purpose: the pretrained encoder calibrated on 100 training questions, and a
-linear-probe run on 20 questions per class checked on the 500 standard test questions.
+linear-probe run on 50 questions per class checked on its 72 held-out questions.
 Each bundle is exported once per session. The full-size figures (a fine-tuned run) come
 from the commands in the README.
 """
@@ -63,16 +63,28 @@ def trec_calib(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def text_probe_run(tmp_path_factory) -> Path:
-    """A linear probe on TREC-6: 20 questions per class, tested on the 500 test questions."""
+    """A linear probe on 50 TREC-6 training questions per class (a CSV written here):
+    a quarter held out (72 questions), a tenth validates."""
+    import csv
+
+    from edge_tl.texts import open_text_dataset
     from edge_tl.train.text import train_text
     from edge_tl.train.text_config import TextTrainConfig
 
-    out = tmp_path_factory.mktemp("text_runs") / "probe"
-    cfg = TextTrainConfig(
-        strategy="linear-probe", train_per_class=20, val_frac=0.05, test_data="trec6:test"
+    ds = open_text_dataset("trec6:train")
+    rng = np.random.default_rng(0)
+    idx = np.sort(
+        np.concatenate([rng.permutation(np.flatnonzero(ds.labels == c))[:50] for c in range(6)])
     )
-    train_text("trec6:train", out, cfg)
-    return out
+    root = tmp_path_factory.mktemp("text_runs")
+    data = root / "trec300.csv"
+    with open(data, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows([ds.texts[i], ds.classes[ds.labels[i]]] for i in idx)
+    cfg = TextTrainConfig(strategy="linear-probe", test_frac=0.25, val_frac=0.1)
+    train_text(data, root / "probe", cfg)
+    return root / "probe"
 
 
 @pytest.fixture(scope="session")
@@ -179,20 +191,24 @@ def test_static_int8_climbs_the_ladder_to_the_feed_forward_step(text_bundles):
 @pytest.mark.slow
 def test_run_bundle_ships_a_refit_head_within_the_tolerance(text_bundles, text_probe_run):
     """The run's dynamic-INT8 bundle: the head refit on the artifact's own embeddings, its
-    accuracy on the 500 test questions within max_top1_drop of FP32 (what `evaluate` on the
-    device reproduces), exemplars, and a class added on the device next to the six."""
+    accuracy on the run's held-out questions within max_top1_drop of FP32, reproduced by
+    `evaluate --split test` on the device; exemplars, and a class added on the device next
+    to the six."""
     from edge_tl.runtime import Model
-    from edge_tl.texts import open_text_dataset
 
     bundle = text_bundles["ort-int8-dynamic"]
     manifest = json.loads((bundle / "manifest.json").read_text())
     m = manifest["metrics"]
     assert manifest["head"]["fit_on"] == "artifact" and manifest["head"]["exemplars"]
-    assert manifest["source"]["kind"] == "run" and m["test_n"] == 500
+    assert manifest["source"]["kind"] == "run" and m["test_n"] >= 70
     assert m["fp32_test_accuracy"] - m["test_accuracy"] <= load_recipe(INT8[1]).max_top1_drop
     model = Model(bundle)
-    res = model.classifier.evaluate(open_text_dataset("trec6:test"))
-    assert res.n == 500 and res.accuracy == pytest.approx(m["test_accuracy"], abs=1e-9)
+    data = json.loads((text_probe_run / "run.json").read_text())["data"]
+    res = model.evaluate(data, split="test")
+    # dynamic INT8 takes activation ranges per batch, so a text's embedding depends a little
+    # on its batch: the export batches by length, evaluate in file order (1 text in 72 here)
+    n = m["test_n"]
+    assert res.n == n and res.accuracy == pytest.approx(m["test_accuracy"], abs=1.5 / n)
     weather = [
         "Will it rain in the valley tomorrow afternoon ?",
         "How cold will it get tonight in the mountains ?",

@@ -423,7 +423,14 @@ def _load_toml(cls: type, kind: str, name_or_path: str, package: str, source_dir
 
 
 def _data_dir(package: str, source_dir: str):
-    """Package data folder (``edge_tl.recipes``); the source tree's folder in a checkout."""
+    """Package data folder (``edge_tl.recipes``); the source tree's folder in a checkout.
+
+    A checkout (``pyproject.toml`` beside the package) reads its own ``export/``: an editable
+    install maps ``edge_tl.recipes`` to the folder of the checkout it was installed from,
+    which is another tree when this ``edge_tl`` is a second checkout on ``PYTHONPATH``."""
+    tree = Path(__file__).resolve().parent.parent
+    if (tree / "pyproject.toml").is_file() and (tree / source_dir).is_dir():
+        return tree / source_dir
     try:
         root = importlib.resources.files(f"edge_tl.{package}")
         if root.is_dir() and any(p.name.endswith(".toml") for p in root.iterdir()):

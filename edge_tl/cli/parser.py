@@ -116,10 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         help="export a run (or a pretrained backbone) into a checked bundle",
         description="Export RUN (from `edge-tl train`) or --backbone NAME (ImageNet features "
-        "and classifier) with a recipe: onnx-fp32, ort-int8, openvino-fp32, openvino-fp16, "
+        "and classifier; a text encoder such as all-minilm-l6-v2 without a head) with a "
+        "recipe: onnx-fp32, ort-int8, ort-int8-dynamic (text), openvino-fp32, openvino-fp16, "
         "openvino-int8, or a path to a recipe .toml. The ONNX graph is checked against "
-        "PyTorch on real images; INT8 is calibrated on real images; the bundle is written "
-        "to a temporary folder and renamed into place.",
+        "PyTorch on real images or texts; INT8 is calibrated on real images or texts; the "
+        "bundle is written to a temporary folder and renamed into place. Text models go "
+        "through optimum (ONNX, ONNX Runtime quantization, OpenVINO and NNCF).",
     )
     e.add_argument("run", nargs="?", help="run folder from `edge-tl train`")
     e.add_argument("--backbone", help="export a pretrained backbone instead of a run")
@@ -127,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--recipe", default="onnx-fp32", help="recipe name or .toml path")
     e.add_argument(
         "--calib",
-        help="calibration images (ImageFolder or flat folder); default: the run's training "
-        "and validation images",
+        help="calibration images (ImageFolder or flat folder), or for a text model texts (one "
+        "per line, or a CSV/TSV/JSONL with a 'text' column); default: the run's training "
+        "and validation data",
     )
     e.add_argument("--out", required=True, type=Path, help="bundle folder to create")
     e.add_argument(

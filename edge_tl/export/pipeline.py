@@ -39,7 +39,7 @@ from edge_tl.export.source import (
     open_backbone,
     open_run,
 )
-from edge_tl.export.text_source import is_text_source
+from edge_tl.export.text_source import is_text_export
 from edge_tl.report import ArtifactRow, FidelityReport, Tolerance, write_report
 from edge_tl.runtime.engine import OrtEngine
 from edge_tl.runtime.heads import LinearHead
@@ -112,7 +112,7 @@ def export_bundle(
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if (run is None) == (backbone is None):
         raise EdgeTLError("pass either a RUN folder or --backbone NAME, not both or neither")
-    if is_text_source(run, backbone):
+    if is_text_export(run, backbone):
         for flag, given in (("--weights", weights), ("--logits", logits), ("--skip-bad", skip_bad)):
             if given:
                 raise EdgeTLError(
@@ -121,6 +121,11 @@ def export_bundle(
         from edge_tl.export.text import export_text_bundle
 
         return export_text_bundle(out, rec, run, backbone, calib, head_fit, force, sign)
+    if rec.quantization == "ort-dynamic":
+        raise EdgeTLError(
+            f"recipe {rec.name} quantizes dynamically, which is for text encoders; use ort-int8 "
+            "for an image model"
+        )
     if weights is not None and run is not None:
         raise EdgeTLError("--weights goes with --backbone; a run folder carries its own weights")
     if head_fit not in HEAD_FITS:

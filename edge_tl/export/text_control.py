@@ -6,22 +6,28 @@ cosine vs FP32 PyTorch (``min_cosine``) and, on a run's labelled held-out texts,
 drop of the head that ships and of the run's own head (``max_top1_drop``). The steps follow
 what optimum exposes for each backend:
 
-- ORT static (``ort-static``): ONNX Runtime's saturation-safe requantization
-  (``session.x64quantprecision``, its advice for x86-64 CPUs without VNNI), 7-bit weights
-  (``reduce_range``), percentile calibration, then the most sensitive MatMuls kept in FP32
-  (ranked one at a time on calibration texts, as NNCF's accuracy-control ranker does; the
+- ONNX Runtime, static (``ort-static``) and dynamic (``ort-dynamic``): on x86-64 CPUs
+  without VNNI, its saturation-safe requantization (``session.x64quantprecision``) and 7-bit
+  weights (``reduce_range``), as its docs advise there; then the feed-forward output MatMuls
+  kept in FP32 (the layers whose inputs carry the largest activations in BERT-family
+  encoders: Bondarenko et al. 2021, "Understanding and overcoming the challenges of
+  efficient transformer quantization"), then the most sensitive MatMuls kept in FP32
+  (ranked one at a time on calibration texts, as NNCF's accuracy-control ranker does;
   calibration ranges are reused, so each node costs one quantization).
-- ORT dynamic (``ort-dynamic``): ``reduce_range``, per-tensor weights, then the ranked MatMuls.
 - NNCF (``nncf``): overflow fix, full bias correction, then the feed-forward output MatMuls
-  (the layers whose inputs carry the largest activations in BERT-family encoders; Bondarenko
-  et al. 2021, "Understanding and overcoming the challenges of efficient transformer
-  quantization") kept in FP32. NNCF's own ``quantize_with_accuracy_control`` is not reachable
-  through optimum-intel's ``OVQuantizer`` (see the README).
+  kept in FP32 (an ignored scope). NNCF's own ``quantize_with_accuracy_control`` is not
+  reachable through optimum-intel's ``OVQuantizer``, and a ranking that quantizes once per
+  MatMul would cost half a minute per node (see the README).
+
+Other calibration methods are not tried for text: ONNX Runtime's histogram calibrators
+(percentile, entropy) stack every batch into one array, which texts of different lengths
+cannot form without padding, and padding tokens' activations would enter the ranges.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -31,14 +37,16 @@ from typing import Any
 
 import numpy as np
 
+from edge_tl.bundle import sha256
 from edge_tl.export.accuracy_control import Attempt, Candidate, ToleranceError
 from edge_tl.export.fidelity import accuracy, cosine
 from edge_tl.export.text_optimum import (
+    FFN_OUTPUT_OPENVINO,
     CalibInputs,
     RangeCache,
-    export_openvino,
+    ffn_output_matmuls,
     matmul_nodes,
-    quantize_openvino_isolated,
+    openvino_isolated,
     quantize_ort,
 )
 from edge_tl.progress import progress
@@ -52,6 +60,7 @@ __all__ = [
     "CheckTexts",
     "TextControl",
     "TextHeads",
+    "artifact_key",
     "calibration_inputs",
     "embed_engine",
 ]
@@ -60,9 +69,6 @@ _logger = logging.getLogger(__name__)
 
 SENSITIVITY_TEXTS = 32
 EXCLUSION_STEPS = (1, 2, 4, 8, 16, 32)
-FFN_OUTPUT = "output.dense"
-"""Name part of the feed-forward output projection in BERT-family encoders (``encoder.layer.N
-.output.dense``; the attention's is ``attention.output.dense``)."""
 
 
 @dataclass(frozen=True)
@@ -123,11 +129,29 @@ class TextHeads:
     fit_texts: list[str] | None = None
     fit_labels: np.ndarray | None = None
 
-    def for_engine(self, engine: Engine, encoder: TextEncoder) -> LinearHead | None:
+    _fitted: dict[str, LinearHead] = field(default_factory=dict, repr=False)
+
+    def for_engine(
+        self, engine: Engine, encoder: TextEncoder, key: str | None = None
+    ) -> LinearHead | None:
+        """The head for ``engine``'s artifact; ``key`` (:func:`artifact_key`) reuses the fit
+        of an identical artifact (ONNX FP32 is the FP32 graph itself: one pass over the
+        training texts, not two)."""
         if self.fit_texts is None or self.fit_labels is None:
             return self.source
+        if key is not None and key in self._fitted:
+            return self._fitted[key]
         emb = embed_engine(engine, encoder, self.fit_texts, desc="embedding training texts")
-        return LinearHead.fit(emb, self.fit_labels, self.n_classes)
+        head = LinearHead.fit(emb, self.fit_labels, self.n_classes)
+        if key is not None:
+            self._fitted[key] = head
+        return head
+
+
+def artifact_key(folder: Path, files: Sequence[str], options: dict[str, str]) -> str:
+    """What an artifact computes, as a string: its files' SHA-256 and its engine options."""
+    digests = [sha256(folder / f) for f in files]
+    return json.dumps([digests, sorted(options.items())])
 
 
 @dataclass
@@ -144,6 +168,7 @@ class TextControl:
         reference_head: the head FP32 accuracy is measured with (None: no head).
         calib_texts: the calibration texts (the MatMul ranking embeds a few of them, so the
             held-out check stays a check).
+        known: check-text embeddings already computed, by :func:`artifact_key`.
     """
 
     model_dir: Path
@@ -158,6 +183,7 @@ class TextControl:
     reference_head: LinearHead | None
     heads: TextHeads
     calib_texts: list[str] = field(default_factory=list)
+    known: dict[str, np.ndarray] = field(default_factory=dict)
     attempts: list[Attempt] = field(default_factory=list)
     sensitivity: list[dict[str, Any]] = field(default_factory=list)
     last: Candidate | None = None
@@ -186,20 +212,24 @@ class TextControl:
                 )
         else:
             files = ("backbone.xml", "backbone.bin")
-            if recipe.precision == "int8":
-                assert calib is not None  # checked before any work
-                quantize_openvino_isolated(self.model_dir, calib, recipe, folder)
-            else:
-                export_openvino(self.model_dir, folder, recipe.precision, self.work)
+            openvino_isolated(
+                self.model_dir, recipe, folder, calib if recipe.precision == "int8" else None
+            )
         artifact = Artifact(
             recipe.format, recipe.precision, files, recipe.name, dict(recipe.engine_options)
         )
         return artifact, make_engine(folder, artifact)
 
-    def measure(self, engine: Engine) -> tuple[np.ndarray, LinearHead | None, float | None]:
-        """``(embeddings of the check texts, the head that ships, its accuracy or None)``."""
-        emb = embed_engine(engine, self.encoder, self.check.texts, desc="checking the artifact")
-        head = self.heads.for_engine(engine, self.encoder)
+    def measure(
+        self, engine: Engine, key: str | None = None
+    ) -> tuple[np.ndarray, LinearHead | None, float | None]:
+        """``(embeddings of the check texts, the head that ships, its accuracy or None)``;
+        ``key`` (:func:`artifact_key`) reuses what an identical artifact computed."""
+        if key is not None and key in self.known:
+            emb = self.known[key]
+        else:
+            emb = embed_engine(engine, self.encoder, self.check.texts, desc="checking the artifact")
+        head = self.heads.for_engine(engine, self.encoder, key)
         acc = None
         if head is not None and self.check.labels is not None:
             acc = accuracy(head, emb, self.check.labels)
@@ -226,7 +256,9 @@ class TextControl:
         _logger.info(f"  accuracy control: {step}")
         t0 = time.perf_counter()
         artifact, engine = self.build(recipe)
-        emb, head, acc = self.measure(engine)
+        emb, head, acc = self.measure(
+            engine, artifact_key(self.out_dir, artifact.files, artifact.engine_options)
+        )
         cos = cosine(emb, self.reference)
         drop = self._top1_drop(head, emb, acc)
         passed = float(cos.mean()) >= self.recipe.min_cosine and (
@@ -341,29 +373,24 @@ class TextControl:
 
 
 def _ort_ladder(c: TextControl) -> Iterator[bool]:
-    """ORT static or dynamic: saturation-safe kernels, 7-bit weights, another calibration
-    (static) or per-tensor weights (dynamic), then the most sensitive MatMuls in FP32."""
+    """ORT static or dynamic: saturation-safe kernels, 7-bit weights, the feed-forward output
+    MatMuls in FP32, then the MatMuls ranked by sensitivity in FP32."""
     rec = c.recipe
-    x86 = host_info()["machine"] in ("x86_64", "AMD64")
-    if x86 and "session.x64quantprecision" not in rec.engine_options:
+    # the u8s8 saturation these two steps avoid happens on x86-64 without VNNI only; on other
+    # hosts they cannot change what this host measures (the self-test guards other hosts)
+    saturates = host_info()["cpu_class"] == "x86-64-avx2"
+    if saturates and "session.x64quantprecision" not in rec.engine_options:
         opts = {**rec.engine_options, "session.x64quantprecision": "1"}
         yield c.attempt(
             "saturation-safe requantization (session.x64quantprecision)",
             dataclasses.replace(rec, engine_options=opts),
         ).passed
     base = c.best().recipe
-    if not base.reduce_range:
+    if saturates and not base.reduce_range:
         yield c.attempt(
             "7-bit weights (reduce_range: no u8s8 saturation without VNNI)",
             dataclasses.replace(base, reduce_range=True),
         ).passed
-    base = c.best().recipe
-    if rec.quantization == "ort-static" and base.calibration_method != "percentile":
-        yield c.attempt(
-            "calibration percentile", dataclasses.replace(base, calibration_method="percentile")
-        ).passed
-    elif rec.quantization == "ort-dynamic" and base.per_channel:
-        yield c.attempt("per-tensor weights", dataclasses.replace(base, per_channel=False)).passed
     base = c.best().recipe
     if rec.max_excluded_nodes == 0:
         return
@@ -373,16 +400,21 @@ def _ort_ladder(c: TextControl) -> Iterator[bool]:
             base,
             engine_options={**base.engine_options, DISABLED_OPTIMIZERS: "WeightBiasQuantization"},
         )
+    ffn = ffn_output_matmuls(c.onnx_fp32)[: rec.max_excluded_nodes]
+    if ffn:
+        yield c.attempt(
+            f"the {len(ffn)} feed-forward output MatMuls kept in FP32",
+            dataclasses.replace(base, nodes_to_exclude=(*base.nodes_to_exclude, *ffn)),
+            note="their inputs carry the encoder's largest activations (Bondarenko et al. 2021)",
+        ).passed
     ranking = ort_sensitivity(c, base)
     c.sensitivity = ranking
     for k in EXCLUSION_STEPS:
         k = min(k, rec.max_excluded_nodes, len(ranking))
         names = tuple(r["name"] for r in ranking[:k])
-        if names == base.nodes_to_exclude:
-            break
         yield c.attempt(
             f"{k} most sensitive MatMuls kept in FP32",
-            dataclasses.replace(base, nodes_to_exclude=names),
+            dataclasses.replace(base, nodes_to_exclude=(*base.nodes_to_exclude, *names)),
         ).passed
         if k == rec.max_excluded_nodes or k == len(ranking):
             break
@@ -434,7 +466,10 @@ def _nncf_ladder(c: TextControl) -> Iterator[bool]:
     if rec.max_excluded_nodes == 0:
         return
     yield c.attempt(
-        "feed-forward output MatMuls kept in FP32",
-        dataclasses.replace(base, nodes_to_exclude=(*base.nodes_to_exclude, f"re:{FFN_OUTPUT}")),
-        note="NNCF ignored scope by name pattern",
+        "the feed-forward output MatMuls kept in FP32",
+        dataclasses.replace(
+            base, nodes_to_exclude=(*base.nodes_to_exclude, f"re:{FFN_OUTPUT_OPENVINO}")
+        ),
+        note="NNCF ignored scope by name pattern; their inputs carry the encoder's largest "
+        "activations (Bondarenko et al. 2021)",
     ).passed

@@ -11,6 +11,7 @@ held-out texts check every artifact.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -23,16 +24,16 @@ from edge_tl.bundle import sha256
 from edge_tl.data import Dataset
 from edge_tl.errors import EdgeTLError
 from edge_tl.runtime.heads import LinearHead
-from edge_tl.runtime.text import check_texts
 from edge_tl.spec import Source, TextPreprocess
+from edge_tl.texts import read_texts
 
 __all__ = [
     "REFERENCE_TEXTS",
     "TextSource",
     "calibration_texts",
-    "is_text_source",
+    "is_text_export",
     "open_text_backbone",
-    "read_calibration",
+    "open_text_run",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class TextSource:
     held_out: Dataset | None = None
 
 
-def is_text_source(run: str | Path | None, backbone: str | None) -> bool:
+def is_text_export(run: str | Path | None, backbone: str | None) -> bool:
     """Whether an export starts from a text encoder: a text backbone's name, or a run folder
     whose ``run.json`` says ``"modality": "text"`` (anything unreadable is left to the image
     path, whose errors name it)."""
@@ -115,43 +116,79 @@ def open_text_backbone(name: str) -> TextSource:
     return TextSource(spec.name, folder, model, tokenizer, spec.preprocess, None, [], source)
 
 
-def read_calibration(path: str | Path) -> list[str]:
-    """Unlabelled texts for calibration: a plain UTF-8 file, one text per line (blank lines
-    skipped).
+def open_text_run(run: str | Path, calib: str | Path | None, head_fit: str) -> TextSource:
+    """A text run folder from ``edge-tl train``, with its split re-read from its data.
+
+    The training + validation texts refit the head and calibrate; the test texts (the
+    run's held-out split, or its separate ``--test-data``) check every artifact.
 
     Raises:
-        EdgeTLError: the file is missing, unreadable, not UTF-8, or holds no text.
+        EdgeTLError: not a text run folder; its data unreadable or changed while the head is
+            to be refit or no ``calib`` is given.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise EdgeTLError(f"calibration texts {p} do not exist; pass a file of texts, one per line")
+    from edge_tl.data import fingerprint
+    from edge_tl.texts import open_text_dataset
+    from edge_tl.train.text_config import TextTrainConfig
+    from edge_tl.train.text_runs import load_text_run, run_texts
+
+    record, model, tokenizer, head = load_text_run(run)
+    config = TextTrainConfig.from_dict(record["config"])
+    pre = TextPreprocess.from_dict(record["preprocess"], f"preprocess of {run}/run.json")
+    labels = list(record["labels"])
+    folder = Path(run) / "encoder"
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise EdgeTLError(f"calibration texts {p} cannot be read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise EdgeTLError(
-            f"calibration texts {p} are not UTF-8 text; save the file as UTF-8"
-        ) from None
-    texts = [t.strip() for t in lines if t.strip()]
-    if not texts:
-        raise EdgeTLError(f"calibration texts {p} hold no text; give it one text per line")
-    return check_texts(texts, where=f"{p}: text")
+        parts = run_texts(record)
+        data = open_text_dataset(record["data"], config.text_column, config.label_column)
+    except EdgeTLError as e:
+        if head_fit == "artifact" or calib is None:
+            raise EdgeTLError(
+                f"the run's training data is not readable ({e}); pass --calib TEXTS and "
+                "--head-fit source"
+            ) from None
+        parts, data = None, None
+    split = dataclasses.replace(
+        config.split, data_fingerprint=None if data is None else fingerprint(data)
+    )
+    source = Source(
+        kind="run",
+        weights_sha256=record.get("weights_sha256"),
+        run=str(Path(run).resolve()),
+        strategy=config.strategy,
+        data=record["data"],
+        split=split,
+        pytorch_test_accuracy=record.get("metrics", {}).get("test_accuracy"),
+    )
+    src = TextSource(record["backbone"], folder, model, tokenizer, pre, head, labels, source)
+    if parts is not None:
+        train, val = parts["train"], parts["val"]
+        src.fit_set = dataclasses.replace(
+            train,
+            paths=[*train.paths, *val.paths],
+            labels=np.concatenate([train.labels, val.labels]),
+        )
+        src.held_out = parts["test"]
+    return src
 
 
 def calibration_texts(
-    calib: str | Path | None, fit_set: Dataset | None, size: int, int8: bool, recipe: str
-) -> tuple[list[str], int]:
-    """``(sample, pool size)``: up to ``size`` calibration texts, drawn with a fixed seed
-    from ``--calib`` or the run's training split; warns with the real count when INT8 gets
-    fewer than the recipe asks for. Empty when there are none and none are needed.
+    calib: str | Path | None,
+    fit_set: Dataset | None,
+    size: int,
+    int8: bool,
+    recipe: str,
+    text_column: str = "text",
+) -> tuple[list[str], list[str]]:
+    """``(sample, pool)``: up to ``size`` calibration texts, drawn with a fixed seed from
+    ``pool``, every text of ``--calib`` or the run's training split; warns with the real
+    count when INT8 gets fewer than the recipe asks for. Empty when none are needed.
 
     Raises:
         EdgeTLError: INT8 with no texts to calibrate on (a pretrained encoder without
-            ``--calib``), or a ``--calib`` file that holds none.
+            ``--calib``), or a ``--calib`` file that is missing, not UTF-8, or holds an
+            empty text or none at all.
     """
     if calib is not None:
-        pool = read_calibration(calib)
+        pool = read_texts(calib, text_column)
     elif fit_set is not None:
         pool = list(fit_set.paths)
     elif int8:
@@ -160,11 +197,11 @@ def calibration_texts(
             "FILE (one text per line, a few hundred of the texts the model will see)"
         )
     else:
-        return [], 0
+        return [], []
     if int8 and len(pool) < size:
         _logger.warning(
             f"only {len(pool)} calibration texts (the recipe asks for {size}); INT8 ranges "
             "may be less accurate"
         )
     idx = np.random.default_rng(0).permutation(len(pool))[:size]
-    return [pool[i] for i in sorted(idx)], len(pool)
+    return [pool[i] for i in sorted(idx)], pool

@@ -182,6 +182,7 @@ class AnomalyDetector:
         ``skip_bad`` leaves bad files of a folder out; they are listed in the version's
         ``skipped``.
         """
+        self._model.require_patches()
         anomaly.check_features(stages, pool)
         anomaly.check_settings(coreset, max_mb, false_alarm)
         paths, skipped = _paths(good, skip_bad)

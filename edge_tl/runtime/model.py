@@ -136,6 +136,19 @@ class Model:
             "pass images (files, or an ImageFolder <class>/<image>)"
         )
 
+    def require_patches(self) -> None:
+        """Refuse a text bundle where image patch features are needed (anomaly banks).
+
+        Raises:
+            EdgeTLError: a text bundle, with what it does instead.
+        """
+        if self.modality == "text":
+            raise EdgeTLError(
+                f"bundle {self.path} is a text model ({self.manifest.backbone}); anomaly "
+                "banks are built from image patch features. Classify texts with `edge-tl "
+                "learn` and `edge-tl predict --text`"
+            )
+
     def open_data(
         self,
         data: str | Path | Dataset,
@@ -239,8 +252,9 @@ class Model:
         """``float32[N, H*W, C]`` locally aware patch features (see :mod:`.patchcore`).
 
         Raises:
-            EdgeTLError: the bundle has no such output.
+            EdgeTLError: a text bundle, or the bundle has no such output.
         """
+        self.require_patches()
         missing = [s for s in stages if s not in self.manifest.outputs]
         if missing:
             raise EdgeTLError(

@@ -129,13 +129,12 @@ def load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
     return state
 
 
-def load_run(run: str | Path) -> tuple[dict[str, Any], FeatureModel, LinearHead]:
-    """Read a run folder: its record, the trained feature model and its head.
+def read_run_record(run: Path) -> dict[str, Any]:
+    """``run.json`` of a run folder (image or text), its format version checked.
 
     Raises:
         EdgeTLError: not a run folder, or written by an incompatible edge_tl version.
     """
-    run = Path(run)
     record = read_json(run, RUN_FILE, "run folder", "edge-tl train", "retrain")
     version = record.get("format_version")
     if version != FORMAT_VERSION:
@@ -144,6 +143,17 @@ def load_run(run: str | Path) -> tuple[dict[str, Any], FeatureModel, LinearHead]
             f"{FORMAT_VERSION}; retrain with this version or use the edge_tl that wrote it "
             f"({record.get('edge_tl_version', 'unknown')})"
         )
+    return record
+
+
+def load_run(run: str | Path) -> tuple[dict[str, Any], FeatureModel, LinearHead]:
+    """Read a run folder: its record, the trained feature model and its head.
+
+    Raises:
+        EdgeTLError: not a run folder, or written by an incompatible edge_tl version.
+    """
+    run = Path(run)
+    record = read_run_record(run)
     if record.get("modality") == "text":
         raise EdgeTLError(
             f"run folder {run} holds a text model; read it with "

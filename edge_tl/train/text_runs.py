@@ -26,13 +26,13 @@ import numpy as np
 
 from edge_tl import __version__
 from edge_tl.backbones import get_text_spec
-from edge_tl.bundle import atomic_folder, read_json
+from edge_tl.bundle import atomic_folder
 from edge_tl.data import Dataset, fingerprint, split
 from edge_tl.errors import EdgeTLError
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.spec import FORMAT_VERSION, TextPreprocess
 from edge_tl.train.plots import plot_history
-from edge_tl.train.runs import HEAD_FILE, RUN_FILE
+from edge_tl.train.runs import HEAD_FILE, RUN_FILE, read_run_record
 from edge_tl.train.text_config import TextTrainConfig
 
 __all__ = [
@@ -151,14 +151,7 @@ def load_text_run(run: str | Path) -> tuple[dict[str, Any], Any, Any, LinearHead
     from edge_tl.train.text_encoder import load_encoder
 
     run = Path(run)
-    record = read_json(run, RUN_FILE, "run folder", "edge-tl train", "retrain")
-    version = record.get("format_version")
-    if version != FORMAT_VERSION:
-        raise EdgeTLError(
-            f"run folder {run} has format version {version!r}, this edge_tl reads version "
-            f"{FORMAT_VERSION}; retrain with this version or use the edge_tl that wrote it "
-            f"({record.get('edge_tl_version', 'unknown')})"
-        )
+    record = read_run_record(run)
     if record.get("modality") != "text":
         raise EdgeTLError(
             f"run folder {run} holds an image model, not a text model; read it with "

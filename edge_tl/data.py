@@ -23,7 +23,9 @@ from edge_tl.spec import SplitRecord, check_labels
 
 __all__ = [
     "ELPV",
+    "ELPV_SUBSETS",
     "Dataset",
+    "is_named_image_set",
     "elpv",
     "fingerprint",
     "image_folder",
@@ -36,6 +38,9 @@ __all__ = [
 ]
 
 ELPV = "elpv"
+ELPV_SUBSETS = {"elpv:mono": "mono", "elpv:poly": "poly"}
+"""Named ELPV subsets by cell type (monocrystalline / polycrystalline), from the package's
+metadata: the two domains of a solar-cell line (different textures, same defect classes)."""
 SPLITS = ("train", "val", "test")
 
 
@@ -142,11 +147,13 @@ def image_folder(root: str | Path, check_images: bool = True, skip_bad: bool = F
     )
 
 
-def elpv(threshold: float = 0.5) -> Dataset:
+def elpv(threshold: float = 0.5, cell_type: str | None = None) -> Dataset:
     """The ELPV solar-cell electroluminescence set from the ``elpv-dataset`` package.
 
     2,624 300x300 cells; ``defective`` when the defect probability >= ``threshold``
     (0.5, as in Deitsch et al. 2019); the cell type (mono/poly) is kept in ``meta``.
+    ``cell_type`` ``"mono"`` (1,074 cells) or ``"poly"`` (1,550) keeps that type only; its
+    name is then ``elpv:mono`` / ``elpv:poly``.
     """
     spec = importlib.util.find_spec("elpv_dataset")
     if spec is None or not spec.submodule_search_locations:
@@ -155,19 +162,25 @@ def elpv(threshold: float = 0.5) -> Dataset:
     rows = []
     with open(folder / "labels.csv") as f:
         for line in csv.reader(f, delimiter=" ", skipinitialspace=True):
-            if line:
+            if line and (cell_type is None or line[2] == cell_type):
                 rows.append(line)
     paths = [str(folder / r[0]) for r in rows]
     labels = np.asarray([int(float(r[1]) >= threshold) for r in rows], np.int64)
     meta = [{"type": r[2], "defect_probability": r[1]} for r in rows]
-    return Dataset(ELPV, ["functional", "defective"], paths, labels, meta)
+    name = ELPV if cell_type is None else f"{ELPV}:{cell_type}"
+    return Dataset(name, ["functional", "defective"], paths, labels, meta)
+
+
+def is_named_image_set(spec: str | Path) -> bool:
+    """``elpv``, ``elpv:mono`` or ``elpv:poly`` given by name (a path of that name wins)."""
+    return (str(spec) == ELPV or str(spec) in ELPV_SUBSETS) and not Path(spec).exists()
 
 
 def open_dataset(spec: str | Path, skip_bad: bool = False) -> Dataset:
-    """``"elpv"`` for the ELPV package, otherwise an ImageFolder path (see
-    :func:`image_folder` for ``skip_bad``)."""
-    if str(spec) == ELPV and not Path(spec).exists():
-        return elpv()
+    """``"elpv"`` (or ``"elpv:mono"`` / ``"elpv:poly"``) for the ELPV package, otherwise an
+    ImageFolder path (see :func:`image_folder` for ``skip_bad``)."""
+    if is_named_image_set(spec):
+        return elpv(cell_type=ELPV_SUBSETS.get(str(spec)))
     return image_folder(spec, skip_bad=skip_bad)
 
 

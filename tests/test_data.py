@@ -123,3 +123,15 @@ def test_elpv_package_loads_with_the_published_labelling():
     assert np.array_equal(ds.labels, (probs >= 0.5).astype(int))
     assert {m["type"] for m in ds.meta} == {"mono", "poly"}
     assert load_image(ds.paths[0]).size == (300, 300)
+
+
+def test_elpv_subsets_split_the_set_by_cell_type():
+    pytest.importorskip("elpv_dataset")
+    from edge_tl.data import open_dataset
+
+    mono, poly, whole = open_dataset("elpv:mono"), open_dataset("elpv:poly"), elpv()
+    assert (mono.name, poly.name) == ("elpv:mono", "elpv:poly")
+    assert len(mono) + len(poly) == len(whole)
+    assert {m["type"] for m in mono.meta} == {"mono"} and {m["type"] for m in poly.meta} == {"poly"}
+    assert mono.classes == poly.classes == whole.classes
+    assert not set(mono.paths) & set(poly.paths)

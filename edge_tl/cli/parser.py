@@ -54,17 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         epilog=EPILOG,
         help="train a classifier on images or texts and write a run folder",
-        description="Train on DATA (an ImageFolder <class>/<image>, or 'elpv' for the ELPV "
-        "solar-cell package) with a transfer strategy: linear-probe, finetune (default: the "
-        "last --train-stages stages + head), full, selective, bn-only, bias-only, gradual, "
-        "from-scratch. When everything before the first trainable block is frozen, its "
-        "activations are computed once and cached. Interrupted runs continue with --resume. "
-        "Under torchrun (torchrun --nproc-per-node N -m edge_tl.cli train ...) it trains "
-        "with DistributedDataParallel. Text data (CSV/TSV, JSON Lines, <class>/*.txt, or "
+        description="Train on DATA (an ImageFolder <class>/<image>, or 'elpv' / 'elpv:mono' / "
+        "'elpv:poly' for the ELPV solar-cell package) with a transfer strategy: "
+        "linear-probe, finetune (default: the last --train-stages stages + head), full, "
+        "selective, bn-only, bias-only, gradual, from-scratch. When everything before the "
+        "first trainable block is frozen, its activations are computed once and cached. "
+        "Interrupted runs continue with --resume. Under torchrun (torchrun "
+        "--nproc-per-node N -m edge_tl.cli train ...) it trains with "
+        "DistributedDataParallel. Text data (CSV/TSV, JSON Lines, <class>/*.txt, or "
         "trec6:train, bbc-news, ...) fine-tunes a text encoder (all-minilm-l6-v2): "
         "linear-probe, finetune (the last --train-layers layers + head), full.",
     )
-    t.add_argument("data", help="ImageFolder path or 'elpv'; or text data")
+    t.add_argument("data", help="ImageFolder path, 'elpv', 'elpv:mono', 'elpv:poly'; or text data")
     t.add_argument("--out", required=True, type=Path, help="run folder to create")
     add_training_flags(t)
     t.add_argument(
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "transfer (from-scratch as good as a transfer strategy, or transfer gaining less "
         "than --threshold).",
     )
-    c.add_argument("data", help="ImageFolder path or 'elpv'; or text data")
+    c.add_argument("data", help="ImageFolder path, 'elpv', 'elpv:mono', 'elpv:poly'; or text data")
     c.add_argument(
         "--strategies",
         help="comma-separated (default linear-probe,finetune,full,bn-only,from-scratch; on "
@@ -251,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         epilog=EPILOG,
         help="accuracy of a bundle on a labelled data set, or anomaly AUROC (torch-free)",
-        description="Evaluate BUNDLE on DATA (ImageFolder, or 'elpv'; for a text bundle, "
+        description="Evaluate BUNDLE on DATA (ImageFolder, or 'elpv', 'elpv:mono', 'elpv:poly'; "
+        "for a text bundle, "
         "text data: a .csv/.tsv/.jsonl with --text-column and --label-column, a folder "
         "<class>/<file>.txt, or trec6, trec6:train, trec6:test, bbc-news, disaster-tweets). "
         "--split test uses the held-out split the bundle's run was trained with. On a "

@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from edge_tl.data import Dataset, fingerprint, image_folder, open_dataset, split
+from edge_tl.data import (
+    Dataset,
+    fingerprint,
+    image_folder,
+    is_named_image_set,
+    open_dataset,
+    split,
+)
 from edge_tl.errors import EdgeTLError
 from edge_tl.images import SKIPPED, Skipped, check_images, entries
 from edge_tl.runtime.heads import LinearHead
@@ -108,14 +115,17 @@ def open_backbone(name: str, weights: str | Path | None) -> ExportSource:
 def calibration_pool(
     calib: str | Path | None, fit_set: Dataset | None, skip_bad: bool = False
 ) -> tuple[list[str], list[Skipped]]:
-    """``(paths, skipped)``: every image calibration may draw from: ``--calib`` (an
-    ImageFolder or a flat folder of images, by the folder rule of :mod:`edge_tl.images`;
-    ``skip_bad`` leaves its bad files out and lists them), or the run's training split.
+    """``(paths, skipped)``: every image calibration may draw from: ``--calib`` (a named
+    set such as ``elpv:poly``, an ImageFolder or a flat folder of images, by the folder rule
+    of :mod:`edge_tl.images`; ``skip_bad`` leaves its bad files out and lists them), or the
+    run's training split.
 
     Raises:
         EdgeTLError: a backbone export without ``--calib``, or a folder that does not exist.
         BadImageError: a calibration file that is not a readable image (not ``skip_bad``).
     """
+    if calib is not None and is_named_image_set(calib):
+        return list(open_dataset(calib).paths), []
     if calib is not None:
         folder = Path(calib)
         if not folder.is_dir():

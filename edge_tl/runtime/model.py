@@ -17,7 +17,7 @@ import numpy as np
 
 from edge_tl.archive import is_archive, open_bundle
 from edge_tl.bundle import read_manifest
-from edge_tl.data import ELPV, Dataset, fingerprint, open_dataset
+from edge_tl.data import Dataset, fingerprint, is_named_image_set, open_dataset
 from edge_tl.data import split as split_dataset
 from edge_tl.errors import EdgeTLError
 from edge_tl.images import entries, is_image_name
@@ -362,7 +362,7 @@ class Model:
 def _holds_images(data: str | Path) -> bool:
     """Image data by its name: ``elpv``, an image file, or a folder that is not text data."""
     path = Path(data)
-    if str(data) == ELPV and not path.exists():
+    if is_named_image_set(data):
         return True
     return path.is_dir() or is_image_name(path)
 

@@ -19,7 +19,7 @@ import torch
 from edge_tl import __version__
 from edge_tl.backbones import FeatureModel, build, weights_sha256
 from edge_tl.bundle import atomic_folder, read_json
-from edge_tl.data import ELPV, Dataset, fingerprint
+from edge_tl.data import Dataset, fingerprint, is_named_image_set
 from edge_tl.errors import EdgeTLError
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.spec import FORMAT_VERSION
@@ -67,7 +67,7 @@ def write_run(
     (what was trained on what, with which settings), metrics, history and curves."""
     from safetensors.torch import save_file
 
-    from_package = ds.name == ELPV and not Path(data).exists()  # as open_dataset decides
+    from_package = is_named_image_set(data)  # as open_dataset decides
     record = {
         "format_version": FORMAT_VERSION,
         "edge_tl_version": __version__,
@@ -75,7 +75,7 @@ def write_run(
         "weights_sha256": weights_sha256(config.backbone, config.weights)
         if config.strategy != "from-scratch"
         else None,
-        "data": ELPV if from_package else str(Path(data).resolve()),
+        "data": str(data) if from_package else str(Path(data).resolve()),
         "data_name": ds.name,
         "data_fingerprint": fingerprint(ds),
         "labels": ds.classes,

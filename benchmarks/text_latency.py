@@ -13,6 +13,10 @@ TREC-6 test questions:
 - ``PyTorch``: eager FP32 ``transformers.AutoModel`` (once, not per artifact) with the same
   tokenizer, pooling and head.
 
+Each way answers blocks of 20 questions in turn, the order of the three rotated every block
+(one question each in strict turn put each engine's threads to sleep between calls and
+charged the wake-up to whichever ran after PyTorch).
+
 Ratios (PyTorch p50 / p50, optimum p50 / edge_tl p50) are computed in the same run; the
 machine is shared and noisy, absolute times are not comparable between runs. Peak RSS:
 `edge-tl predict BUNDLE --text ...` with the ORT INT8 bundle in a fresh process, against a
@@ -45,6 +49,7 @@ from edge_tl.texts import open_text_dataset  # noqa: E402
 BACKBONE = "all-minilm-l6-v2"
 RECIPES = ("onnx-fp32", "ort-int8", "ort-int8-dynamic", "openvino-fp32", "openvino-int8")
 EDGE_TL = [sys.executable, "-m", "edge_tl.cli"]
+BLOCK = 20
 
 
 def _run(cmd: list[str]) -> None:
@@ -203,17 +208,22 @@ def main() -> None:
             "PyTorch": _TorchAnswer(eager, tokenizer, model),
         }
         times: dict[str, list[float]] = {k: [] for k in ways}
-        agree = 0
+        answers: dict[str, list[str]] = {k: [] for k in ways}
         for t in texts[:10]:  # warm-up
             for f in ways.values():
                 f(t)
-        for t in texts:
-            answers = {}
-            for name, f in ways.items():
-                t0 = time.perf_counter()
-                answers[name] = f(t)
-                times[name].append(time.perf_counter() - t0)
-            agree += answers["edge_tl"] == answers["optimum"]
+        names = list(ways)
+        for b, start in enumerate(range(0, len(texts), BLOCK)):
+            # blocks of BLOCK texts per way, the order rotated every block: the way that
+            # runs first after another engine (its threads asleep, caches cold) changes
+            for name in names[b % 3 :] + names[: b % 3]:
+                for t in texts[start : start + BLOCK]:
+                    t0 = time.perf_counter()
+                    label = ways[name](t)
+                    times[name].append(time.perf_counter() - t0)
+                    answers[name].append(label)
+        same = [a == b for a, b in zip(answers["edge_tl"], answers["optimum"], strict=True)]
+        agree = sum(same)
         p = {k: p50_ms(v) for k, v in times.items()}
         rows.append((recipe, p, agree / len(texts)))
     print(

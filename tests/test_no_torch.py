@@ -104,3 +104,33 @@ def test_workstation_commands_on_a_device_install_say_what_to_install(tmp_path):
         assert res.returncode == 2, res.stderr
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and "pip install 'edge_tl[train]'" in lines[0], res.stderr
+
+
+@pytest.mark.slow
+def test_text_bundle_learns_and_answers_without_torch_or_transformers(text_fp32_bundle, tmp_path):
+    """The text device path: the bundle's tokenizer (Rust `tokenizers`), the engine, numpy
+    pooling and a head learned from real TREC-6 questions, with torch, transformers and
+    optimum blocked."""
+    import shutil
+
+    bundle = shutil.copytree(text_fp32_bundle, tmp_path / "b")
+    blocked = ("transformers", "optimum", "sentence_transformers")
+    block = f"for m in {blocked!r}:\n    sys.modules[m] = None\n"
+    res = _run(
+        block
+        + f"""
+from edge_tl.runtime import Model
+m = Model({str(bundle)!r})
+m.classifier.learn({{
+    "human": ["Who wrote Hamlet ?", "Who was the first president of the United States ?",
+              "Who invented the telephone ?"],
+    "location": ["Where is the Eiffel Tower ?", "What country is Lima the capital of ?",
+                 "Where do kangaroos live ?"],
+}}, quantile=None)
+print(m.predict(["Who painted the Mona Lisa ?"])[0].label)
+print(sorted(k for k in sys.modules if k.split(".")[0] in
+             ("torch", "torchvision", "transformers", "optimum") and sys.modules[k] is not None))
+"""
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:2] == ["human", "[]"]

@@ -208,12 +208,19 @@ def test_bad_files_in_a_folder_stop_it_or_are_skipped(tmp_path):
     one_line(e)
 
 
-def test_is_text_source():
+def test_is_text_source(tmp_path):
     assert is_text_source("trec6:test") and is_text_source("bbc-news")
     for name in ("x.csv", "x.TSV", "x.jsonl", "x.txt", Path("missing.Csv")):
         assert is_text_source(name)
     assert not is_text_source("elpv") and not is_text_source("x.png")
-    assert not is_text_source(Path("."))  # no class folders of texts
+    assert not is_text_source(tmp_path)  # no class folders at all
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "scratch" / "a.png").write_bytes(b"")
+    assert not is_text_source(tmp_path)  # class folders of images
+    (tmp_path / "ham").mkdir()
+    for i in range(2):
+        (tmp_path / "ham" / f"{i}.txt").write_text("hello", encoding="utf-8")
+    assert is_text_source(tmp_path)  # more texts than images
     assert is_text_source(Dataset("t", ["a"], ["hi"], np.zeros(1, np.int64), modality="text"))
     assert not is_text_source(Dataset("i", ["a"], ["x.png"], np.zeros(1, np.int64)))
 

@@ -216,7 +216,8 @@ def train_config(args: argparse.Namespace, strategy: str) -> TrainConfig:
 
     text = [f"--{k.replace('_', '-')}" for k in _TEXT_ONLY if getattr(args, k, None) is not None]
     if text:
-        raise EdgeTLError(f"{', '.join(text)} apply to text data only; drop them for images")
+        verb = "applies" if len(text) == 1 else "apply"
+        raise EdgeTLError(f"{', '.join(text)} {verb} to text data only; drop it for images")
     try:
         stages = tuple(int(s) for s in args.stages.split(",") if s.strip())
     except ValueError:
@@ -249,8 +250,9 @@ def text_train_config(args: argparse.Namespace, strategy: str) -> TextTrainConfi
         if getattr(args, k, default) != default
     ]
     if image:
+        verb = "applies" if len(image) == 1 else "apply"
         raise EdgeTLError(
-            f"{', '.join(image)} apply to images only; drop them for text data (text flags: "
+            f"{', '.join(image)} {verb} to images only; drop it for text data (text flags: "
             "--train-layers, --text-column, --label-column, --test-data)"
         )
     check_text_strategy(strategy)

@@ -79,10 +79,13 @@ def parse_strategies(text: str, text_data: bool = False) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     known = TEXT_STRATEGIES if text_data else STRATEGIES
     bad = [s for s in names if s not in known]
-    if bad or not names:
-        what = "strategy for text models" if text_data else "strategy"
+    if bad and text_data:
         raise EdgeTLError(
-            f"unknown {what} {', '.join(bad) or '(none)'}; choose from {', '.join(known)}"
+            f"{', '.join(bad)}: not a strategy for text models; choose from {', '.join(known)}"
+        )
+    if bad or not names:
+        raise EdgeTLError(
+            f"unknown strategy {', '.join(bad) or '(none)'}; choose from {', '.join(known)}"
         )
     if len(set(names)) != len(names):
         raise EdgeTLError(f"--strategies lists a strategy twice: {text}")

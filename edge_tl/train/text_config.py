@@ -38,7 +38,8 @@ def check_text_strategy(strategy: str) -> None:
 @dataclass(frozen=True)
 class TextTrainConfig:
     """Text training settings; defaults are the ones ``edge-tl train`` uses on text
-    (measured on TREC-6: ``benchmarks/text_trec.py``).
+    (measured on TREC-6, README "Text models": ``edge-tl train trec6:train --test-data
+    trec6:test`` reaches 96.6 % on the 500 test questions).
 
     ``lr_backbone`` is the rate of the last transformer layer; each layer below it gets
     ``layer_decay`` times the rate of the one above (layer-wise learning-rate decay, as in

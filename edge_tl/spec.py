@@ -316,6 +316,11 @@ class Recipe:
     refused when nothing tried reaches them. ``self_test`` says what the device does when its
     own kernels bend the bundled reference embeddings by more than ``self_test_margin``
     below the cosine measured at export.
+
+    ``quantization``: ``ort-static`` (QDQ, calibrated), ``ort-dynamic`` (text encoders only:
+    activation ranges per batch at run time, no calibration) or ``nncf``. ``reduce_range``:
+    7-bit weights for ONNX Runtime, its remedy for the u8s8 saturation of x86-64 CPUs
+    without VNNI.
     """
 
     name: str

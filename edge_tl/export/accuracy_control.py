@@ -84,9 +84,13 @@ class Attempt:
             "nodes_in_fp32": list(r.nodes_to_exclude),
             "engine_options": dict(r.engine_options),
         }
-        if r.quantization == "ort-static":
+        if r.quantization in ("ort-static", "ort-dynamic"):
             settings.pop("overflow_fix")
             settings.pop("fast_bias_correction")
+            settings["reduce_range"] = r.reduce_range
+            settings["per_channel"] = r.per_channel
+            if r.quantization == "ort-dynamic":  # no calibration
+                settings.pop("calibration_method")
         elif r.quantization == "nncf":
             settings.pop("calibration_method")
         else:

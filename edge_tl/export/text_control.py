@@ -413,7 +413,9 @@ def _ort_ladder(c: TextControl) -> Iterator[bool]:
         k = min(k, rec.max_excluded_nodes, len(ranking))
         names = tuple(r["name"] for r in ranking[:k])
         yield c.attempt(
-            f"{k} most sensitive MatMuls kept in FP32",
+            "the most sensitive MatMul kept in FP32"
+            if k == 1
+            else f"the {k} most sensitive MatMuls kept in FP32",
             dataclasses.replace(base, nodes_to_exclude=(*base.nodes_to_exclude, *names)),
         ).passed
         if k == rec.max_excluded_nodes or k == len(ranking):

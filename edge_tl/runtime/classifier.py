@@ -479,6 +479,7 @@ class Classifier:
                 )
             return replace(state, align=None, meta={})
 
+        off(self.require())  # refused before the store's lock (which makes heads/)
         return self._change(off, "adapt off")
 
     def _source_stats(self) -> alignment.Moments:

@@ -25,6 +25,7 @@ def test_runtime_imports_without_torch():
         import edge_tl.runtime, edge_tl.runtime.bench, edge_tl.runtime.learner, edge_tl.data
         import edge_tl.runtime.anomaly, edge_tl.runtime.patchcore, edge_tl.runtime.evaluation
         import edge_tl.runtime.overlay, edge_tl.runtime.versions, edge_tl.report
+        import edge_tl.runtime.align
         import edge_tl.bundle, edge_tl.spec, edge_tl.cli, edge_tl.cli.parser, edge_tl.cli.output
         try:
             import torch
@@ -60,15 +61,21 @@ def test_learning_and_rollback_run_without_torch(bundles, neu_small, tmp_path):
     res = _run(f"""
         from edge_tl.runtime import Model
         m = Model({str(bundle)!r})
+        m.adapt({[str(p) for p in sorted(neu_small.glob("*/*"))] * 2!r}, method="coral")
         m.classifier.learn({str(neu_small)!r}, head="linear")
         m.classifier.add_class("again", [{str(sorted((neu_small / "patches").iterdir())[0])!r}])
         m.classifier.rollback()
+        print(m.classifier.history()[0]["op"])
         print(Model({str(bundle)!r}).classifier.labels)
         print(sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "torchvision")
                      and sys.modules[k] is not None))
     """)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split("\n")[:2] == ["['crazing', 'patches', 'scratches']", "[]"]
+    assert res.stdout.split("\n")[:3] == [
+        "adapt coral on 96 images",
+        "['crazing', 'patches', 'scratches']",
+        "[]",
+    ]
 
 
 @pytest.mark.slow

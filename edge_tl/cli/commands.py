@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -39,7 +40,7 @@ __all__ = [
     "verify",
 ]
 
-WRITES_INTO_BUNDLE = ("learn", "anomaly", "rollback", "sign")
+WRITES_INTO_BUNDLE = ("learn", "anomaly", "rollback", "sign", "adapt")
 
 _logger = logging.getLogger("edge_tl.cli")
 
@@ -277,6 +278,35 @@ def learn(args: argparse.Namespace) -> int:
     else:
         output.head_summary(args.bundle, summary)
     output.skipped(summary.get(SKIPPED))
+    return 0
+
+
+def adapt(args: argparse.Namespace) -> int:
+    from edge_tl.runtime import Model
+
+    if args.off and (args.target or args.method or args.reg is not None or args.skip_bad):
+        raise EdgeTLError(
+            "--off turns the alignment off; TARGET, --method, --reg and --skip-bad are for a "
+            "new one: drop them"
+        )
+    if not args.off and not args.target:
+        raise EdgeTLError(
+            "adapt needs TARGET, a folder of unlabelled images from the new camera or line "
+            f"(`edge-tl adapt {args.bundle} TARGET`), or --off to undo an alignment"
+        )
+    method = args.method or "coral"
+    if args.reg is not None and method != "coral":
+        raise EdgeTLError("--reg regularises coral's covariances; drop it for --method center")
+    if args.reg is not None and not (math.isfinite(args.reg) and args.reg > 0):
+        raise EdgeTLError(f"--reg must be a number > 0, not {args.reg}")
+    model = Model(args.bundle, trust=args.trust)
+    reg = 1.0 if args.reg is None else args.reg
+    state = model.adapt(args.target, method, reg, args.skip_bad, off=args.off)
+    summary = state.summary()
+    if args.json:
+        output.print_json({"bundle": str(args.bundle), "head": summary})
+    else:
+        output.adapted(args.bundle, summary)
     return 0
 
 

@@ -146,6 +146,17 @@ def head_summary(bundle: Path, s: dict[str, Any]) -> None:
         print(f"  {s['open_set_problem']}")
 
 
+def adapted(bundle: Path, s: dict[str, Any]) -> None:
+    if "alignment" in s:
+        what = f"embeddings aligned to the target ({s['alignment']})"
+        undo = f"undo: `edge-tl adapt {bundle} --off` or `edge-tl rollback {bundle}`"
+    else:
+        what, undo = "alignment off", f"back: `edge-tl rollback {bundle}`"
+    print(
+        f"{bundle}: head v{s['version']} ({s['head']}, {len(s['labels'])} classes): {what}; {undo}"
+    )
+
+
 def _version_line(h: dict[str, Any], anomaly: bool) -> str:
     if anomaly:
         return (

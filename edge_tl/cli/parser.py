@@ -347,6 +347,45 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--json", action="store_true", help="print the new head's summary as JSON")
     le.set_defaults(func=commands.learn)
 
+    ad = sub.add_parser(
+        "adapt",
+        epilog=EPILOG,
+        help="align a bundle to a new camera or line from unlabelled images (torch-free)",
+        description="Align BUNDLE's embeddings to TARGET, unlabelled images from the new "
+        "camera or line, so its head answers on them as on the images it was trained on: "
+        "coral (default) whitens the target embeddings' covariance and re-colours them "
+        "with the training images' (stored by the export); center re-centres them on the "
+        "target mean (SimpleShot's CL2N). The head is unchanged; the alignment is a new "
+        "head version, applied by predict, evaluate and learn from then on. --off (or "
+        "`edge-tl rollback`) undoes it.",
+    )
+    ad.add_argument("bundle", type=Path, help=BUNDLE_HELP)
+    add_trust(ad)
+    ad.add_argument(
+        "target",
+        nargs="?",
+        help="unlabelled target images: a folder of images, an ImageFolder (labels are "
+        "ignored), or 'elpv:mono' / 'elpv:poly'",
+    )
+    ad.add_argument(
+        "--method",
+        default=None,
+        choices=["coral", "center"],
+        help="coral (default): covariance alignment; center: the target mean as the centre",
+    )
+    ad.add_argument(
+        "--reg",
+        type=float,
+        default=None,
+        metavar="R",
+        help="coral: covariances regularised as C + R*I, in embedding units (default 1, as "
+        "in Sun et al. 2016)",
+    )
+    ad.add_argument("--off", action="store_true", help="turn the alignment in force off")
+    ad.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
+    ad.add_argument("--json", action="store_true", help="print the new head's summary as JSON")
+    ad.set_defaults(func=commands.adapt)
+
     rb = sub.add_parser(
         "rollback",
         epilog=EPILOG,

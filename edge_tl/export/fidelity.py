@@ -182,10 +182,17 @@ class HeadFit:
     source: LinearHead
     n_classes: int
     images: Images | None = None
+    last: tuple[Any, np.ndarray] | None = None
+    """The last engine the head was fit for, with its embeddings of ``images``."""
 
     def for_engine(self, engine: Any) -> LinearHead:
         """The head that ships with ``engine``'s artifact."""
         if self.images is None:
             return self.source
         emb = embed(engine_runner(engine), self.images, desc="embedding training split")
+        self.last = (engine, emb)
         return LinearHead.fit(emb, self.images.labels, self.n_classes)
+
+    def embedded(self, engine: Any) -> np.ndarray | None:
+        """``engine``'s embeddings of ``images`` when the last head was fit for it."""
+        return self.last[1] if self.last is not None and self.last[0] is engine else None

@@ -41,6 +41,7 @@ from edge_tl.export.source import (
 )
 from edge_tl.export.text_source import is_text_export
 from edge_tl.report import ArtifactRow, FidelityReport, Tolerance, write_report
+from edge_tl.runtime.align import SOURCE_STATS, write_source_stats
 from edge_tl.runtime.engine import OrtEngine
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.runtime.host import host_info
@@ -167,6 +168,8 @@ def export_bundle(
             metrics = _metrics(report, graph, calib_inputs, head_fit, chosen, control, len(check))
             if calib_skipped:
                 metrics[CALIBRATION_SKIPPED] = [s.to_dict() for s in calib_skipped]
+            if src.fit_set is not None:  # what `edge-tl adapt` aligns a new camera to
+                _write_source_stats(bdir / SOURCE_STATS, src, heads, chosen.engine)
             manifest = _write_bundle(
                 bdir,
                 src,
@@ -412,6 +415,20 @@ def _write_bundle(
     )
     write_manifest(bdir, manifest)
     return manifest
+
+
+def _write_source_stats(path: Path, src: ExportSource, heads: HeadFit, engine: Any) -> None:
+    """``source_stats.npz``: mean and factored covariance of the artifact's embeddings of
+    the run's training and validation images (:func:`edge_tl.runtime.align.write_source_stats`,
+    about 0.35 MB), for on-device alignment to a new camera (``edge-tl adapt``). The
+    embeddings the shipped head was fit on are reused when there are any."""
+    emb = heads.embedded(engine)
+    if emb is None:
+        fit_set = src.fit_set
+        assert fit_set is not None
+        images = Images(list(fit_set.paths), src.features.spec.preprocess, fit_set.labels)
+        emb = embed(engine_runner(engine), images, desc="embedding training split")
+    write_source_stats(path, emb)
 
 
 def _write_exemplars(path: Path, src: ExportSource, engine: Any, seed: int = 0) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 from edge_tl.data import Dataset, image_folder
 from edge_tl.errors import EdgeTLError
 from edge_tl.images import SKIPPED, Skipped
+from edge_tl.runtime import align as alignment
 from edge_tl.runtime import learner
 from edge_tl.runtime.evaluation import confusion
 from edge_tl.runtime.heads import LinearHead
@@ -327,7 +328,12 @@ class Classifier:
         leaves bad files of a folder (bad rows of a text file) out; they are listed in the
         version's ``skipped``."""
         x, names, skipped = self._support(data, skip_bad, text_column, label_column)
-        state = learner.learn(x, names, head, quantile, k)
+        # an alignment in force stays: the new head learns in the aligned space
+        current = self.state
+        align = current.align if current is not None else None
+        if current is not None:
+            x = current.aligned(x)
+        state = replace(learner.learn(x, names, head, quantile, k), align=align)
         return self._commit(_noting(state, skipped), "learn")
 
     def add(
@@ -410,6 +416,88 @@ class Classifier:
                 state = replace(state, meta={**state.meta, SKIPPED: skipped})
         return state
 
+    def adapt(
+        self,
+        target: alignment.TargetLike,
+        method: str = "coral",
+        reg: float = alignment.DEFAULT_REG,
+        skip_bad: bool = False,
+    ) -> HeadState:
+        """Align the device's embeddings to unlabelled ``target`` images (a new camera or
+        line): ``coral`` (covariance alignment to the export's source statistics) or
+        ``center`` (the head's centre replaced by the target's); see
+        :mod:`edge_tl.runtime.align`. The head is unchanged; the alignment is a new head
+        version (``rollback`` undoes it, :meth:`adapt_off` turns it off), applied to every
+        embedding the head sees from then on (predict, evaluate, learn). A second ``adapt``
+        replaces the first (both are fitted on the device's raw embeddings).
+
+        Raises:
+            EdgeTLError: a text bundle, no head, an unknown method, target images missing or
+                too few (:data:`~edge_tl.runtime.align.MIN_TARGET`), or, for ``coral``, a
+                bundle exported without source statistics (re-export it). Nothing is
+                written then.
+        """
+        model = self._model
+        if model.modality == "text":
+            raise EdgeTLError(
+                f"bundle {model.path} is a text model ({model.manifest.backbone}); adapt "
+                "aligns image embeddings to a new camera or line"
+            )
+        if method not in alignment.METHODS:
+            raise EdgeTLError(
+                f"--method must be one of {', '.join(alignment.METHODS)}, not {method!r}"
+            )
+        if method == "coral" and not (np.isfinite(reg) and reg > 0):
+            raise EdgeTLError(f"--reg must be a number > 0, not {reg}")
+        self.require()
+        source = self._source_stats() if method == "coral" else None
+        paths = alignment.target_images(target, skip_bad)
+        need = alignment.MIN_TARGET[method]
+        if len(paths) < need:
+            raise EdgeTLError(
+                f"{method} needs at least {need} target images, {_name(target)} has "
+                f"{len(paths)}; "
+                "add unlabelled images from the new camera or line"
+            )
+        x = model.embed(paths, desc="embedding target images")
+        fitted = alignment.fit_alignment(method, x, source, reg)
+        return self._change(
+            lambda state: replace(state, align=fitted, meta={}), f"adapt {fitted.describe()}"
+        )
+
+    def adapt_off(self) -> HeadState:
+        """A new version without the alignment in force (the head as exported or learned).
+
+        Raises:
+            EdgeTLError: no alignment is in force.
+        """
+
+        def off(state: HeadState) -> HeadState:
+            if state.align is None:
+                raise EdgeTLError(
+                    f"bundle {self._model.path} has no alignment in force; nothing to turn off"
+                )
+            return replace(state, align=None, meta={})
+
+        off(self.require())  # refused before the store's lock (which makes heads/)
+        return self._change(off, "adapt off")
+
+    def _source_stats(self) -> alignment.Moments:
+        """The export's source statistics (``source_stats.npz``, hashed in the manifest).
+
+        Raises:
+            EdgeTLError: the bundle has none (exported before they were written, or from a
+                backbone without a training run).
+        """
+        path = self._model.path
+        if alignment.SOURCE_STATS not in self._model.manifest.files:
+            raise EdgeTLError(
+                f"bundle {path} has no source statistics ({alignment.SOURCE_STATS}: exported "
+                "by an older edge_tl, or from a backbone without a run) that coral aligns to; "
+                "re-export it from its run with `edge-tl export RUN`, or use --method center"
+            )
+        return alignment.read_source_stats(path / alignment.SOURCE_STATS)
+
     def rollback(self, to: int | None = None) -> HeadState:
         """Go back to an earlier head version (default: the one before the current)."""
         self.state = self.store.rollback(to)
@@ -450,6 +538,12 @@ def _classify(
     if sim is not None and thr is not None:
         pred = np.where(sim >= thr, pred, -1)
     return proba, pred, sim
+
+
+def _name(target: alignment.TargetLike) -> str:
+    if isinstance(target, (str, Path)):
+        return str(target)
+    return target.name if isinstance(target, Dataset) else "the list"
 
 
 def _noting(state: HeadState, skipped: Sequence[Skipped]) -> HeadState:

@@ -30,6 +30,7 @@ import numpy as np
 
 from edge_tl.errors import EdgeTLError
 from edge_tl.images import SKIPPED
+from edge_tl.runtime.align import Alignment
 from edge_tl.runtime.heads import (
     FEWSHOT_POWER,
     KnnHead,
@@ -81,6 +82,11 @@ class HeadState:
     k-NN and the threshold can be recomputed exactly when classes change). A head from the
     workstation has its classes in its weights; its support is the exemplars the export
     stored (none for bundles without them).
+
+    ``align`` (set by ``edge-tl adapt``, :mod:`edge_tl.runtime.align`) maps the device's
+    embeddings into the space the head learned in; it is applied to every embedding the
+    head is asked about (:meth:`aligned`), and embeddings added to the support are stored
+    aligned, so ``support_x`` is always in the head's space.
     """
 
     kind: str
@@ -91,6 +97,7 @@ class HeadState:
     quantile: float | None = DEFAULT_QUANTILE  # None: open set off
     threshold_override: float | None = None  # set by the user; wins over the quantile
     meta: dict[str, Any] = field(default_factory=dict)
+    align: Alignment | None = None
 
     def __post_init__(self) -> None:
         counts = np.bincount(self.support_y, minlength=len(self.labels))
@@ -137,15 +144,21 @@ class HeadState:
         """Cosine of each embedding to its predicted class's prototype (open-set score)."""
         if self._open is None:
             return None
-        z = cl2n(power(x, FEWSHOT_POWER), self._open["centre"])
+        z = cl2n(power(self.aligned(x), FEWSHOT_POWER), self._open["centre"])
         return np.einsum("nd,nd->n", z, self._open["prototypes"][pred])
 
     # ---- prediction -------------------------------------------------------------------
+    def aligned(self, x: np.ndarray) -> np.ndarray:
+        """The device's embeddings ``x[N, D]`` in the head's space (``float32``): through
+        the alignment in force, or unchanged without one."""
+        x = np.asarray(x, np.float32)
+        return x if self.align is None else self.align.apply(x, self.head)
+
     def logits(self, x: np.ndarray) -> np.ndarray:
-        return self.head.logits(np.asarray(x, np.float32))
+        return self.head.logits(self.aligned(x))
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        return self.head.predict_proba(np.asarray(x, np.float32))
+        return self.head.predict_proba(self.aligned(x))
 
     def counts(self) -> dict[str, int]:
         c = np.bincount(self.support_y, minlength=len(self.labels))
@@ -169,6 +182,7 @@ class HeadState:
                 for k in ("op", "parent", "created", "fit_ms", SKIPPED)
                 if k in self.meta
             },
+            **({"alignment": self.align.describe()} if self.align is not None else {}),
         }
 
     # ---- persistence ------------------------------------------------------------------
@@ -188,6 +202,8 @@ class HeadState:
             a.update({f"linear_{k}": v for k, v in self.head.arrays().items()})
         elif isinstance(self.head, KnnHead):
             a["knn_k"] = np.array(self.head.k)
+        if self.align is not None:
+            a.update(self.align.to_arrays())
         return a
 
     @classmethod
@@ -209,6 +225,7 @@ class HeadState:
             else:
                 k = a["knn_k"] if a["kind"] == "knn" else 1
                 head = _fit_support(a["kind"], a["support_x"], a["support_y"], len(a["labels"]), k)
+            align = Alignment.from_arrays(z, a["support_x"].shape[1])
         except (KeyError, ValueError) as e:
             why = f"no array {e}" if isinstance(e, KeyError) else str(e)
             raise EdgeTLError(
@@ -225,6 +242,7 @@ class HeadState:
             None if np.isnan(quantile) else quantile,
             None if np.isnan(override) else override,
             a["meta"],
+            align,
         )
 
 
@@ -392,7 +410,8 @@ def learn(
 
 
 def add(state: HeadState, x: np.ndarray, names: list[str]) -> HeadState:
-    """Add examples (to known classes) and classes (new names) to ``state``.
+    """Add examples (to known classes) and classes (new names) to ``state``: ``x[N, D]`` are
+    the device's embeddings, stored in the head's space (through ``state``'s alignment).
 
     Prototype and k-NN heads are recomputed from the grown support set (exact, cheap). A
     linear head gains each new class by weight imprinting, calibrated against the support
@@ -402,6 +421,7 @@ def add(state: HeadState, x: np.ndarray, names: list[str]) -> HeadState:
     """
     if len(x) != len(names) or len(x) == 0:
         raise EdgeTLError("no support images to add; add images to the class folders")
+    x = state.aligned(x)  # the support lives in the head's space
     new = sorted(set(names) - set(state.labels))
     check_labels(new, "classes to add", state.labels)
     labels = [*state.labels, *new]

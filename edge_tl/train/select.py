@@ -44,6 +44,8 @@ __all__ = [
     "select",
     "select_summary",
     "summary_line",
+    "with_results",
+    "write_selection",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -351,14 +353,7 @@ def select(
     rows = []
     for i, name in enumerate(backbones, 1):
         _logger.info(f"[{i}/{len(backbones)}] scoring {name} on {len(ds)} images")
-        row = score_backbone(name, ds, use_onnx)
-        if name in finetuned:
-            row = replace(
-                row,
-                finetuned_accuracy=finetuned[name]["accuracy"],
-                finetune_seconds=finetuned[name]["seconds"],
-            )
-        rows.append(row)
+        rows.append(score_backbone(name, ds, use_onnx))
     rows = _ranked(rows, "logme")
     base = random_baseline(rows[0].backbone, ds, use_onnx) if baseline else None
     sel = Selection(
@@ -367,17 +362,49 @@ def select(
         classes=list(ds.classes),
         rows=rows,
         baseline=base,
-        weighted_tau=weighted_tau(rows),
-        warnings=negative_transfer(rows, base) + compare_flags,
-        results=[str(p) for p in results or []],
+        warnings=negative_transfer(rows, base),
     )
+    sel = with_results(sel, finetuned, compare_flags, [str(p) for p in results or []])
     if out is not None:
-        with atomic_folder(out, force=force) as tmp:
-            (tmp / SELECT_FILE).write_text(json.dumps(sel.to_dict(), indent=2) + "\n")
-            (tmp / "select.md").write_text(markdown(sel) + "\n")
-            if any(r.finetuned_accuracy is not None for r in rows):
-                plot_selection(sel, tmp / "select.png")
+        write_selection(sel, out, force)
     return sel
+
+
+def with_results(
+    sel: Selection,
+    finetuned: dict[str, dict[str, float | None]],
+    flags: list[str] = (),
+    sources: list[str] = (),
+) -> Selection:
+    """``sel`` with fine-tuned accuracies (:func:`read_results`) beside its scores, the
+    weighted tau recomputed and the comparisons' flags added (no image is embedded again)."""
+    rows = [
+        replace(
+            r,
+            finetuned_accuracy=finetuned[r.backbone]["accuracy"],
+            finetune_seconds=finetuned[r.backbone]["seconds"],
+        )
+        if r.backbone in finetuned
+        else r
+        for r in sel.rows
+    ]
+    return replace(
+        sel,
+        rows=rows,
+        weighted_tau=weighted_tau(rows),
+        warnings=negative_transfer(rows, sel.baseline) + list(flags),
+        results=list(sources),
+    )
+
+
+def write_selection(sel: Selection, out: str | Path, force: bool = False) -> None:
+    """``select.json``, ``select.md`` and (with fine-tuned results) ``select.png`` in ``out``,
+    written to a temporary folder and renamed into place."""
+    with atomic_folder(out, force=force) as tmp:
+        (tmp / SELECT_FILE).write_text(json.dumps(sel.to_dict(), indent=2) + "\n")
+        (tmp / "select.md").write_text(markdown(sel) + "\n")
+        if any(r.finetuned_accuracy is not None for r in sel.rows):
+            plot_selection(sel, tmp / "select.png")
 
 
 def select_summary(path: str | Path, backbone: str, data: str | Path) -> dict[str, Any]:

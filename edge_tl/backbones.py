@@ -34,6 +34,7 @@ __all__ = [
     "BackboneSpec",
     "TextBackboneSpec",
     "FeatureModel",
+    "MultiSourceModel",
     "build",
     "get_spec",
     "get_text_spec",
@@ -71,6 +72,8 @@ class BackboneSpec:
     weights_file: str = ""
     weights_install: str = "pip install 'edge_tl[train]'"
     torchvision_weights: str = ""
+    sources: tuple[str, ...] = ()
+    """A multi-source backbone (``a+b``): the backbones whose embeddings it concatenates."""
 
     @property
     def preprocess(self) -> Preprocess:
@@ -78,6 +81,11 @@ class BackboneSpec:
 
     def weights_path(self, weights: str | Path | None = None) -> Path:
         """The pretrained weights file: ``weights`` if given, else the packaged/cached one."""
+        if self.sources:
+            raise EdgeTLError(
+                f"{self.name} combines {len(self.sources)} backbones, each with its own "
+                "pretrained weights; --weights takes one file: train a single backbone with it"
+            )
         if weights is not None:
             path = Path(weights)
             if not path.is_file():
@@ -189,13 +197,34 @@ REGISTRY: dict[str, BackboneSpec] = {
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
+MULTI = "+"
+
+
+def _multi_spec(name: str) -> BackboneSpec:
+    parts = name.split(MULTI)
+    if "" in parts or len(set(parts)) != len(parts):
+        raise EdgeTLError(
+            f"multi-source backbone {name!r}: join two or more different image backbones "
+            "with '+', e.g. efficientnet_lite0+mobilenet_v2"
+        )
+    first = get_spec(parts[0])
+    for p in parts[1:]:
+        get_spec(p)
+    return BackboneSpec(
+        name, "multi", name, first.size, first.mean, first.std, sources=tuple(parts)
+    )
+
+
 def offline_backbones() -> list[str]:
     """Image backbones of :data:`REGISTRY` whose pretrained weights are on this machine."""
     return [name for name, spec in REGISTRY.items() if spec.available_offline()]
 
 
 def get_spec(name: str) -> BackboneSpec:
-    """Look up a backbone by name; the error lists the valid names."""
+    """Look up a backbone by name; the error lists the valid names. ``a+b`` is a
+    multi-source backbone (:class:`MultiSourceModel`): its input is ``a``'s."""
+    if MULTI in name:
+        return _multi_spec(name)
     if name not in REGISTRY:
         if name in TEXT_REGISTRY:
             raise EdgeTLError(f"{name} is a text encoder; it takes text data, not images")
@@ -375,6 +404,46 @@ class FeatureModel(nn.Module):
         return self.pool(x), s8, s16
 
 
+class MultiSourceModel(nn.Module):
+    """Several pretrained backbones on one input, their pooled embeddings concatenated: one
+    graph, one embedding ``[N, sum(D_i)]`` (multi-source transfer), so heads and device
+    verbs are unchanged.
+
+    The input is preprocessed as the first backbone expects (``spec.preprocess``); each
+    other backbone receives it re-normalised to its own mean/std (an affine per channel)
+    and, when its input size differs, resized bilinearly inside the graph. The spatial maps
+    (``features_s8``, ``features_s16``) are the first backbone's. ``source_dims`` gives
+    each source's slice of the embedding, in order.
+    """
+
+    def __init__(self, parts: Sequence[FeatureModel], spec: BackboneSpec) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.spec = spec
+        self.source_dims = [p.num_features for p in parts]
+        self.num_features = sum(self.source_dims)
+        a = parts[0].spec
+        for i, p in enumerate(parts[1:], 1):
+            mean_a, std_a = torch.tensor(a.mean), torch.tensor(a.std)
+            mean_b, std_b = torch.tensor(p.spec.mean), torch.tensor(p.spec.std)
+            # x_b = (pixel - mean_b) / std_b with pixel = x_a * std_a + mean_a
+            self.register_buffer(f"scale{i}", (std_a / std_b).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer(
+                f"shift{i}", ((mean_a - mean_b) / std_b).view(1, 3, 1, 1), persistent=False
+            )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        emb, s8, s16 = self.parts[0](x)
+        embs = [emb]
+        for i, part in enumerate(self.parts[1:], 1):
+            xi = x * getattr(self, f"scale{i}") + getattr(self, f"shift{i}")
+            if part.spec.size != self.spec.size:
+                size = (part.spec.size, part.spec.size)
+                xi = nn.functional.interpolate(xi, size=size, mode="bilinear", align_corners=False)
+            embs.append(part(xi)[0])
+        return torch.cat(embs, dim=1), s8, s16
+
+
 def _efficientnet(spec: BackboneSpec) -> tuple[nn.Module, Callable[[nn.Module], tuple]]:
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -479,7 +548,7 @@ def load_strict(net: nn.Module, state: dict[str, torch.Tensor], what: str, fix: 
 
 def build(
     name: str = DEFAULT_BACKBONE, pretrained: bool = True, weights: str | Path | None = None
-) -> tuple[FeatureModel, nn.Linear]:
+) -> tuple[FeatureModel, nn.Linear | None]:
     """Build a backbone and its ImageNet classifier, weights loaded strictly.
 
     Args:
@@ -489,12 +558,18 @@ def build(
         weights: a local weights file for the source architecture (state dict).
 
     Returns:
-        ``(features, classifier)``: ``classifier(features(x)[0])`` are ImageNet logits.
+        ``(features, classifier)``: ``classifier(features(x)[0])`` are ImageNet logits. A
+        multi-source name ``a+b`` gives a :class:`MultiSourceModel` and no classifier.
 
     Example:
         >>> features, fc = build("efficientnet_lite0")  # doctest: +SKIP
     """
     spec = get_spec(name)
+    if spec.sources:
+        if weights is not None:
+            spec.weights_path(weights)  # the one-line error
+        parts = [build(p, pretrained)[0] for p in spec.sources]
+        return MultiSourceModel(parts, spec).eval(), None
     net, split = (_efficientnet if spec.family == "efficientnet_lite" else _torchvision)(spec)
     if pretrained:
         path = spec.weights_path(weights)
@@ -510,8 +585,12 @@ def build(
 
 
 def weights_sha256(name: str, weights: str | Path | None = None) -> str:
-    """SHA-256 of the pretrained weights file, recorded in run folders and bundles."""
-    return sha256(get_spec(name).weights_path(weights))
+    """SHA-256 of the pretrained weights file, recorded in run folders and bundles (of a
+    multi-source backbone: each source's, joined by ``+``)."""
+    spec = get_spec(name)
+    if spec.sources and weights is None:
+        return MULTI.join(sha256(get_spec(s).weights_path()) for s in spec.sources)
+    return sha256(spec.weights_path(weights))
 
 
 def imagenet_labels() -> list[str]:

@@ -123,6 +123,11 @@ def parse_backbones(text: str | None) -> list[str]:
         raise EdgeTLError(f"--backbones lists a backbone twice: {text}")
     for name in names:
         spec = get_spec(name)
+        if spec.sources:
+            raise EdgeTLError(
+                f"{name}: select scores single backbones; list them with commas "
+                f"({','.join(spec.sources)})"
+            )
         if not spec.available_offline():
             have = ", ".join(offline_backbones()) or "none"
             raise EdgeTLError(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 os.environ.setdefault("EDGE_TL_QUIET", "1")
@@ -65,10 +66,14 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=300, help="images per class for select")
     ap.add_argument("--work", type=Path, default=Path("/tmp/edge_tl_transferability"))
     ap.add_argument("--json", type=Path, help="write every figure here")
+    ap.add_argument("--until", help="HH:MM (UTC): start no data set after this time")
     args = ap.parse_args()
     backbones = args.backbones.split(",") if args.backbones else offline_backbones()
     summary = {}
     for key in args.data.split(","):
+        if args.until and time.strftime("%H:%M", time.gmtime()) >= args.until:
+            print(f"past {args.until} UTC: {key} not started", flush=True)
+            break
         data = DATA[key]
         sel = select(data, backbones, per_class=args.per_class)  # first: the cheap answer
         print(f"\n## {key}: select alone\n\n{markdown(sel)}\n", flush=True)
@@ -82,6 +87,8 @@ def main() -> None:
         write_selection(sel, args.work / "select" / key, force=True)
         print(f"\n## {key}\n\n{markdown(sel)}\n", flush=True)
         summary[key] = sel.to_dict()
+        if args.json:  # after each data set, so an interrupted run keeps what it measured
+            args.json.write_text(json.dumps({"per_data": summary}, indent=2))
     print("| data | " + " | ".join(f"tau {m}" for m in METRICS) + " | select s | fine-tune s |")
     print("|---|" + "---|" * (len(METRICS) + 2))
     for key, s in summary.items():
@@ -90,7 +97,7 @@ def main() -> None:
         ft_s = sum(r["finetune_seconds"] or 0 for r in s["rows"])
         print(f"| {key} | {taus} | {sel_s:.0f} | {ft_s:.0f} |")
     means = {
-        m: sum(s["weighted_tau"].get(m, 0) for s in summary.values()) / len(summary)
+        m: sum(s["weighted_tau"].get(m, 0) for s in summary.values()) / max(len(summary), 1)
         for m in METRICS
     }
     print("mean weighted tau: " + ", ".join(f"{m} {v:+.3f}" for m, v in means.items()))

@@ -182,3 +182,35 @@ def test_select_ranks_two_backbones_on_real_images(neu_small, tmp_path, capsys):
     assert rec["warnings"] == []
     assert (out / "select.png").stat().st_size > 10_000
     assert rec["rows"][0]["finetuned_accuracy"] in (0.9, 0.8)
+
+
+def test_the_comparison_table_carries_the_select_line():
+    from edge_tl.train.compare import markdown
+
+    row = {
+        "strategy": "finetune",
+        "test_accuracy": 0.8,
+        "test_macro_f1": 0.8,
+        "train_seconds": 10.0,
+        "seconds_per_epoch": 3.0,
+        "epochs_run": 3,
+        "trainable_parameters": 1000,
+        "peak_rss_mb": 900.0,
+        "n_train": 10,
+        "n_test": 5,
+    }
+    summary = {
+        "select": "SEL",
+        "backbone": "efficientnet_lite0",
+        "logme": 0.4,
+        "rank": 1,
+        "of": 4,
+        "best": "efficientnet_lite0",
+        "baseline_logme": 0.2,
+        "negative_transfer": False,
+    }
+    result = {"data": "d", "config": {}, "rows": [row], "flags": [], "select": summary}
+    assert markdown(result).splitlines()[-1] == (
+        "- select (SEL): efficientnet_lite0 LogME 0.4000, rank 1 of 4 (best: "
+        "efficientnet_lite0); random-init features 0.2000"
+    )

@@ -80,7 +80,8 @@ def fewshot(x: np.ndarray, y: np.ndarray, names: list[str], n_episodes: int) -> 
                 pred, _ = fit_predict(head, x[s], y[s], names, x[q])
                 accs.append(float((pred == y[q]).mean()) * 100)
             a = np.asarray(accs)
-            out[f"{shots}-shot {head}"] = (float(a.mean()), float(1.96 * a.std(ddof=1) / 10))
+            ci = 1.96 * a.std(ddof=1) / np.sqrt(len(a))
+            out[f"{shots}-shot {head}"] = (float(a.mean()), float(ci))
     return out
 
 

@@ -179,7 +179,8 @@ def test_select_ranks_two_backbones_on_real_images(neu_small, tmp_path, capsys):
     assert all(r["leep"] <= 0 and 0 <= r["h_score"] <= 2 + 1e-6 for r in rec["rows"])
     # pretrained features separate real defect classes better than random ones
     assert rec["rows"][0]["logme"] > rec["baseline"]["logme"]
-    assert rec["warnings"] == []
+    (warning,) = rec["warnings"]  # 30 images, 1280 dimensions: no negative transfer, but
+    assert warning.startswith("H-score is saturated (30 images, 1280 feature dimensions)")
     assert (out / "select.png").stat().st_size > 10_000
     assert rec["rows"][0]["finetuned_accuracy"] in (0.9, 0.8)
 

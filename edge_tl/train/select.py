@@ -292,6 +292,18 @@ def negative_transfer(rows: list[BackboneScore], baseline: dict[str, Any] | None
     ]
 
 
+def _saturated(sel: Selection) -> list[str]:
+    """H-score needs more images than feature dimensions: with fewer, the feature
+    covariance is singular and every backbone reaches the ceiling C - 1."""
+    dims = [r.dim for r in sel.rows if r.dim >= sel.n_images]
+    if not dims:
+        return []
+    return [
+        f"H-score is saturated ({sel.n_images} images, {max(dims)} feature dimensions): "
+        "its ranking is not informative; score more images (--per-class) or rely on LogME"
+    ]
+
+
 def weighted_tau(rows: list[BackboneScore]) -> dict[str, float]:
     """Weighted Kendall tau (``scipy.stats.weightedtau``, hyperbolic weights, both
     orderings averaged) between each score and the fine-tuned accuracy, over the
@@ -397,7 +409,7 @@ def with_results(
         sel,
         rows=rows,
         weighted_tau=weighted_tau(rows),
-        warnings=negative_transfer(rows, sel.baseline) + list(flags),
+        warnings=negative_transfer(rows, sel.baseline) + _saturated(sel) + list(flags),
         results=list(sources),
     )
 

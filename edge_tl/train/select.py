@@ -535,18 +535,29 @@ def plot_selection(sel: Selection, path: Path) -> bool:
     plt = pyplot()
     if plt is None:  # pragma: no cover - matplotlib is in the train extra
         return False
+    from matplotlib.ticker import FormatStrFormatter
+
     known = [r for r in sel.rows if r.finetuned_accuracy is not None]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), dpi=110)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.9), dpi=110)
+    markers = "osD^vP*X"
     for ax, m, name in zip(axes, METRICS, ("LogME", "LEEP", "H-score"), strict=True):
-        xs = [getattr(r, m) for r in known]
-        ys = [100 * r.finetuned_accuracy for r in known]
-        ax.scatter(xs, ys, s=40, color="tab:blue", zorder=3)
-        for r, x, y in zip(known, xs, ys, strict=True):
-            ax.annotate(r.backbone, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for i, r in enumerate(known):  # one colour and marker per backbone, named in a legend
+            ax.scatter(
+                getattr(r, m),
+                100 * r.finetuned_accuracy,
+                s=55,
+                marker=markers[i % len(markers)],
+                color=f"C{i}",
+                label=r.backbone,
+                zorder=3,
+            )
         tau = sel.weighted_tau.get(m)
         title = name + (f" (weighted tau {tau:+.2f})" if tau is not None else "")
         ax.set(xlabel=f"{name} (frozen features)", ylabel="fine-tuned accuracy (%)", title=title)
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%.4g"))  # no offset notation
         ax.grid(alpha=0.3)
-        ax.margins(x=0.25, y=0.2)
-    save(fig, path, f"transferability vs fine-tuned accuracy on {sel.data}", integer_x=False)
+        ax.margins(x=0.15, y=0.2)
+    axes[0].legend(fontsize=8, loc="best")
+    title = f"transferability vs fine-tuned accuracy on {Path(sel.data).name}"
+    save(fig, path, title, integer_x=False)
     return True

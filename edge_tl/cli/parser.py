@@ -105,12 +105,69 @@ def build_parser() -> argparse.ArgumentParser:
         default=2.0,
         help="flag transfer that beats from-scratch by fewer points than this (default 2)",
     )
+    c.add_argument(
+        "--select",
+        metavar="DIR",
+        help="an `edge-tl select` output for the same data: its score of --backbone is shown "
+        "beside the negative-transfer check",
+    )
     c.add_argument("--force", action="store_true", help="replace an existing --out")
     c.add_argument(
         "--resume", action="store_true", help="continue an interrupted comparison, keep its runs"
     )
     c.add_argument("--json", action="store_true", help="print the comparison as JSON")
     c.set_defaults(func=commands.compare)
+
+    se = sub.add_parser(
+        "select",
+        epilog=EPILOG,
+        help="rank pre-trained backbones for your images in minutes (LogME, LEEP, H-score)",
+        description="Embed DATA with each of --backbones (frozen, pretrained) and rank them by "
+        "LogME (You et al. 2021), with LEEP and H-score beside it, instead of fine-tuning "
+        "each. Randomly initialised features of the best architecture are scored too: when "
+        "the best pre-trained features do not beat them, negative transfer is flagged. With "
+        "--results (fine-tuned accuracies for the same data), the weighted Kendall tau "
+        "between each score's ranking and the accuracies is reported and --out gets a plot "
+        "of score against accuracy.",
+    )
+    se.add_argument("data", help="ImageFolder path, 'elpv', 'elpv:mono' or 'elpv:poly'")
+    se.add_argument(
+        "--backbones",
+        help="comma-separated image backbones (default: every one with pretrained weights on "
+        "this machine, e.g. efficientnet_lite0,efficientnet_lite1,efficientnet_lite2,"
+        "mobilenet_v2)",
+    )
+    se.add_argument(
+        "--results",
+        action="append",
+        metavar="PATH",
+        help="fine-tuned results on the same data: a run folder (edge-tl train), a compare "
+        "folder (its best transfer strategy), or a .json file {backbone: accuracy}; repeatable",
+    )
+    se.add_argument(
+        "--out", type=Path, help="folder for select.json, select.md and select.png (optional)"
+    )
+    se.add_argument(
+        "--per-class",
+        type=int,
+        default=0,
+        metavar="N",
+        help="score at most N images per class (a seeded sample; default 0: all)",
+    )
+    se.add_argument("--seed", type=int, default=0, help="seed of the --per-class sample")
+    se.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the random-init features (no negative-transfer check; one embedding less)",
+    )
+    se.add_argument(
+        "--no-onnx-cache",
+        action="store_true",
+        help="embed with PyTorch instead of the exported graph (slower)",
+    )
+    se.add_argument("--force", action="store_true", help="replace an existing --out")
+    se.add_argument("--json", action="store_true", help="print the selection as JSON")
+    se.set_defaults(func=commands.select)
 
     e = sub.add_parser(
         "export",

@@ -42,8 +42,10 @@ def add_training_flags(t: argparse.ArgumentParser) -> None:
     """Options shared by ``train`` and ``compare`` (defaults: see TrainConfig)."""
     t.add_argument(
         "--backbone",
-        help="images: efficientnet_lite0 (default), efficientnet_lite1/2, resnet18, resnet50, "
-        "mobilenet_v3_large, vgg16; text: all-minilm-l6-v2 (default on text data)",
+        help="images: efficientnet_lite0 (default), efficientnet_lite1/2, mobilenet_v2, "
+        "resnet18, resnet50, mobilenet_v3_large, vgg16; a+b (e.g. "
+        "efficientnet_lite0+mobilenet_v2) concatenates their embeddings for --strategy "
+        "linear-probe; text: all-minilm-l6-v2 (default on text data)",
     )
     t.add_argument(
         "--weights",

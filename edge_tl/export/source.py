@@ -62,6 +62,13 @@ def open_run(run: str | Path, calib: str | Path | None, head_fit: str) -> Export
     from edge_tl.train import load_run
 
     record, features, head = load_run(run)
+    sources = record["metrics"].get("sources")
+    if sources:  # a multi-source run that its single sources match: say so before the work
+        from edge_tl.train.probe import multi_source_note
+
+        note = multi_source_note(record["backbone"], sources)
+        if note:
+            _logger.warning(f"{note}, and export that run")
     labels = record["labels"]
     check_labels(labels, f"labels of the run {run}", fix="rename the class folder and train again")
     cfg = record["config"]
@@ -106,6 +113,11 @@ def open_backbone(name: str, weights: str | Path | None) -> ExportSource:
     from edge_tl.backbones import build, get_spec, imagenet_labels, weights_sha256
 
     spec = get_spec(name)
+    if spec.sources:
+        raise EdgeTLError(
+            f"{name} has no ImageNet classifier to export; train a linear probe on it "
+            f"(edge-tl train DATA --backbone {name} --strategy linear-probe) and export the run"
+        )
     features, fc = build(spec.name, weights=weights)
     head = LinearHead.from_logits_layer(fc.weight.detach().numpy(), fc.bias.detach().numpy())
     source = Source(kind="imagenet", weights_sha256=weights_sha256(spec.name, weights))

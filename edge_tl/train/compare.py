@@ -100,18 +100,26 @@ def compare(
     threshold: float = 0.02,
     force: bool = False,
     resume: bool = False,
+    select: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train every strategy on the same splits and tabulate them.
 
     Args:
         threshold: transfer that beats from-scratch by less than this (a fraction of
             accuracy) is flagged as not paying for itself.
+        select: an ``edge-tl select`` output for the same data: its score of this
+            backbone is printed beside the negative-transfer check.
 
     Returns:
         The comparison written to ``OUT/compare.json``.
     """
     out = Path(out)
     check_destination(out, force, "comparison")
+    chosen = None
+    if select is not None and not isinstance(base, TextTrainConfig):
+        from edge_tl.train.select import select_summary
+
+        chosen = select_summary(select, base.backbone, data)
     work = partial_path(out)
     if work.exists() and not resume:
         if not force:
@@ -161,6 +169,8 @@ def compare(
         "flags": negative_transfer(rows, threshold),
         "threshold": threshold,
     }
+    if chosen is not None:
+        result["select"] = chosen
     (work / COMPARE_FILE).write_text(json.dumps(result, indent=2) + "\n")
     (work / "compare.md").write_text(markdown(result) + "\n")
     plot_curves(rows, work / "curves.png", f"{base.backbone} on {Path(str(data)).name}")
@@ -268,6 +278,10 @@ def markdown(result: dict[str, Any]) -> str:
         none = "negative transfer not checked: add from-scratch to --strategies"
     for f in result["flags"] or [none]:
         lines.append(f"- {f}")
+    if result.get("select"):
+        from edge_tl.train.select import summary_line
+
+        lines.append(f"- {summary_line(result['select'], result['flags'])}")
     return "\n".join(lines)
 
 

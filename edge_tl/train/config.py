@@ -56,7 +56,11 @@ class TrainConfig:
     qat: bool = False
 
     def __post_init__(self) -> None:
-        get_spec(self.backbone)
+        if get_spec(self.backbone).sources and self.strategy != "linear-probe":
+            raise EdgeTLError(
+                f"{self.backbone} is a multi-source backbone: its embeddings are concatenated "
+                "for a linear probe; use --strategy linear-probe (or fine-tune one backbone)"
+            )
         object.__setattr__(self, "stages", tuple(int(s) for s in self.stages))
         object.__setattr__(self, "params", tuple(self.params))
         if self.strategy not in STRATEGIES:

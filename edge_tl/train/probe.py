@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,9 @@ from edge_tl.runtime.heads import DEFAULT_L2_GRID, LinearHead
 from edge_tl.train.cache import cache_activations
 from edge_tl.train.config import TrainConfig
 
-__all__ = ["fit_probe_head", "linear_probe"]
+__all__ = ["fit_probe_head", "linear_probe", "multi_source_note"]
+
+_logger = logging.getLogger(__name__)
 
 
 def fit_probe_head(
@@ -61,6 +64,12 @@ def linear_probe(
         float((head.predict_proba(emb[va]).argmax(1) == ds.labels[va]).mean()) if len(va) else None
     )
     history = [{"step": 1, "l2": head.l2, "train_accuracy": fit_acc, "test_accuracy": test_acc}]
+    sources = _single_sources(features, emb, ds, splits, config.seed)
+    if sources:
+        sources[features.spec.name] = {"val_accuracy": val_acc, "test_accuracy": test_acc}
+        note = multi_source_note(features.spec.name, sources)
+        if note:
+            _logger.warning(note)
     return (
         head,
         history,
@@ -72,5 +81,52 @@ def linear_probe(
             "l2": head.l2,
             "trainable_parameters": int(head.weight.size + head.bias.size),
             "boundary": "embedding (cached)",
+            **({"sources": sources} if sources else {}),
         },
+    )
+
+
+def _single_sources(
+    features: FeatureModel,
+    emb: np.ndarray,
+    ds: Dataset,
+    splits: dict[str, np.ndarray],
+    seed: int,
+) -> dict[str, dict[str, float | None]]:
+    """A multi-source backbone: each source's own probe, fitted on its slice of the
+    concatenated embedding (the same images, the same L2 choice), scored on val and test."""
+    dims = getattr(features, "source_dims", None)
+    if not dims:
+        return {}
+    k = len(ds.classes)
+    tr, va, te = splits["train"], splits["val"], splits["test"]
+    out: dict[str, dict[str, float | None]] = {}
+    start = 0
+    for name, d in zip(features.spec.sources, dims, strict=True):
+        x = emb[:, start : start + d]
+        start += d
+        h = fit_probe_head(x[tr], ds.labels[tr], x[va], ds.labels[va], k, seed)
+
+        def acc(idx: np.ndarray, h: LinearHead = h, x: np.ndarray = x) -> float | None:
+            if not len(idx):
+                return None
+            return float((h.predict_proba(x[idx]).argmax(1) == ds.labels[idx]).mean())
+
+        out[name] = {"val_accuracy": acc(va), "test_accuracy": acc(te)}
+    return out
+
+
+def multi_source_note(name: str, sources: dict[str, dict[str, float | None]]) -> str:
+    """A warning when the concatenation ``name`` does not beat its best single source on
+    the validation split (test accuracy when there is none); empty when it does."""
+    key = "val_accuracy" if sources[name].get("val_accuracy") is not None else "test_accuracy"
+    singles = {k: v[key] for k, v in sources.items() if k != name}
+    best = max(singles, key=lambda k: singles[k])
+    if sources[name][key] > singles[best]:
+        return ""
+    split_name = "validation" if key == "val_accuracy" else "test"
+    return (
+        f"the multi-source {name} ({sources[name][key]:.4f}) does not beat {best} alone "
+        f"({singles[best]:.4f}) on the {split_name} split; use the single source: "
+        f"--backbone {best}"
     )

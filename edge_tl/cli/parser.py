@@ -79,6 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
     t.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    da = t.add_argument_group(
+        "domain adaptation (images): labelled DATA, unlabelled target images; a labelled target "
+        "is split, adapted on its larger part and scored on the held-out quarter"
+    )
+    da.add_argument(
+        "--target-unlabeled",
+        metavar="TARGET",
+        help="target images: a flat folder, an ImageFolder, or elpv:mono / elpv:poly",
+    )
+    da.add_argument(
+        "--adapt",
+        help="none, adabn (default with --target-unlabeled), coral, dann, mcc",
+    )
+    da.add_argument(
+        "--adapt-weight",
+        type=float,
+        help="weight of the coral / dann / mcc loss (default 1.0 each)",
+    )
     t.set_defaults(func=commands.train)
 
     c = sub.add_parser(

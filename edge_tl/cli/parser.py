@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     da.add_argument(
         "--adapt-weight",
         type=float,
-        help="weight of the coral / dann / mcc loss (default 1.0 each)",
+        help="weight of the coral / dann / mcc loss (default: coral 1000, its loss being "
+        "~1e-4 on embeddings; dann 1; mcc 1)",
     )
     t.set_defaults(func=commands.train)
 

@@ -64,9 +64,12 @@ LOOP_METHODS = ("coral", "dann", "mcc")
 """Methods with a loss on target batches inside the training loop."""
 DEFAULT_METHOD = "adabn"
 """``--adapt`` when only ``--target-unlabeled`` is given (README: the measurements)."""
-DEFAULT_WEIGHTS = {"coral": 1.0, "dann": 1.0, "mcc": 1.0}
-"""λ per method: tllib's trade-off 1.0 for DANN and MCC; 1.0 for CORAL as in Sun & Saenko's
-released code and skada's ``DeepCoral`` (``reg=1``)."""
+DEFAULT_WEIGHTS = {"coral": 1000.0, "dann": 1.0, "mcc": 1.0}
+"""λ per method: tllib's trade-off 1.0 for DANN and MCC. Deep CORAL picks λ so that the
+classification and CORAL losses are of the same order (Sun & Saenko 2016, sec. 3.2); their
+loss sits on fc8 (d = classes), here on the 1,280-d embeddings of EfficientNet-Lite0, where
+``||C_s - C_t||^2 / (4 d^2)`` starts near 1e-4 on NEU-DET's camera change (a cross-entropy of
+~1 then), hence 1000 rather than skada's ``reg=1``."""
 MCC_TEMPERATURE = 2.5
 TARGET = "target"
 """Key of the unlabelled target images in :class:`~edge_tl.train.batches.TrainingData`."""

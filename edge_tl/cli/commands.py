@@ -176,12 +176,13 @@ def export(args: argparse.Namespace) -> int:
         run=args.run,
         backbone=args.backbone,
         calib=args.calib,
-        head_fit=args.head_fit,
+        head_fit=args.head_fit or ("source" if args.adapt_bn else "artifact"),
         force=args.force,
         weights=args.weights,
         logits=args.logits,
         sign=key,
         skip_bad=args.skip_bad,
+        adapt_bn=args.adapt_bn,
     )
     if args.json:
         output.print_json(m.metrics)

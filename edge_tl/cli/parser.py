@@ -156,10 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, type=Path, help="bundle folder to create")
     e.add_argument(
         "--head-fit",
-        default="artifact",
         choices=["artifact", "source"],
         help="artifact (default): refit the head on this artifact's own embeddings "
-        "of the training and validation images; source: keep the head trained in PyTorch",
+        "of the training and validation images; source (default with --adapt-bn): keep the "
+        "head trained in PyTorch",
+    )
+    e.add_argument(
+        "--adapt-bn",
+        metavar="TARGET",
+        help="AdaBN: re-estimate batch-norm statistics on TARGET images (a folder, an "
+        "ImageFolder, elpv:mono / elpv:poly) before the export, for a new line or camera "
+        "without retraining; calibrates on them without --calib, and checks on a labelled "
+        "TARGET's held-out quarter",
     )
     e.add_argument(
         "--logits",

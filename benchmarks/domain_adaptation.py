@@ -166,12 +166,19 @@ def int8_stage(shift: str, runs: Path, results: dict, save, recipe: str) -> None
     target = open_target(target_spec, None, 0)
     run = Path(rows[best]["run"])
     bundle = runs.parent / "bundles" / f"{shift}-{best}-{recipe}"
+    calib = None  # AdaBN calibrates on the target images it adapted on
+    if best != "adabn":  # the same images, never the scored ones
+        calib = runs.parent / "calib" / shift
+        if not calib.is_dir():
+            calib.mkdir(parents=True)
+            for i, p in enumerate(target.unlabeled):
+                (calib / f"{i:05d}{Path(p).suffix}").symlink_to(Path(p).resolve())
     t0 = time.perf_counter()
     export_bundle(
         bundle,
         recipe,
         run=run,
-        calib=target_spec,
+        calib=calib,
         head_fit="source",
         force=True,
         adapt_bn=target_spec if best == "adabn" else None,
@@ -184,9 +191,8 @@ def int8_stage(shift: str, runs: Path, results: dict, save, recipe: str) -> None
         "target_test_accuracy": accuracy(head.logits(emb), target.test.labels),
         "seconds": round(time.perf_counter() - t0, 1),
         "bundle": str(bundle),
-        "command": f"edge-tl export {run} --recipe {recipe} --calib {target_spec} "
-        f"--head-fit source"
-        + (f" --adapt-bn {target_spec}" if best == "adabn" else "")
+        "command": f"edge-tl export {run} --recipe {recipe} --head-fit source"
+        + (f" --adapt-bn {target_spec}" if best == "adabn" else f" --calib {calib}")
         + f" --out {bundle}",
     }
     save()

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     da.add_argument(
         "--adapt",
-        help="none, adabn (default with --target-unlabeled), coral, dann, mcc",
+        help="mcc (default with --target-unlabeled), adabn, coral, dann, none",
     )
     da.add_argument(
         "--adapt-weight",

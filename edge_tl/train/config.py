@@ -133,7 +133,7 @@ class TrainConfig:
         if method in LOOP_METHODS and self.strategy in ("linear-probe",):
             raise EdgeTLError(
                 f"--adapt {method} trains the backbone on target batches, and linear-probe "
-                "trains no backbone layer; use --strategy finetune (or --adapt adabn)"
+                "trains no backbone layer; use --strategy finetune, or --adapt adabn / none"
             )
         if method in LOOP_METHODS and self.qat:
             raise EdgeTLError(f"--adapt {method} and --qat do not combine; drop one")

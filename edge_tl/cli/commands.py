@@ -77,6 +77,10 @@ def bundle_from_archive(args: argparse.Namespace) -> Iterator[None]:
 def train(args: argparse.Namespace) -> int:
     _workstation()
     if is_text_training(args):
+        adapting = [f for f in ("target_unlabeled", "adapt", "adapt_weight") if getattr(args, f)]
+        if adapting:
+            flag = "--" + adapting[0].replace("_", "-")
+            raise EdgeTLError(f"{flag} (domain adaptation) is for image data; drop it for text")
         return _train_text(args)
     from edge_tl.train import train as train_run
 
@@ -96,6 +100,12 @@ def train(args: argparse.Namespace) -> int:
             f"trained {cfg.strategy} on {args.data}: test accuracy "
             f"{metrics['test_accuracy']:.4f} (n={metrics['n_test']}) -> {args.out}"
         )
+        if "target_test_accuracy" in metrics:
+            print(
+                f"adapted to {args.target_unlabeled} ({cfg.adapt}): target test accuracy "
+                f"{metrics['target_test_accuracy']:.4f} (n={metrics['n_target_test']}); "
+                f"source/target embeddings -> {args.out}/domains.png"
+            )
     if int(os.environ.get("RANK", "0")) == 0:
         output.skipped(metrics.get(SKIPPED))
     return 0
@@ -196,12 +206,13 @@ def export(args: argparse.Namespace) -> int:
         run=args.run,
         backbone=args.backbone,
         calib=args.calib,
-        head_fit=args.head_fit,
+        head_fit=args.head_fit or ("source" if args.adapt_bn else "artifact"),
         force=args.force,
         weights=args.weights,
         logits=args.logits,
         sign=key,
         skip_bad=args.skip_bad,
+        adapt_bn=args.adapt_bn,
     )
     if args.json:
         output.print_json(m.metrics)

@@ -79,6 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
     t.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    da = t.add_argument_group(
+        "domain adaptation (images): labelled DATA, unlabelled target images; a labelled target "
+        "is split, adapted on its larger part and scored on the held-out quarter"
+    )
+    da.add_argument(
+        "--target-unlabeled",
+        metavar="TARGET",
+        help="target images: a flat folder, an ImageFolder, or elpv:mono / elpv:poly",
+    )
+    da.add_argument(
+        "--adapt",
+        help="mcc (default with --target-unlabeled), adabn, coral, dann, none",
+    )
+    da.add_argument(
+        "--adapt-weight",
+        type=float,
+        help="weight of the coral / dann / mcc loss (default: coral 1000, its loss being "
+        "~1e-4 on embeddings; dann 1; mcc 1)",
+    )
     t.set_defaults(func=commands.train)
 
     c = sub.add_parser(
@@ -194,10 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, type=Path, help="bundle folder to create")
     e.add_argument(
         "--head-fit",
-        default="artifact",
         choices=["artifact", "source"],
         help="artifact (default): refit the head on this artifact's own embeddings "
-        "of the training and validation images; source: keep the head trained in PyTorch",
+        "of the training and validation images; source (default with --adapt-bn): keep the "
+        "head trained in PyTorch",
+    )
+    e.add_argument(
+        "--adapt-bn",
+        metavar="TARGET",
+        help="AdaBN: re-estimate batch-norm statistics on TARGET images (a folder, an "
+        "ImageFolder, elpv:mono / elpv:poly) before the export, for a new line or camera "
+        "without retraining; calibrates on them without --calib, and checks on a labelled "
+        "TARGET's held-out quarter",
     )
     e.add_argument(
         "--logits",

@@ -72,6 +72,7 @@ def export_bundle(
     logits: bool = False,
     sign: Ed25519PrivateKey | None = None,
     skip_bad: bool = False,
+    adapt_bn: str | Path | None = None,
 ) -> Manifest:
     """Export a trained run (or a pretrained ``backbone``) into a bundle at ``out``.
 
@@ -97,6 +98,13 @@ def export_bundle(
             inside the temporary folder, so the bundle appears signed or not at all.
         skip_bad: leave bad files of ``calib`` out (listed in the metrics'
             ``calibration_skipped``) instead of stopping on the first.
+        adapt_bn: target images (a flat folder, an ImageFolder or a named set such as
+            ``elpv:poly``): AdaBN (Li et al. 2016) re-estimates every batch-norm layer's
+            statistics on them before the export, so a run serves a new line or camera
+            without retraining; the graph is checked against the adapted PyTorch model.
+            A labelled target is split as in training (:func:`edge_tl.domains.target_split`):
+            its unlabelled part is adapted on (and calibrates, without ``calib``), its
+            held-out part checks every artifact. Recorded in the manifest's ``adapt_bn``.
 
     Returns:
         The bundle's manifest.
@@ -114,7 +122,12 @@ def export_bundle(
     if (run is None) == (backbone is None):
         raise EdgeTLError("pass either a RUN folder or --backbone NAME, not both or neither")
     if is_text_export(run, backbone):
-        for flag, given in (("--weights", weights), ("--logits", logits), ("--skip-bad", skip_bad)):
+        for flag, given in (
+            ("--weights", weights),
+            ("--logits", logits),
+            ("--skip-bad", skip_bad),
+            ("--adapt-bn", adapt_bn),
+        ):
             if given:
                 raise EdgeTLError(
                     f"{flag} is for image models; a text encoder's export does without it"
@@ -131,17 +144,28 @@ def export_bundle(
         raise EdgeTLError("--weights goes with --backbone; a run folder carries its own weights")
     if head_fit not in HEAD_FITS:
         raise EdgeTLError(f"--head-fit must be one of {', '.join(HEAD_FITS)}, not {head_fit!r}")
+    if adapt_bn is not None and run is None:
+        raise EdgeTLError(
+            "--adapt-bn re-estimates a trained run's batch norm for a new target; pass a RUN "
+            "folder from `edge-tl train`"
+        )
     check_destination(out, force)
 
     src = open_run(run, calib, head_fit) if run is not None else open_backbone(backbone, weights)
     head_fit = head_fit if src.fit_set is not None else "source"
     pre = src.features.spec.preprocess
+    adapted = _adapt_bn(src, adapt_bn) if adapt_bn is not None else None
     if rec.input_size and rec.input_size != pre.size:
         raise EdgeTLError(
             f"recipe {rec.name} asks for input size {rec.input_size}, but {src.name} was built "
             f"for {pre.size}; remove input_size from the recipe"
         )
-    pool, calib_skipped = calibration_pool(calib, src.fit_set, skip_bad)
+    if adapted is not None and calib is None:  # calibrate on what the bundle will see
+        pool, calib_skipped = adapted.pop("_unlabeled"), []
+    else:
+        pool, calib_skipped = calibration_pool(calib, src.fit_set, skip_bad)
+    if adapted is not None:
+        adapted.pop("_unlabeled", None)
     calib_paths = calibration_sample(pool, rec.calibration_size, rec.precision == "int8")
     check, checked_on = _check_images(src, calib_paths)
     with tempfile.TemporaryDirectory(prefix="edge_tl_export_") as tmp:
@@ -168,6 +192,8 @@ def export_bundle(
             metrics = _metrics(report, graph, calib_inputs, head_fit, chosen, control, len(check))
             if calib_skipped:
                 metrics[CALIBRATION_SKIPPED] = [s.to_dict() for s in calib_skipped]
+            if adapted is not None:
+                metrics["adapt_bn"] = adapted
             if src.fit_set is not None:  # what `edge-tl adapt` aligns a new camera to
                 _write_source_stats(bdir / SOURCE_STATS, src, heads, chosen.engine)
             manifest = _write_bundle(
@@ -189,15 +215,37 @@ def export_bundle(
 
 
 # ---- the steps ---------------------------------------------------------------------------
+def _adapt_bn(src: ExportSource, target_spec: str | Path) -> dict[str, Any]:
+    """AdaBN on ``src.features`` in place; a labelled target's held-out part becomes the
+    check images. Returns the manifest record (with the adapted-on paths under
+    ``_unlabeled``, for calibration)."""
+    from edge_tl.train.adapt import adabn, open_target
+
+    seed = src.source.split.seed if src.source.split is not None else 0
+    target = open_target(target_spec, src.labels, seed)
+    _logger.info(f"AdaBN: re-estimating batch norm on {len(target.unlabeled)} target images")
+    layers = adabn(src.features, target.unlabeled, src.features.spec.preprocess)
+    if target.test is not None:
+        src.held_out = target.test
+        src.held_out_name = "target held-out split"
+    return {
+        "method": "adabn",
+        "target": target.spec,
+        "images": len(target.unlabeled),
+        "layers": layers,
+        "checked_on_target": target.test is not None,
+        "_unlabeled": list(target.unlabeled),
+    }
+
+
 def _check_images(src: ExportSource, calib_paths: list[str]) -> tuple[Images, str]:
     """The images every artifact is checked on, and what they are: the run's held-out split
     (labelled), or the calibration images when there is none."""
     pre = src.features.spec.preprocess
     if src.held_out is not None:
         held = src.held_out
-        return Images(list(held.paths), pre, held.labels, desc="decoding held-out split"), (
-            "held-out split"
-        )
+        name = src.held_out_name
+        return Images(list(held.paths), pre, held.labels, desc=f"decoding {name}"), name
     return Images(calib_paths, pre, desc="decoding calibration images"), "calibration images"
 
 

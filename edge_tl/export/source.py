@@ -50,6 +50,8 @@ class ExportSource:
     source: Source
     fit_set: Dataset | None = None
     held_out: Dataset | None = None
+    held_out_name: str = "held-out split"
+    """What ``held_out`` is, for the fidelity report (``target held-out split`` after AdaBN)."""
 
 
 def open_run(run: str | Path, calib: str | Path | None, head_fit: str) -> ExportSource:

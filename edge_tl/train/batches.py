@@ -42,11 +42,22 @@ class TrainingData:
     """Training batches and evaluation inputs, from a cache or from images."""
 
     def __init__(
-        self, features, ds, splits, config: TrainConfig, policy: Policy, device, aug: Augment
+        self,
+        features,
+        ds,
+        splits,
+        config: TrainConfig,
+        policy: Policy,
+        device,
+        aug: Augment,
+        unlabeled: dict[str, list[str]] | None = None,
     ) -> None:
+        """``unlabeled``: more images by name (domain adaptation's target), cached like the
+        evaluation splits (no augmentation) and read with :meth:`inputs_of`."""
         self.pre = features.spec.preprocess
         self.config, self.device, self.aug = config, device, aug
         self.paths = {k: [ds.paths[i] for i in v] for k, v in splits.items()}
+        self.paths.update(unlabeled or {})
         self.y = {k: ds.labels[v] for k, v in splits.items()}
         # QAT runs the frozen layers too, so their INT8 rounding reaches the trained ones
         self.cached = config.cache and policy.boundary is not None and not config.qat
@@ -65,7 +76,7 @@ class TrainingData:
                 desc = f"caching block {block} input" + (
                     f" (view {v + 1}/{cfg.views})" if cfg.views > 1 else ""
                 )
-                keys = ("train",) if v else ("train", "val", "test")
+                keys = ("train",) if v else tuple(self.paths)
                 for k in keys:
                     acts = run(self._input_batches(self.paths[k], gen if v else None, desc))
                     if k == "train":
@@ -131,6 +142,19 @@ class TrainingData:
         if self.config.channels_last:
             return x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def inputs_of(self, key: str, batches: list[np.ndarray]) -> Iterator[torch.Tensor]:
+        """Network inputs (no augmentation, no labels) of index batches into ``key``'s images."""
+        if self.cached:
+            a = self.acts[key]
+            for idx in batches:
+                yield self._prepare(torch.from_numpy(a[idx]).to(self.device))
+            return
+        for px in self._loader(self.paths[key], batches):
+            x = normalise(
+                px.to(self.device, non_blocking=True).float(), self.pre.mean, self.pre.std
+            )
+            yield self._prepare(x)
 
     def eval_batches(self, split: str) -> Iterator[torch.Tensor]:
         if self.cached:

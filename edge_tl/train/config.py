@@ -54,6 +54,13 @@ class TrainConfig:
     compile: bool = False
     workers: int = 2
     qat: bool = False
+    target_unlabeled: str | None = None
+    """Domain adaptation: the target images (:func:`edge_tl.train.adapt.open_target`)."""
+    adapt: str | None = None
+    """none, adabn, coral, dann, mcc (:mod:`edge_tl.train.adapt`); the default method when
+    only ``target_unlabeled`` is given."""
+    adapt_weight: float | None = None
+    """λ of coral / dann / mcc (default per method: ``adapt.DEFAULT_WEIGHTS``)."""
 
     def __post_init__(self) -> None:
         if get_spec(self.backbone).sources and self.strategy != "linear-probe":
@@ -102,8 +109,43 @@ class TrainConfig:
                 f"--qat fine-tunes a pretrained backbone through INT8 rounding; it does not "
                 f"apply to {self.strategy} (use finetune, full, selective, ...)"
             )
+        self._check_adapt()
         if self.strategy == "linear-probe" and not self.cache:
             raise EdgeTLError("linear-probe always caches embeddings; drop --no-cache")
+
+    def _check_adapt(self) -> None:
+        from edge_tl.train.adapt import DEFAULT_METHOD, DEFAULT_WEIGHTS, LOOP_METHODS, METHODS
+
+        if self.target_unlabeled is None:
+            for flag, value in (("--adapt", self.adapt), ("--adapt-weight", self.adapt_weight)):
+                if value is not None:
+                    raise EdgeTLError(
+                        f"{flag} adapts to target images; give them with --target-unlabeled "
+                        "TARGET (a folder of images, an ImageFolder or elpv:mono / elpv:poly)"
+                    )
+            return
+        method = self.adapt if self.adapt is not None else DEFAULT_METHOD
+        if method not in METHODS:
+            raise EdgeTLError(f"--adapt {method!r} is not one of {', '.join(METHODS)}")
+        if self.adapt_weight is not None and method not in LOOP_METHODS:
+            raise EdgeTLError(
+                f"--adapt-weight weighs the loss of {', '.join(LOOP_METHODS)}; --adapt "
+                f"{method} has none (drop --adapt-weight)"
+            )
+        if self.adapt_weight is not None and not self.adapt_weight > 0:
+            raise EdgeTLError("--adapt-weight must be positive")
+        if method in LOOP_METHODS and self.strategy in ("linear-probe",):
+            raise EdgeTLError(
+                f"--adapt {method} trains the backbone on target batches, and linear-probe "
+                "trains no backbone layer; use --strategy finetune, or --adapt adabn / none"
+            )
+        if method in LOOP_METHODS and self.qat:
+            raise EdgeTLError(f"--adapt {method} and --qat do not combine; drop one")
+        weight = self.adapt_weight
+        if weight is None and method in LOOP_METHODS:
+            weight = DEFAULT_WEIGHTS[method]
+        object.__setattr__(self, "adapt", method)
+        object.__setattr__(self, "adapt_weight", weight)
 
     @property
     def split(self) -> SplitRecord:

@@ -25,6 +25,7 @@ from edge_tl.data import Dataset, fingerprint, open_dataset, split
 from edge_tl.errors import EdgeTLError
 from edge_tl.images import SKIPPED
 from edge_tl.train import distributed as dist
+from edge_tl.train.adapt import embed_domains, finish, open_target
 from edge_tl.train.config import TrainConfig
 from edge_tl.train.loop import fit
 from edge_tl.train.probe import linear_probe
@@ -73,6 +74,11 @@ def train(
     ds = open_dataset(data, skip_bad)
     splits = split(ds, config.split)
     _check_splits(ds, splits)
+    target = None
+    if config.target_unlabeled is not None:
+        if ds.modality != "image":  # pragma: no cover - the CLI routes text elsewhere
+            raise EdgeTLError("domain adaptation (--target-unlabeled) is for image data")
+        target = open_target(config.target_unlabeled, ds.classes, config.seed)
     if state is not None and state["data_fingerprint"] != fingerprint(ds):
         raise EdgeTLError(
             f"{data} changed since {ckpt_file} was written; restore it or start over with --force"
@@ -82,12 +88,20 @@ def train(
         config.backbone, pretrained=config.strategy != "from-scratch", weights=config.weights
     )
     start = time.perf_counter()
+    before = None
+    if target is not None and config.adapt != "adabn" and ctx.is_main:
+        before = embed_domains(features, ds.subset(splits["test"]), target, config.onnx_cache)
     if config.strategy == "linear-probe":
         head, history, metrics = linear_probe(features, ds, splits, config)
     else:
         head, history, metrics = fit(
-            features, ds, splits, config, ctx, ckpt_file, state, on_epoch_end
+            features, ds, splits, config, ctx, ckpt_file, state, on_epoch_end, target
         )
+    draw, extra = None, None
+    if target is not None and ctx.is_main:
+        adapted, draw = finish(features, head, ds.subset(splits["test"]), target, config, before)
+        metrics.update(adapted)
+        extra = {"target": {**target.record(), "adapt": config.adapt}}
     metrics["train_seconds"] = round(time.perf_counter() - start, 1)
     metrics["n_train"], metrics["n_val"], metrics["n_test"] = (len(splits[k]) for k in splits)
     if ds.skipped:
@@ -96,7 +110,7 @@ def train(
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         metrics["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if ctx.is_main:
-        write_run(out, force, data, ds, config, features, head, history, metrics)
+        write_run(out, force, data, ds, config, features, head, history, metrics, extra, draw)
         ckpt_file.unlink(missing_ok=True)
     dist.barrier(ctx)
     dist.teardown(ctx)

@@ -24,11 +24,13 @@ from torch import nn
 
 from edge_tl.backbones import FeatureModel
 from edge_tl.data import Dataset, fingerprint
+from edge_tl.errors import EdgeTLError
 from edge_tl.progress import progress
 from edge_tl.runtime.evaluation import macro_f1
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.runtime.preprocess import load_image
 from edge_tl.train import distributed as dist
+from edge_tl.train.adapt import LOOP_METHODS, TARGET, Adapter, TargetData
 from edge_tl.train.augment import parse_augment
 from edge_tl.train.batches import TrainingData
 from edge_tl.train.config import TrainConfig
@@ -57,8 +59,11 @@ class ClassifierNet(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.features.forward_from(a, self.boundary)))
+    def forward(self, a: torch.Tensor, with_features: bool = False):
+        """Logits; with ``with_features`` also the embeddings: ``(logits, embeddings)``."""
+        f = self.features.forward_from(a, self.boundary)
+        logits = self.head(self.dropout(f))
+        return (logits, f) if with_features else logits
 
 
 def _param_groups(model: ClassifierNet, policy: Policy, config: TrainConfig) -> list[dict]:
@@ -128,10 +133,13 @@ def fit(
     ckpt_file: Path,
     state: dict[str, Any] | None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None,
+    target: TargetData | None = None,
 ) -> tuple[LinearHead, list[dict[str, Any]], dict[str, Any]]:
     """Train ``features`` + a linear head with ``config``'s strategy; ``(head, history,
     metrics)``, the best validation epoch's weights loaded into ``features``. Each epoch ends
-    with an atomic checkpoint (``state`` resumes from one)."""
+    with an atomic checkpoint (``state`` resumes from one). With ``config.adapt`` one of
+    coral, dann, mcc, each step also draws a batch of ``target``'s unlabelled images and adds
+    the method's loss (:class:`~edge_tl.train.adapt.Adapter`)."""
     policy = make_policy(
         features,
         config.strategy,
@@ -143,7 +151,13 @@ def fit(
     device = dist.device_for(ctx, config.device)
     grey = _is_grey_data(ds)
     aug = parse_augment(config.augment, grey)
-    data = TrainingData(features, ds, splits, config, policy, device, aug)
+    adapter = None
+    if config.adapt in LOOP_METHODS and target is not None:
+        if ctx.world > 1:
+            raise EdgeTLError(f"--adapt {config.adapt} trains in one process; drop torchrun")
+        adapter = Adapter(config.adapt, float(config.adapt_weight), features.num_features, device)
+    unlabeled = {TARGET: target.unlabeled} if adapter is not None else None
+    data = TrainingData(features, ds, splits, config, policy, device, aug, unlabeled)
     n_classes = len(ds.classes)
 
     for m in features.modules():
@@ -163,6 +177,16 @@ def fit(
         size = features.spec.preprocess.size
         qat = enable_qat(features, torch.zeros(2, 3, size, size, device=device))
     groups = _param_groups(model, policy, config)
+    if adapter is not None and adapter.parameters():
+        groups.append(
+            {
+                "params": adapter.parameters(),
+                "lr": config.lr_head,
+                "weight_decay": config.weight_decay,
+                "unit": "domain_classifier",
+                "unfreeze_epoch": 1,
+            }
+        )
     opt = torch.optim.AdamW(groups)
     base_lrs = [g["lr"] for g in opt.param_groups]
     weight = None
@@ -192,6 +216,8 @@ def fit(
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if adapter is not None:
+            adapter.load_state_dict(state["adapter"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         history, best, step, bad = state["history"], state["best"], state["step"], state["bad"]
@@ -205,8 +231,15 @@ def fit(
         model.train()
         _set_train_modes(features, policy, epoch, config.freeze_bn)
         batches = _epoch_batches(data.y["train"], config, gen, ctx.world)
-        total_loss, correct, seen = 0.0, 0, 0
+        total_loss, correct, seen, adapt_loss = 0.0, 0, 0, 0.0
         steps = zip(batches, data.epoch(batches, gen, ctx.rank, ctx.world), strict=True)
+        targets = None
+        if adapter is not None:
+            adapter.train()
+            tb = Adapter.target_batches(
+                len(target.unlabeled), len(batches), config.batch_size, config.seed, epoch
+            )
+            targets = data.inputs_of(TARGET, tb)
         desc = f"epoch {epoch}/{config.epochs}"
         for idx, (xb, yb) in progress(steps, total=len(batches), desc=desc):
             local = idx[ctx.rank :: ctx.world]
@@ -218,12 +251,22 @@ def fit(
             for g, lr in zip(opt.param_groups, base_lrs, strict=True):
                 g["lr"] = lr * scale
             with autocast():
-                logits = train_model(xb)
+                if targets is None:
+                    logits = train_model(xb)
+                else:  # one forward for both domains, as tllib does (shared BN batches)
+                    both, f = train_model(torch.cat([xb, next(targets)]), with_features=True)
+                    n = len(xb)
+                    logits = both[:n]
+                    extra = adapter.loss(
+                        f[:n].float(), f[n:].float(), both[n:].float(), step / max(1, total)
+                    )
+                    adapt_loss += float(extra.detach()) * len(idx)
                 # Each process's share of the global-batch mean: N processes take the same
                 # step as one process on the whole batch, even when slices differ in size.
                 loss = loss_fn(logits.float(), yb) * (len(local) * ctx.world / len(idx))
+                objective = loss if targets is None else loss + extra
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             for g in opt.param_groups:  # gradual: stages not yet unfrozen stay put
                 if g["unfreeze_epoch"] > epoch:
                     for p in g["params"]:
@@ -244,6 +287,8 @@ def fit(
             "seconds": round(train_seconds, 2),
             "val_seconds": round(time.perf_counter() - t0 - train_seconds, 2),
         }
+        if adapter is not None:
+            row["adapt_loss"] = adapt_loss / max(seen, 1)
         history.append(row)
         key = (val_acc, -val_loss) if has_val else (epoch, 0.0)
         if best_key is None or key > best_key:
@@ -268,6 +313,7 @@ def fit(
                     "best_key": best_key,
                     "step": step,
                     "bad": bad,
+                    "adapter": adapter.state_dict() if adapter is not None else {},
                 },
             )
             _logger.info(
@@ -317,6 +363,8 @@ def fit(
         "world_size": ctx.world,
         "qat": config.qat,
     }
+    if adapter is not None:
+        metrics["adapt_loss_last_epoch"] = history[-1]["adapt_loss"]
     return head, history, metrics
 
 

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +63,13 @@ def write_run(
     head: LinearHead,
     history: list[dict[str, Any]],
     metrics: dict[str, Any],
+    extra_record: dict[str, Any] | None = None,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> None:
     """The run folder, written atomically: weights (safetensors), head (npz), ``run.json``
-    (what was trained on what, with which settings), metrics, history and curves."""
+    (what was trained on what, with which settings), metrics, history and curves.
+    ``extra_record`` adds keys to ``run.json``; ``extra_files`` writes more files (plots)
+    into the folder before it is renamed into place."""
     from safetensors.torch import save_file
 
     from_package = is_named_image_set(data)  # as open_dataset decides
@@ -82,6 +87,7 @@ def write_run(
         "config": config.to_dict(),
         "preprocess": dataclasses.asdict(features.spec.preprocess),
         "metrics": metrics,
+        **(extra_record or {}),
     }
     with atomic_folder(out, force) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in features.state_dict().items()}
@@ -96,6 +102,8 @@ def write_run(
         if "val_loss" in history[0]:
             title = f"{config.backbone} {config.strategy} on {ds.name}"
             plot_history(history, tmp / "curves.png", title)
+        if extra_files is not None:
+            extra_files(tmp)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -18,9 +18,10 @@ checks learning after an alignment: with ``coral`` in force, the last class is r
 added back from 5 labelled target images per class of it (imprinting), then scored.
 
 Bundles missing under ``--bundles`` are exported first (``onnx-fp32``; ``--int8`` adds that
-recipe for the cases named in ``--int8-cases``). Run under the machine's CPU lock:
+recipe for the cases named in ``--int8-cases``). It reads the runs and the NEU-DET target
+that ``benchmarks/domain_adaptation.py`` writes (the same ``/tmp/edge_tl_da``); run that first:
 
-    flock /tmp/edge_tl_cpu.lock .venv/bin/python benchmarks/device_alignment.py
+    .venv/bin/python benchmarks/device_alignment.py
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from edge_tl.data import Dataset, image_folder, open_dataset  # noqa: E402
 from edge_tl.domains import target_split  # noqa: E402
 from edge_tl.runtime import Model  # noqa: E402
 
-DA = Path("/work/tmp/da")
+DA = Path("/tmp/edge_tl_da")
 CASES = {
     "elpv mono->poly": ("elpv-mono-none", "elpv:poly"),
     "elpv poly->mono": ("elpv-poly-none", "elpv:mono"),

@@ -26,8 +26,8 @@ Each result is written to ``--results`` as soon as it exists, so a partial run k
 measured; a rerun skips the runs already in ``--runs``.
 
 Usage:
-    python benchmarks/domain_adaptation.py --runs /work/tmp/da/runs \
-        --results /work/tmp/da/results.json [--stage train|int8|all] [--shifts elpv-mono,...]
+    python benchmarks/domain_adaptation.py --runs /tmp/edge_tl_da/runs \
+        --results /tmp/edge_tl_da/results.json [--stage train|int8|all] [--shifts elpv-mono,...]
 """
 
 from __future__ import annotations
@@ -251,8 +251,8 @@ def table(shift: str, rows: dict, device: dict | None) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=Path, default=Path("/work/tmp/da/runs"))
-    p.add_argument("--results", type=Path, default=Path("/work/tmp/da/results.json"))
+    p.add_argument("--runs", type=Path, default=Path("/tmp/edge_tl_da/runs"))
+    p.add_argument("--results", type=Path, default=Path("/tmp/edge_tl_da/results.json"))
     p.add_argument("--stage", choices=["train", "int8", "all", "table"], default="all")
     p.add_argument("--shifts", default=",".join(SHIFTS))
     p.add_argument("--recipe", default="ort-int8")

@@ -94,6 +94,8 @@ def train(args: argparse.Namespace) -> int:
             f"trained {cfg.strategy} on {args.data}: test accuracy "
             f"{metrics['test_accuracy']:.4f} (n={metrics['n_test']}) -> {args.out}"
         )
+        for task, m in metrics.get("tasks", {}).items():
+            print(f"  task {task}: test accuracy {m['test_accuracy']:.4f}")
     if int(os.environ.get("RANK", "0")) == 0:
         output.skipped(metrics.get(SKIPPED))
     return 0

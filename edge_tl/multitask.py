@@ -82,7 +82,8 @@ class TaskSet:
 
     def to_records(self) -> list[dict[str, Any]]:
         """``[{"name": ..., "labels": [...]}, ...]``, as ``run.json`` keeps them."""
-        return [{"name": n, "labels": list(c)} for n, c in zip(self.names, self.classes)]
+        pairs = zip(self.names, self.classes, strict=True)
+        return [{"name": n, "labels": list(c)} for n, c in pairs]
 
 
 def parse_tasks(text: str) -> tuple[str, ...]:
@@ -149,9 +150,7 @@ def open_tasks(spec: str | Path, tasks: Sequence[str], skip_bad: bool = False) -
         )
     unknown = [t for t in tasks if t not in columns]
     if unknown:
-        raise EdgeTLError(
-            f"{spec} has no task {unknown[0]!r}; its tasks are {', '.join(columns)}"
-        )
+        raise EdgeTLError(f"{spec} has no task {unknown[0]!r}; its tasks are {', '.join(columns)}")
     return _build(name, paths, columns, tasks, tuple(skipped))
 
 
@@ -204,9 +203,7 @@ def _build(
     ]
     if len(tasks) == 1:
         classes, y = columns[tasks[0]]
-        return Dataset(
-            f"{name}:{tasks[0]}", list(classes), paths, y, skipped=skipped, strata=joint
-        )
+        return Dataset(f"{name}:{tasks[0]}", list(classes), paths, y, skipped=skipped, strata=joint)
     order = list(columns)
     table = np.stack([combos[:, order.index(t)] for t in tasks], axis=1).astype(np.int64)
     task_set = TaskSet(tasks, tuple(tuple(columns[t][0]) for t in tasks), table)

@@ -13,6 +13,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from edge_tl.cli import output
 from edge_tl.cli.training_flags import is_text_training, text_train_config, train_config
@@ -270,7 +271,8 @@ def learn(args: argparse.Namespace) -> int:
         text_column=args.text_column,
         label_column=args.label_column,
     )
-    classifier = Model(args.bundle, trust=args.trust).classifier
+    model = Model(args.bundle, trust=args.trust)
+    classifier = _task_classifier(model, args.task)
     before = classifier.state.summary() if classifier.state is not None else None
     state = classifier.apply(change)
     summary = state.summary()
@@ -282,6 +284,26 @@ def learn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_classifier(model: Any, task: str | None) -> Any:
+    """The head ``learn`` changes: the bundle's, or on a multi-task bundle ``--task``'s.
+
+    Raises:
+        EdgeTLError: ``--task`` missing on a multi-task bundle, unknown, or given on a
+            one-task bundle.
+    """
+    if model.tasks:
+        if task is None or task not in model.tasks:
+            given = "" if task is None else f"{task!r} is not one of them; "
+            raise EdgeTLError(
+                f"bundle {model.path} has tasks {', '.join(model.tasks)}; {given}pass --task "
+                "NAME to learn that task's head"
+            )
+        return model.tasks[task]
+    if task is not None:
+        raise EdgeTLError(f"bundle {model.path} has one task; drop --task")
+    return model.classifier
+
+
 def rollback(args: argparse.Namespace) -> int:
     from edge_tl.bundle import read_manifest
     from edge_tl.runtime.anomaly import bank_store
@@ -290,7 +312,18 @@ def rollback(args: argparse.Namespace) -> int:
     if args.list and args.to is not None:
         raise EdgeTLError("--list shows the versions and changes nothing; drop --to, or --list")
     manifest = read_manifest(args.bundle, verify=True, trust=args.trust)
-    store = (bank_store if args.anomaly else head_store)(args.bundle, manifest)
+    names = [t.name for t in manifest.tasks or []]
+    if args.task is not None and args.task not in names:
+        raise EdgeTLError(
+            f"--task {args.task!r} is not a task of {args.bundle} "
+            f"({', '.join(names) if names else 'it has one task: drop --task'})"
+        )
+    if args.task is not None and args.anomaly:
+        raise EdgeTLError("--task picks a head; --anomaly the anomaly bank: give one")
+    if args.anomaly:
+        store = bank_store(args.bundle, manifest)
+    else:
+        store = head_store(args.bundle, manifest, args.task)
     if args.list:
         versions = store.history()
         if args.json:

@@ -344,6 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="text data: the column (JSON key) holding the class name (default label)",
     )
+    le.add_argument(
+        "--task",
+        metavar="NAME",
+        help="multi-task bundle: the task whose head learns (the others stay as they are); "
+        "DATA is then an ImageFolder of that task's classes, or the multi-task source (elpv, "
+        "a labels .csv)",
+    )
     le.add_argument("--json", action="store_true", help="print the new head's summary as JSON")
     le.set_defaults(func=commands.learn)
 
@@ -362,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--to", type=int, metavar="N", help="make version N current (default: the previous one)"
     )
     rb.add_argument("--list", action="store_true", help="list the versions, change nothing")
+    rb.add_argument("--task", metavar="NAME", help="multi-task bundle: that task's head versions")
     rb.add_argument("--json", action="store_true", help="print the result as JSON")
     rb.set_defaults(func=commands.rollback)
 

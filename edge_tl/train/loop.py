@@ -249,9 +249,7 @@ def fit(
                 correct += objective.correct(logits, yb)
             seen += len(local)
         train_seconds = time.perf_counter() - t0
-        val_loss, val_acc, _ = _evaluate(
-            model, data, "val", eval_loss, device, autocast, objective
-        )
+        val_loss, val_acc, _ = _evaluate(model, data, "val", eval_loss, device, autocast, objective)
         row = {
             "epoch": epoch,
             "train_loss": total_loss / max(seen, 1),
@@ -301,9 +299,7 @@ def fit(
             )
             break
     model.load_state_dict(best)
-    _, test_acc, test_pred = _evaluate(
-        model, data, "test", eval_loss, device, autocast, objective
-    )
+    _, test_acc, test_pred = _evaluate(model, data, "test", eval_loss, device, autocast, objective)
     if qat is not None:  # test accuracy above is through the simulated INT8 rounding
         qat.remove()
     model.cpu().eval()

@@ -169,4 +169,9 @@ def probe_tasks(
     if len(va):
         yv = tasks.table[ds.labels[va]]
         val_acc = float(np.dot([(p == yv[:, t]).mean() for t, p in enumerate(val_pred)], w))
-    return TaskHeads(heads, joint_head(list(heads.values()), tasks.table)), test_acc, val_acc, metrics
+    return (
+        TaskHeads(heads, joint_head(list(heads.values()), tasks.table)),
+        test_acc,
+        val_acc,
+        metrics,
+    )

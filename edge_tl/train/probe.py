@@ -93,9 +93,7 @@ def _probe_tasks(
         "test_accuracy": test_acc,
         "test_macro_f1": float(np.mean([m["test_macro_f1"] for m in per_task.values()])),
         "val_accuracy": val_acc,
-        "trainable_parameters": int(
-            sum(h.weight.size + h.bias.size for h in heads.heads.values())
-        ),
+        "trainable_parameters": int(sum(h.weight.size + h.bias.size for h in heads.heads.values())),
         "boundary": "embedding (cached)",
         "tasks": per_task,
         "task_weights": list(config.weights_per_task),

@@ -372,8 +372,14 @@ def evaluate(args: argparse.Namespace) -> int:
     from edge_tl.runtime import Model
 
     model = Model(args.bundle, trust=args.trust)
+    data = args.data
+    if args.tasks is not None:  # DATA's labels for these tasks (a multi-label source)
+        from edge_tl.data import open_dataset
+        from edge_tl.multitask import parse_tasks
+
+        data = open_dataset(args.data, args.skip_bad, tasks=parse_tasks(args.tasks))
     res = model.evaluate(
-        args.data,
+        data,
         split=args.split,
         maps_dir=args.maps,
         skip_bad=args.skip_bad,

@@ -288,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="text data: the column (JSON key) holding the class name (default label)",
     )
+    ev.add_argument(
+        "--tasks",
+        metavar="NAME[,NAME...]",
+        help="read DATA's labels for these tasks (elpv's defect/type, a labels .csv's "
+        "columns): a bundle trained with --tasks type is scored on DATA's type labels; a "
+        "multi-task bundle reads its own tasks without it",
+    )
     ev.add_argument("--json", action="store_true", help="print the figures as JSON")
     ev.set_defaults(func=commands.evaluate)
 

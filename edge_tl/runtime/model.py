@@ -173,7 +173,8 @@ class Model:
     ) -> Dataset:
         """A labelled data set of this bundle's modality: for a text bundle read by
         :func:`edge_tl.texts.open_text_dataset` (``text_column`` / ``label_column``, default
-        ``text`` / ``label``), for an image bundle by ``images`` (an ImageFolder reader).
+        ``text`` / ``label``), for an image bundle by ``images`` (an ImageFolder reader; on a
+        multi-task bundle also a labels ``.csv``, read by ``images`` too).
 
         Raises:
             EdgeTLError: data of the other modality (images for a text bundle, text for an
@@ -183,6 +184,8 @@ class Model:
             if data.modality != self.modality:
                 raise self.wrong_input(f"the data set {data.name} holds {data.unit}s")
             return data
+        if self.tasks and str(data).lower().endswith(".csv"):  # a multi-task labels file
+            return images(data, skip_bad=skip_bad)
         if self.modality == "text":
             if not is_text_source(data) and _holds_images(data):
                 raise self.wrong_input(f"{data} holds images")

@@ -427,6 +427,11 @@ class Model:
             raise EdgeTLError(
                 f"{where} is not the data set this bundle was trained on (other classes or "
                 f"{ds.unit}s), so --split {name} would not be its held-out split; use --split all"
+                + (
+                    ""
+                    if self.tasks or self.modality == "text"
+                    else " (or --tasks NAME if it was trained with --tasks)"
+                )
             )
         return ds.subset(split_dataset(ds, record)[name])
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,6 +63,12 @@ class Dataset:
     """Bad files (rows of a text file) left out under ``skip_bad``."""
     modality: str = "image"
     """``image`` (``paths`` are image files) or ``text`` (``paths`` are the texts)."""
+    tasks: Any = None
+    """A multi-task data set's :class:`edge_tl.multitask.TaskSet` (``labels`` then index the
+    joint classes, one per combination of task classes); None for one task."""
+    strata: np.ndarray | None = None
+    """What :func:`split` stratifies by, when not ``labels`` (a task read from a multi-label
+    source keeps the split of the source's joint classes: :mod:`edge_tl.multitask`)."""
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -86,7 +94,15 @@ class Dataset:
         meta = [self.meta[i] for i in idx] if self.meta else []
         paths = [self.paths[i] for i in idx]
         return Dataset(
-            self.name, self.classes, paths, self.labels[idx], meta, self.skipped, self.modality
+            self.name,
+            self.classes,
+            paths,
+            self.labels[idx],
+            meta,
+            self.skipped,
+            self.modality,
+            self.tasks,
+            None if self.strata is None else self.strata[idx],
         )
 
 
@@ -176,9 +192,16 @@ def is_named_image_set(spec: str | Path) -> bool:
     return (str(spec) == ELPV or str(spec) in ELPV_SUBSETS) and not Path(spec).exists()
 
 
-def open_dataset(spec: str | Path, skip_bad: bool = False) -> Dataset:
+def open_dataset(
+    spec: str | Path, skip_bad: bool = False, tasks: Sequence[str] | None = None
+) -> Dataset:
     """``"elpv"`` (or ``"elpv:mono"`` / ``"elpv:poly"``) for the ELPV package, otherwise an
-    ImageFolder path (see :func:`image_folder` for ``skip_bad``)."""
+    ImageFolder path (see :func:`image_folder` for ``skip_bad``). With ``tasks``, the labels
+    of those tasks from a multi-label source (:func:`edge_tl.multitask.open_tasks`)."""
+    if tasks:
+        from edge_tl.multitask import open_tasks
+
+        return open_tasks(spec, tasks, skip_bad)
     if is_named_image_set(spec):
         return elpv(cell_type=ELPV_SUBSETS.get(str(spec)))
     return image_folder(spec, skip_bad=skip_bad)
@@ -270,7 +293,8 @@ def split(ds: Dataset, record: SplitRecord) -> dict[str, np.ndarray]:
         >>> split(ds, SplitRecord(test_frac=0.2, val_frac=0.1, seed=0))["test"]  # doctest: +SKIP
     """
     check_split(ds, record)
-    splits = stratified_split(ds.labels, record.test_frac, record.val_frac, record.seed)
+    strata = ds.labels if ds.strata is None else ds.strata
+    splits = stratified_split(strata, record.test_frac, record.val_frac, record.seed)
     if record.train_per_class:
         tr = splits["train"]
         keep = [tr[ds.labels[tr] == k][: record.train_per_class] for k in range(len(ds.classes))]

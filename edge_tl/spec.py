@@ -38,6 +38,7 @@ __all__ = [
     "Source",
     "SplitRecord",
     "TEXT_STRATEGIES",
+    "TaskEntry",
     "TextPreprocess",
     "builtin_profiles",
     "builtin_recipes",
@@ -546,6 +547,23 @@ class HeadEntry:
 
 
 @dataclass(frozen=True)
+class TaskEntry:
+    """One task of a multi-task bundle: its name, its classes and its head (fitted on the
+    bundle's shared artifact embeddings like the single head; see :class:`HeadEntry`)."""
+
+    name: str
+    labels: list[str]
+    head: HeadEntry
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "task", fix: str = FIX) -> TaskEntry:
+        t = _from_dict(cls, d, where, fix)
+        check_label(t.name, f"{where} name", fix=fix)
+        check_labels(t.labels, f"{where} {t.name} labels", fix=fix, written=True)
+        return dataclasses.replace(t, head=HeadEntry.from_dict(t.head, f"{where} head", fix))
+
+
+@dataclass(frozen=True)
 class SelfTestSpec:
     """The bundle's self-test: reference images with FP32 embeddings in ``file``; the device
     refuses (``on_fail="refuse"``) or warns when its own embeddings of them reach a mean
@@ -572,7 +590,14 @@ class SelfTestSpec:
 
 @dataclass(frozen=True)
 class Manifest:
-    """``manifest.json`` of a bundle (see DESIGN: the bundle contract)."""
+    """``manifest.json`` of a bundle (see DESIGN: the bundle contract).
+
+    ``tasks`` (multi-task bundles only; absent from the file otherwise, and a bundle without
+    it is one task): one :class:`TaskEntry` per task, each with its own head on the one
+    shared artifact. ``labels`` and ``head`` are then the joint classes (one per combination
+    of task classes, ``defective+mono``) and their head, which the export's accuracy
+    control checked; the device answers per task.
+    """
 
     format_version: int
     edge_tl_version: str
@@ -587,9 +612,13 @@ class Manifest:
     source: Source
     files: dict[str, str]
     self_test: SelfTestSpec | None = None
+    tasks: list[TaskEntry] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["tasks"] is None:  # a one-task manifest is written as before
+            del d["tasks"]
+        return d
 
     @property
     def modality(self) -> str:
@@ -626,6 +655,9 @@ class Manifest:
             self_test=None
             if m.self_test is None
             else SelfTestSpec.from_dict(m.self_test, f"{where} self_test", fix),
+            tasks=None
+            if m.tasks is None
+            else [TaskEntry.from_dict(t, f"{where} task", fix) for t in m.tasks],
         )
         m.check()
         return m
@@ -670,6 +702,14 @@ class Manifest:
             named += [self.head.file, *([self.head.exemplars] if self.head.exemplars else [])]
         if self.self_test is not None:
             named.append(self.self_test.file)
+        for task in self.tasks or []:
+            named += [task.head.file, *([task.head.exemplars] if task.head.exemplars else [])]
+        if self.tasks is not None and (
+            len(self.tasks) < 2 or len({t.name for t in self.tasks}) != len(self.tasks)
+        ):
+            raise EdgeTLError(
+                f"{where}: tasks must name two or more different tasks; re-export the bundle"
+            )
         for rel in named:
             if rel not in self.files:
                 raise EdgeTLError(

@@ -14,6 +14,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from edge_tl.cli import output
 from edge_tl.cli.training_flags import is_text_training, text_train_config, train_config
@@ -106,6 +107,8 @@ def train(args: argparse.Namespace) -> int:
                 f"{metrics['target_test_accuracy']:.4f} (n={metrics['n_target_test']}); "
                 f"source/target embeddings -> {args.out}/domains.png"
             )
+        for task, m in metrics.get("tasks", {}).items():
+            print(f"  task {task}: test accuracy {m['test_accuracy']:.4f}")
     if int(os.environ.get("RANK", "0")) == 0:
         output.skipped(metrics.get(SKIPPED))
     return 0
@@ -309,7 +312,8 @@ def learn(args: argparse.Namespace) -> int:
         text_column=args.text_column,
         label_column=args.label_column,
     )
-    classifier = Model(args.bundle, trust=args.trust).classifier
+    model = Model(args.bundle, trust=args.trust)
+    classifier = _task_classifier(model, args.task)
     before = classifier.state.summary() if classifier.state is not None else None
     state = classifier.apply(change)
     summary = state.summary()
@@ -350,6 +354,26 @@ def adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_classifier(model: Any, task: str | None) -> Any:
+    """The head ``learn`` changes: the bundle's, or on a multi-task bundle ``--task``'s.
+
+    Raises:
+        EdgeTLError: ``--task`` missing on a multi-task bundle, unknown, or given on a
+            one-task bundle.
+    """
+    if model.tasks:
+        if task is None or task not in model.tasks:
+            given = "" if task is None else f"{task!r} is not one of them; "
+            raise EdgeTLError(
+                f"bundle {model.path} has tasks {', '.join(model.tasks)}; {given}pass --task "
+                "NAME to learn that task's head"
+            )
+        return model.tasks[task]
+    if task is not None:
+        raise EdgeTLError(f"bundle {model.path} has one task; drop --task")
+    return model.classifier
+
+
 def rollback(args: argparse.Namespace) -> int:
     from edge_tl.bundle import read_manifest
     from edge_tl.runtime.anomaly import bank_store
@@ -358,7 +382,18 @@ def rollback(args: argparse.Namespace) -> int:
     if args.list and args.to is not None:
         raise EdgeTLError("--list shows the versions and changes nothing; drop --to, or --list")
     manifest = read_manifest(args.bundle, verify=True, trust=args.trust)
-    store = (bank_store if args.anomaly else head_store)(args.bundle, manifest)
+    names = [t.name for t in manifest.tasks or []]
+    if args.task is not None and args.task not in names:
+        raise EdgeTLError(
+            f"--task {args.task!r} is not a task of {args.bundle} "
+            f"({', '.join(names) if names else 'it has one task: drop --task'})"
+        )
+    if args.task is not None and args.anomaly:
+        raise EdgeTLError("--task picks a head; --anomaly the anomaly bank: give one")
+    if args.anomaly:
+        store = bank_store(args.bundle, manifest)
+    else:
+        store = head_store(args.bundle, manifest, args.task)
     if args.list:
         versions = store.history()
         if args.json:
@@ -407,8 +442,14 @@ def evaluate(args: argparse.Namespace) -> int:
     from edge_tl.runtime import Model
 
     model = Model(args.bundle, trust=args.trust)
+    data = args.data
+    if args.tasks is not None:  # DATA's labels for these tasks (a multi-label source)
+        from edge_tl.data import open_dataset
+        from edge_tl.multitask import parse_tasks
+
+        data = open_dataset(args.data, args.skip_bad, tasks=parse_tasks(args.tasks))
     res = model.evaluate(
-        args.data,
+        data,
         split=args.split,
         maps_dir=args.maps,
         skip_bad=args.skip_bad,

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from edge_tl.report import FidelityReport, table
-from edge_tl.runtime.results import AnomalyEvaluation, Evaluation, Prediction, Verdict
+from edge_tl.runtime.results import (
+    AnomalyEvaluation,
+    Evaluation,
+    Prediction,
+    TaskEvaluation,
+    TaskPrediction,
+    Verdict,
+)
 from edge_tl.spec import Manifest, TextPreprocess
 
 __all__ = [
@@ -74,9 +81,12 @@ def export(manifest: Manifest, out: Path) -> None:
     print(line + f"; report {out / 'fidelity.md'}")
 
 
-def predictions(results: list[Prediction] | list[Verdict]) -> None:
+def predictions(results: list[Prediction] | list[Verdict] | list[TaskPrediction]) -> None:
     for r in results:
-        if isinstance(r, Verdict):
+        if isinstance(r, TaskPrediction):  # image, then task=label score for each task
+            answers = "\t".join(f"{t}={p.label} {p.score:.3f}" for t, p in r.tasks.items())
+            print(f"{r.image}\t{answers}")
+        elif isinstance(r, Verdict):
             extra = f"\t{r.map_png}" if r.map_png else ""
             print(f"{r.image}\t{r.verdict}\t{r.score:.3f}\t(threshold {r.threshold:.3f}){extra}")
         else:
@@ -92,9 +102,15 @@ def _one_line(text: str, width: int = 60) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def evaluation(res: Evaluation | AnomalyEvaluation, unit: str = "image") -> None:
+def evaluation(res: Evaluation | AnomalyEvaluation | TaskEvaluation, unit: str = "image") -> None:
     if isinstance(res, AnomalyEvaluation):
         _anomaly_evaluation(res)
+        return
+    if isinstance(res, TaskEvaluation):
+        print(f"mean task accuracy {res.mean_accuracy:.4f} on {res.n} {unit}s ({res.artifact})")
+        for name, r in res.tasks.items():
+            print(f"task {name}: ", end="")
+            evaluation(r, unit)
         return
     head = res.head
     version = "exported head" if head["version"] is None else f"head v{head['version']}"

@@ -372,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="text data: the column (JSON key) holding the class name (default label)",
     )
+    ev.add_argument(
+        "--tasks",
+        metavar="NAME[,NAME...]",
+        help="read DATA's labels for these tasks (elpv's defect/type, a labels .csv's "
+        "columns): a bundle trained with --tasks type is scored on DATA's type labels; a "
+        "multi-task bundle reads its own tasks without it",
+    )
     ev.add_argument("--json", action="store_true", help="print the figures as JSON")
     ev.set_defaults(func=commands.evaluate)
 
@@ -427,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME",
         help="text data: the column (JSON key) holding the class name (default label)",
+    )
+    le.add_argument(
+        "--task",
+        metavar="NAME",
+        help="multi-task bundle: the task whose head learns (the others stay as they are); "
+        "DATA is then an ImageFolder of that task's classes, or the multi-task source (elpv, "
+        "a labels .csv)",
     )
     le.add_argument("--json", action="store_true", help="print the new head's summary as JSON")
     le.set_defaults(func=commands.learn)
@@ -485,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--to", type=int, metavar="N", help="make version N current (default: the previous one)"
     )
     rb.add_argument("--list", action="store_true", help="list the versions, change nothing")
+    rb.add_argument("--task", metavar="NAME", help="multi-task bundle: that task's head versions")
     rb.add_argument("--json", action="store_true", help="print the result as JSON")
     rb.set_defaults(func=commands.rollback)
 

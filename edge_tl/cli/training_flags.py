@@ -33,6 +33,8 @@ _IMAGE_ONLY = {
     "workers": 2,
     "qat": False,
     "no_onnx_cache": False,
+    "tasks": None,
+    "task_weights": None,
 }
 # Text-only flags (default None): given on image data, they are refused.
 _TEXT_ONLY = ("text_column", "label_column", "train_layers", "test_data")
@@ -164,6 +166,21 @@ def add_training_flags(t: argparse.ArgumentParser) -> None:
         action="store_true",
         help="cache boundary activations with PyTorch instead of ONNX Runtime",
     )
+    multi = t.add_argument_group(
+        "multi-task (one backbone, one head per task; DATA: elpv, a labels file "
+        "path,<task>,... (.csv) or a folder <task 1 class>/<task 2 class>/<image>)"
+    )
+    multi.add_argument(
+        "--tasks",
+        help="tasks to learn, comma-separated: elpv's defect,type, the CSV's columns, or "
+        "names for the folder levels (outermost first); one task trains an ordinary model "
+        "on that label",
+    )
+    multi.add_argument(
+        "--task-weights",
+        help="loss weight per task, comma-separated (default: 1 each, the plain sum of Kurin "
+        "et al., NeurIPS 2022)",
+    )
     text = t.add_argument_group(
         "text data (a CSV/TSV, JSON Lines, <class>/*.txt folder, or a named set such as "
         "trec6:train; or --backbone all-minilm-l6-v2)"
@@ -197,6 +214,8 @@ def is_text_training(args: argparse.Namespace) -> bool:
     from edge_tl.backbones import REGISTRY, is_text_backbone
     from edge_tl.texts import is_text_source
 
+    if getattr(args, "tasks", None):  # multi-task data are images (a .csv lists them)
+        return False
     text_data = is_text_source(args.data)
     if args.backbone is not None and is_text_backbone(args.backbone) and not text_data:
         raise EdgeTLError(
@@ -226,6 +245,14 @@ def train_config(args: argparse.Namespace, strategy: str) -> TrainConfig:
         raise EdgeTLError(f"--stages {args.stages!r} must be integers like 5,6") from None
     given = _given(args)
     values = {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given}
+    if args.task_weights is not None and args.tasks is None:
+        raise EdgeTLError("--task-weights weighs the --tasks; give --tasks too")
+    if args.tasks is not None:
+        from edge_tl.multitask import parse_tasks, parse_weights
+
+        values["tasks"] = parse_tasks(args.tasks)
+        if args.task_weights is not None:
+            values["task_weights"] = parse_weights(args.task_weights, len(values["tasks"]))
     values.update(
         strategy=strategy,
         stages=stages,

@@ -48,7 +48,15 @@ from edge_tl.runtime.host import host_info
 from edge_tl.runtime.learner import EXEMPLARS, write_exemplars
 from edge_tl.runtime.selftest import write_self_test
 from edge_tl.signing import Ed25519PrivateKey, sign_bundle
-from edge_tl.spec import FORMAT_VERSION, INPUT_NAME, HeadEntry, Manifest, Recipe, load_recipe
+from edge_tl.spec import (
+    FORMAT_VERSION,
+    INPUT_NAME,
+    HeadEntry,
+    Manifest,
+    Recipe,
+    TaskEntry,
+    load_recipe,
+)
 
 __all__ = ["EXEMPLARS_PER_CLASS", "HEAD_FITS", "export_bundle"]
 
@@ -196,6 +204,13 @@ def export_bundle(
                 metrics["adapt_bn"] = adapted
             if src.fit_set is not None:  # what `edge-tl adapt` aligns a new camera to
                 _write_source_stats(bdir / SOURCE_STATS, src, heads, chosen.engine)
+            tasks = None
+            if src.task_heads is not None:  # multi-task: one head per task, same artifact
+                from edge_tl.export.tasks import write_task_heads
+
+                tasks, metrics["tasks"] = write_task_heads(
+                    bdir, src, chosen.engine, check, chosen.emb, heads
+                )
             manifest = _write_bundle(
                 bdir,
                 src,
@@ -208,6 +223,7 @@ def export_bundle(
                 report,
                 cosines,
                 metrics,
+                tasks,
             )
             if sign is not None:
                 sign_bundle(bdir, sign)
@@ -421,6 +437,7 @@ def _write_bundle(
     report: FidelityReport,
     cosines: dict[str, np.ndarray],
     metrics: dict[str, Any],
+    tasks: list[TaskEntry] | None = None,
 ) -> Manifest:
     """Head, exemplars, fused logits, self-test, report and last the manifest (with every
     file's SHA-256) into ``bdir``."""
@@ -460,6 +477,7 @@ def _write_bundle(
         source=src.source,
         files=hash_files(bdir),
         self_test=self_test,
+        tasks=tasks,
     )
     write_manifest(bdir, manifest)
     return manifest

@@ -52,6 +52,10 @@ class ExportSource:
     held_out: Dataset | None = None
     held_out_name: str = "held-out split"
     """What ``held_out`` is, for the fidelity report (``target held-out split`` after AdaBN)."""
+    task_heads: dict[str, LinearHead] | None = None
+    """A multi-task run's head per task (``labels`` and ``head`` are then the joint classes
+    and their head); the tasks' classes are in ``task_labels``."""
+    task_labels: dict[str, list[str]] | None = None
 
 
 def open_run(run: str | Path, calib: str | Path | None, head_fit: str) -> ExportSource:
@@ -71,6 +75,12 @@ def open_run(run: str | Path, calib: str | Path | None, head_fit: str) -> Export
         note = multi_source_note(record["backbone"], sources)
         if note:
             _logger.warning(f"{note}, and export that run")
+    task_heads = task_labels = None
+    if record.get("tasks"):
+        from edge_tl.train.multitask import TaskHeads
+
+        task_labels = {t["name"]: list(t["labels"]) for t in record["tasks"]}
+        task_heads = TaskHeads.load(Path(run), list(task_labels), head).heads
     labels = record["labels"]
     check_labels(labels, f"labels of the run {run}", fix="rename the class folder and train again")
     cfg = record["config"]
@@ -91,14 +101,20 @@ def open_run(run: str | Path, calib: str | Path | None, head_fit: str) -> Export
         pytorch_test_accuracy=record["metrics"].get("test_accuracy"),
     )
     try:  # the files training skipped under --skip-bad are skipped again (same fingerprint)
-        ds = open_dataset(record["data"], skip_bad=bool(record["metrics"].get(SKIPPED)))
+        ds = open_dataset(
+            record["data"],
+            skip_bad=bool(record["metrics"].get(SKIPPED)),
+            tasks=cfg.get("tasks") or None,
+        )
     except EdgeTLError as e:
         if head_fit == "artifact" or calib is None:
             raise EdgeTLError(
                 f"the run's training data is not readable ({e}); pass --calib DATA and "
                 "--head-fit source"
             ) from None
-        return ExportSource(record["backbone"], features, head, labels, source)
+        return ExportSource(
+            record["backbone"], features, head, labels, source, None, None, task_heads, task_labels
+        )
     if ds.classes != labels or record.get("data_fingerprint") not in (None, fingerprint(ds)):
         raise EdgeTLError(
             f"the training data {record['data']} changed since the run was trained (other "
@@ -107,7 +123,17 @@ def open_run(run: str | Path, calib: str | Path | None, head_fit: str) -> Export
     parts = split(ds, split_record)
     fit_set = ds.subset(np.concatenate([parts["train"], parts["val"]]))
     held_out = ds.subset(parts["test"])
-    return ExportSource(record["backbone"], features, head, labels, source, fit_set, held_out)
+    return ExportSource(
+        record["backbone"],
+        features,
+        head,
+        labels,
+        source,
+        fit_set,
+        held_out,
+        task_heads,
+        task_labels,
+    )
 
 
 def open_backbone(name: str, weights: str | Path | None) -> ExportSource:

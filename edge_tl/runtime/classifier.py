@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_tl.data import Dataset, image_folder
+from edge_tl.data import Dataset, image_folder, is_named_image_set
 from edge_tl.errors import EdgeTLError
 from edge_tl.images import SKIPPED, Skipped
 from edge_tl.runtime import align as alignment
@@ -34,7 +34,7 @@ from edge_tl.runtime.learner import UNKNOWN, HeadState
 from edge_tl.runtime.preprocess import ImageLike, load_image, to_input
 from edge_tl.runtime.results import Evaluation, Prediction
 from edge_tl.runtime.text import check_texts
-from edge_tl.spec import EMBEDDING, check_label
+from edge_tl.spec import EMBEDDING, TaskEntry, check_label
 
 if TYPE_CHECKING:
     from edge_tl.runtime.model import Model
@@ -151,28 +151,35 @@ class HeadChange:
 
 
 class Classifier:
-    """Classification with a bundle's head (see the module docstring)."""
+    """Classification with a bundle's head (see the module docstring); with ``task``, one
+    task's head of a multi-task bundle (its versions in ``BUNDLE/heads/<task>/``, learned
+    without touching the other tasks' heads)."""
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, task: TaskEntry | None = None) -> None:
         self._model = model
-        self.store = learner.head_store(model.path, model.manifest)
+        self.task = task
+        self.store = learner.head_store(model.path, model.manifest, task and task.name)
         self.state: HeadState | None = self.store.load() or self._exported()
 
     def _exported(self) -> HeadState | None:
-        entry = self._model.manifest.head
+        entry = self._model.manifest.head if self.task is None else self.task.head
         if entry is None:
             return None
         path = self._model.path
         return learner.exported_state(
             LinearHead.load(path / entry.file),
-            self._model.manifest.labels,
+            self._exported_labels,
             path / entry.exemplars if entry.exemplars else None,
         )
 
     @property
+    def _exported_labels(self) -> list[str]:
+        return self._model.manifest.labels if self.task is None else self.task.labels
+
+    @property
     def labels(self) -> list[str]:
         """The classes the current head knows."""
-        return self.state.labels if self.state is not None else self._model.manifest.labels
+        return self.state.labels if self.state is not None else self._exported_labels
 
     def require(self) -> HeadState:
         """The head in force.
@@ -218,23 +225,27 @@ class Classifier:
                 emb = self._model.embed_texts([src])
             else:
                 emb = engine.run(to_input(load_image(src), pre)[None], (EMBEDDING,))[EMBEDDING]
-            state = self.require()  # one head for the whole answer, even if learning swaps it
-            labels = state.labels
-            probas, pred, sim = _classify(state, emb)
-            proba = probas[0]
-            order = np.argsort(-proba)[:top_k]
-            results.append(
-                Prediction(
-                    image=None if text else str(src) if not hasattr(src, "size") else "<image>",
-                    text=src if text else None,
-                    label=UNKNOWN if pred[0] < 0 else labels[order[0]],
-                    score=float(proba[order[0]]),
-                    similarity=None if sim is None else round(float(sim[0]), 4),
-                    threshold=None if state.threshold is None else round(state.threshold, 4),
-                    top_k=[{"label": labels[i], "score": float(proba[i])} for i in order],
-                )
-            )
+            results.append(self.prediction(src, emb, top_k))
         return results
+
+    def prediction(self, src: ImageLike | str, emb: np.ndarray, top_k: int = 1) -> Prediction:
+        """The :class:`Prediction` for one input ``src`` (an image, or a text on a text
+        bundle) from its embedding ``float32[1, D]``."""
+        text = self._model.text is not None
+        state = self.require()  # one head for the whole answer, even if learning swaps it
+        labels = state.labels
+        probas, pred, sim = _classify(state, emb)
+        proba = probas[0]
+        order = np.argsort(-proba)[:top_k]
+        return Prediction(
+            image=None if text else str(src) if not hasattr(src, "size") else "<image>",
+            text=src if text else None,
+            label=UNKNOWN if pred[0] < 0 else labels[order[0]],
+            score=float(proba[order[0]]),
+            similarity=None if sim is None else round(float(sim[0]), 4),
+            threshold=None if state.threshold is None else round(state.threshold, 4),
+            top_k=[{"label": labels[i], "score": float(proba[i])} for i in order],
+        )
 
     def evaluate(
         self,
@@ -253,9 +264,20 @@ class Classifier:
             EdgeTLError: a class of ``ds`` is not a label of the head, ``ds`` is empty, or
                 ``ds`` is data of the other modality (images for a text bundle).
         """
-        state = self.require()
+        self.require()
         ds = self._model.open_data(ds, skip_bad, text_column, label_column)
-        labels = state.labels
+        self.check_classes(ds)
+        t0 = time.perf_counter()
+        emb = self._model.embed(ds.paths, batch_size, desc="evaluating")
+        return self.evaluation(ds, emb, t0)
+
+    def check_classes(self, ds: Dataset) -> None:
+        """Refuse a data set with a class the head does not know, or none at all.
+
+        Raises:
+            EdgeTLError: naming the classes, or an empty data set.
+        """
+        labels = self.require().labels
         unknown = [c for c in ds.classes if c not in labels]
         if unknown:
             what = "class(es)" if ds.modality == "text" else "class folder(s)"
@@ -266,9 +288,14 @@ class Classifier:
             )
         if len(ds) == 0:
             raise EdgeTLError("nothing to evaluate: the data set is empty")
+
+    def evaluation(self, ds: Dataset, emb: np.ndarray, t0: float) -> Evaluation:
+        """The :class:`Evaluation` of the head on ``ds`` from its embeddings ``emb[N, D]``
+        (``t0``: when embedding began, for ``seconds``)."""
+        state = self.require()
+        labels = state.labels
         y = np.asarray([labels.index(ds.classes[i]) for i in ds.labels])
-        t0 = time.perf_counter()
-        _, pred, _ = _classify(state, self._model.embed(ds.paths, batch_size, desc="evaluating"))
+        _, pred, _ = _classify(state, emb)
         seconds = time.perf_counter() - t0
         cm, per_class, present = confusion(y, pred, labels)
         artifact = self._model.manifest.artifact
@@ -287,6 +314,17 @@ class Classifier:
         )
 
     # ---- learning (each change writes a new version) ----------------------------------
+    def _images(self, data: str | Path, skip_bad: bool = False) -> Dataset:
+        """Support images: an ImageFolder of the head's classes; for a task head also the
+        task's labels from a multi-task source (elpv, a labels .csv)."""
+        if self.task is not None and (
+            is_named_image_set(data) or str(data).lower().endswith(".csv")
+        ):
+            from edge_tl.multitask import open_tasks
+
+            return open_tasks(data, [self.task.name], skip_bad)
+        return image_folder(data, skip_bad=skip_bad)
+
     def _support(
         self,
         data: SupportLike,
@@ -308,7 +346,7 @@ class Classifier:
             names = [n for n, imgs in data.items() for _ in imgs]
             paths = [p for imgs in data.values() for p in imgs]
             return self._model.embed(paths, desc=desc), names, ()
-        ds = self._model.open_data(data, skip_bad, text_column, label_column, image_folder)
+        ds = self._model.open_data(data, skip_bad, text_column, label_column, self._images)
         x = self._model.embed(ds.paths, desc=desc)
         return x, [ds.classes[i] for i in ds.labels], ds.skipped
 

@@ -515,9 +515,19 @@ HEAD_VERSIONS = StoreKind("heads", "head", "edge-tl learn", "", _read_state, KEE
 """Head versions: ``BUNDLE/heads/vNNNN.npz`` + ``CURRENT``, the last 20 kept."""
 
 
-def head_store(bundle: str | Path, manifest: Manifest) -> VersionedStore:
-    """The versions of ``bundle``'s learned head."""
-    return VersionedStore(bundle, manifest, HEAD_VERSIONS)
+def head_store(bundle: str | Path, manifest: Manifest, task: str | None = None) -> VersionedStore:
+    """The versions of ``bundle``'s learned head; of a multi-task bundle's ``task`` head in
+    ``BUNDLE/heads/<task>/`` (each task's versions on their own)."""
+    if task is None:
+        return VersionedStore(bundle, manifest, HEAD_VERSIONS)
+    kind = replace(
+        HEAD_VERSIONS,
+        dirname=f"{HEAD_VERSIONS.dirname}/{task}",
+        noun=f"{task} head",
+        command=f"edge-tl learn --task {task}",
+        rollback_flag=f" --task {task}",
+    )
+    return VersionedStore(bundle, manifest, kind)
 
 
 def write_exemplars(path: Path, x: np.ndarray, y: np.ndarray) -> None:

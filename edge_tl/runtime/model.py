@@ -8,8 +8,10 @@ Torch-free. :class:`Model` opens a bundle once; :attr:`Model.classifier` (the he
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +29,14 @@ from edge_tl.runtime.classifier import Classifier
 from edge_tl.runtime.detector import AnomalyDetector
 from edge_tl.runtime.engine import Engine, Inputs, make_engine
 from edge_tl.runtime.preprocess import ImageLike, batch_inputs
-from edge_tl.runtime.results import AnomalyEvaluation, Evaluation, Prediction, Verdict
+from edge_tl.runtime.results import (
+    AnomalyEvaluation,
+    Evaluation,
+    Prediction,
+    TaskEvaluation,
+    TaskPrediction,
+    Verdict,
+)
 from edge_tl.runtime.selftest import enforce, run_self_test
 from edge_tl.runtime.text import TextEncoder, pool
 from edge_tl.runtime.versions import CURRENT
@@ -102,6 +111,11 @@ class Model:
             enforce(self.path, self.check_self_test())
         self.classifier = Classifier(self)
         self.detector = AnomalyDetector(self)
+        self.tasks: dict[str, Classifier] = {
+            t.name: Classifier(self, t) for t in self.manifest.tasks or []
+        }
+        """A multi-task bundle's classifier per task (empty for one task): each learns on
+        its own (``model.tasks["type"].add(...)``); :attr:`classifier` is the joint head."""
 
     def check_self_test(self) -> dict[str, Any] | None:
         """Run the bundle's self-test on this host (its reference images through the engine,
@@ -159,7 +173,8 @@ class Model:
     ) -> Dataset:
         """A labelled data set of this bundle's modality: for a text bundle read by
         :func:`edge_tl.texts.open_text_dataset` (``text_column`` / ``label_column``, default
-        ``text`` / ``label``), for an image bundle by ``images`` (an ImageFolder reader).
+        ``text`` / ``label``), for an image bundle by ``images`` (an ImageFolder reader; on a
+        multi-task bundle also a labels ``.csv``, read by ``images`` too).
 
         Raises:
             EdgeTLError: data of the other modality (images for a text bundle, text for an
@@ -169,6 +184,8 @@ class Model:
             if data.modality != self.modality:
                 raise self.wrong_input(f"the data set {data.name} holds {data.unit}s")
             return data
+        if self.tasks and str(data).lower().endswith(".csv"):  # a multi-task labels file
+            return images(data, skip_bad=skip_bad)
         if self.modality == "text":
             if not is_text_source(data) and _holds_images(data):
                 raise self.wrong_input(f"{data} holds images")
@@ -302,7 +319,7 @@ class Model:
         top_k: int = 1,
         task: Task | None = None,
         maps_dir: str | Path | None = None,
-    ) -> list[Prediction] | list[Verdict]:
+    ) -> list[Prediction] | list[Verdict] | list[TaskPrediction]:
         """Classify images, or score them for anomalies on a bundle with a bank (``task``
         forces one); ``maps_dir`` writes anomaly overlays.
 
@@ -323,7 +340,30 @@ class Model:
                 f"--maps needs an anomaly bank; build one with `edge-tl anomaly {self.path} "
                 "GOOD_DIR`"
             )
+        if self.tasks:
+            return self.predict_tasks(images, top_k)
         return self.classifier.predict(images, top_k)
+
+    def predict_tasks(self, images: Sequence[ImageLike], top_k: int = 1) -> list[TaskPrediction]:
+        """Every task's answer per image of a multi-task bundle: one engine run (batch 1),
+        then each task's head.
+
+        Raises:
+            EdgeTLError: a bundle without tasks, or ``top_k`` below 1.
+        """
+        if not self.tasks:
+            raise EdgeTLError(f"bundle {self.path} has one task; use predict()")
+        if top_k < 1:
+            raise EdgeTLError(f"--top-k must be at least 1, not {top_k}")
+        for clf in self.tasks.values():
+            clf.require()
+        out = []
+        for src in images:
+            emb = self.embed([src])
+            answers = {name: clf.prediction(src, emb, top_k) for name, clf in self.tasks.items()}
+            image = next(iter(answers.values())).image
+            out.append(TaskPrediction(image=image, tasks=answers))
+        return out
 
     def evaluate(
         self,
@@ -333,7 +373,7 @@ class Model:
         skip_bad: bool = False,
         text_column: str | None = None,
         label_column: str | None = None,
-    ) -> Evaluation | AnomalyEvaluation:
+    ) -> Evaluation | AnomalyEvaluation | TaskEvaluation:
         """Accuracy on a labelled data set, or anomaly AUROC on an MVTec-layout folder.
 
         Args:
@@ -369,10 +409,42 @@ class Model:
                 "--maps draws anomaly maps, on an MVTec-layout folder (test/good, "
                 "test/<defect>) with a bundle that has an anomaly bank; drop --maps here"
             )
-        ds = self.open_data(data, skip_bad, text_column, label_column)
+        reader = open_dataset
+        if self.tasks:  # each task's labels from the multi-task source
+            reader = partial(open_dataset, tasks=list(self.tasks))
+        ds = self.open_data(data, skip_bad, text_column, label_column, reader)
         if split != "all":
             ds = self._run_split(ds, split, str(data))
+        if self.tasks:
+            return self._evaluate_tasks(ds)
         return self.classifier.evaluate(ds)
+
+    def _evaluate_tasks(self, ds: Dataset) -> TaskEvaluation:
+        """Each task's accuracy on ``ds`` (labelled for every task), embedded once."""
+        from edge_tl.multitask import task_dataset
+
+        if ds.tasks is None or set(ds.tasks.names) != set(self.tasks):
+            have = "no tasks" if ds.tasks is None else f"tasks {', '.join(ds.tasks.names)}"
+            raise EdgeTLError(
+                f"{ds.name} has {have}; bundle {self.path} answers tasks "
+                f"{', '.join(self.tasks)}: pass data labelled for each"
+            )
+        views = {name: task_dataset(ds, name) for name in self.tasks}
+        for name, clf in self.tasks.items():
+            clf.check_classes(views[name])
+        t0 = time.perf_counter()
+        emb = self.embed(ds.paths, desc="evaluating")
+        results = {name: clf.evaluation(views[name], emb, t0) for name, clf in self.tasks.items()}
+        artifact = self.manifest.artifact
+        return TaskEvaluation(
+            tasks=results,
+            mean_accuracy=float(np.mean([r.accuracy for r in results.values()])),
+            n=len(ds),
+            seconds=round(time.perf_counter() - t0, 2),
+            bundle=str(self.path),
+            artifact=f"{artifact.format}-{artifact.precision}",
+            skipped=[sk.to_dict() for sk in ds.skipped],
+        )
 
     def _run_split(self, ds: Dataset, name: str, where: str) -> Dataset:
         """The part ``name`` of the split this bundle's run was trained with."""
@@ -383,6 +455,11 @@ class Model:
             raise EdgeTLError(
                 f"{where} is not the data set this bundle was trained on (other classes or "
                 f"{ds.unit}s), so --split {name} would not be its held-out split; use --split all"
+                + (
+                    ""
+                    if self.tasks or self.modality == "text"
+                    else " (or --tasks NAME if it was trained with --tasks)"
+                )
             )
         return ds.subset(split_dataset(ds, record)[name])
 

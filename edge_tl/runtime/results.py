@@ -11,7 +11,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AnomalyEvaluation", "Evaluation", "Prediction", "Verdict"]
+__all__ = [
+    "AnomalyEvaluation",
+    "Evaluation",
+    "Prediction",
+    "TaskEvaluation",
+    "TaskPrediction",
+    "Verdict",
+]
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,46 @@ class Evaluation:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TaskPrediction:
+    """One image classified by every task of a multi-task bundle (one embedding, one
+    head per task). JSON: ``{"image": ..., "tasks": {"defect": {"label", "score", ...},
+    "type": {...}}}``, each task as a :class:`Prediction` without the image."""
+
+    image: str | None
+    tasks: dict[str, Prediction]
+
+    def to_dict(self) -> dict[str, Any]:
+        tasks = {}
+        for name, p in self.tasks.items():
+            d = p.to_dict()
+            d.pop("image", None)
+            tasks[name] = d
+        return {"image": self.image, "tasks": tasks}
+
+
+@dataclass(frozen=True)
+class TaskEvaluation:
+    """A multi-task bundle measured on a labelled multi-task data set: one
+    :class:`Evaluation` per task (the same images, each task's labels) and the mean of the
+    tasks' accuracies. ``seconds`` is the wall time of embedding (once) and classifying."""
+
+    tasks: dict[str, Evaluation]
+    mean_accuracy: float
+    n: int
+    seconds: float
+    bundle: str
+    artifact: str
+    skipped: list[dict[str, str]] = field(default_factory=list)  # under --skip-bad
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for t in d["tasks"].values():  # said once, at the top
+            for key in ("bundle", "artifact", "skipped", "seconds"):
+                del t[key]
+        return d
 
 
 @dataclass(frozen=True)

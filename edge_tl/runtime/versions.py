@@ -390,7 +390,7 @@ class VersionedStore:
         """One writer at a time (another process learning on the same bundle waits); never
         in the temporary copy of an archive."""
         refuse_write(self.bundle)
-        self.dir.mkdir(exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True)  # heads/<task>/ of a multi-task bundle
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX

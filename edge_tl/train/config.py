@@ -61,6 +61,12 @@ class TrainConfig:
     only ``target_unlabeled`` is given."""
     adapt_weight: float | None = None
     """λ of coral / dann / mcc (default per method: ``adapt.DEFAULT_WEIGHTS``)."""
+    tasks: tuple[str, ...] = ()
+    """Multi-task: the tasks to learn from a multi-label source (:mod:`edge_tl.multitask`);
+    empty: one task, the data's classes."""
+    task_weights: tuple[float, ...] = ()
+    """Multi-task loss weights, one per task (empty: all 1, the plain sum that Kurin et al.,
+    NeurIPS 2022, find as good as specialised multi-task optimisers)."""
 
     def __post_init__(self) -> None:
         if get_spec(self.backbone).sources and self.strategy != "linear-probe":
@@ -70,6 +76,19 @@ class TrainConfig:
             )
         object.__setattr__(self, "stages", tuple(int(s) for s in self.stages))
         object.__setattr__(self, "params", tuple(self.params))
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        object.__setattr__(self, "task_weights", tuple(float(w) for w in self.task_weights))
+        if self.task_weights:
+            from edge_tl.multitask import parse_weights
+
+            if len(self.tasks) < 2:
+                raise EdgeTLError("--task-weights weighs two or more --tasks; drop it")
+            parse_weights(",".join(map(str, self.task_weights)), len(self.tasks))
+        if len(self.tasks) > 1 and self.balance == "loss":
+            raise EdgeTLError(
+                "--balance loss weighs one task's classes; with several --tasks use "
+                "--balance sampler (it balances the task-class combinations) or none"
+            )
         if self.strategy not in STRATEGIES:
             raise EdgeTLError(
                 f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"
@@ -141,6 +160,11 @@ class TrainConfig:
             )
         if method in LOOP_METHODS and self.qat:
             raise EdgeTLError(f"--adapt {method} and --qat do not combine; drop one")
+        if self.tasks:
+            raise EdgeTLError(
+                "--target-unlabeled adapts a one-task model (multi-task adaptation is not built); "
+                "drop --tasks"
+            )
         weight = self.adapt_weight
         if weight is None and method in LOOP_METHODS:
             weight = DEFAULT_WEIGHTS[method]
@@ -155,7 +179,17 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["stages"], d["params"] = list(self.stages), list(self.params)
+        for key in ("tasks", "task_weights"):  # a one-task run's record stays as it was
+            if d[key]:
+                d[key] = list(d[key])
+            else:
+                del d[key]
         return d
+
+    @property
+    def weights_per_task(self) -> tuple[float, ...]:
+        """The loss weight of each task (1 each unless ``task_weights``)."""
+        return self.task_weights or (1.0,) * len(self.tasks)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

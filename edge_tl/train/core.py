@@ -71,7 +71,7 @@ def train(
                 )
             ckpt_file.unlink()
     state = load_checkpoint(ckpt_file, config) if resume else None
-    ds = open_dataset(data, skip_bad)
+    ds = open_dataset(data, skip_bad, tasks=config.tasks or None)
     splits = split(ds, config.split)
     _check_splits(ds, splits)
     target = None

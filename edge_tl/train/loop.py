@@ -159,6 +159,13 @@ def fit(
     unlabeled = {TARGET: target.unlabeled} if adapter is not None else None
     data = TrainingData(features, ds, splits, config, policy, device, aug, unlabeled)
     n_classes = len(ds.classes)
+    objective = None  # several tasks: one head per task, a weighted sum of their losses
+    if ds.tasks is not None:
+        from edge_tl.train.multitask import TaskObjective
+
+        weights = config.weights_per_task
+        objective = TaskObjective(ds.tasks, weights, config.label_smoothing).to(device)
+        eval_objective = TaskObjective(ds.tasks, weights).to(device)
 
     for m in features.modules():
         # TF-converted nets use momentum 0.01 (ImageNet-long schedules); a short transfer run
@@ -166,7 +173,10 @@ def fit(
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None:
             m.momentum = max(m.momentum, BN_MOMENTUM)
     model = ClassifierNet(
-        features, policy.boundary if data.cached else None, n_classes, config.dropout
+        features,
+        policy.boundary if data.cached else None,
+        n_classes if objective is None else objective.n_outputs,
+        config.dropout,
     ).to(device)
     if config.channels_last:  # faster convolutions on CPUs (~25 %) and GPUs alike
         model = model.to(memory_format=torch.channels_last)
@@ -197,6 +207,8 @@ def fit(
         weight = torch.tensor(balanced, dtype=torch.float32, device=device)
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
     eval_loss = nn.CrossEntropyLoss()
+    if objective is not None:
+        loss_fn, eval_loss = objective, eval_objective
     gen = torch.Generator().manual_seed(config.seed)
     bf16 = config.precision == "bf16" or (
         config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -274,10 +286,13 @@ def fit(
             opt.step()
             step += 1
             total_loss += float(loss.detach()) * len(idx) / ctx.world
-            correct += int((logits.argmax(1) == yb).sum())
+            if objective is None:
+                correct += int((logits.argmax(1) == yb).sum())
+            else:
+                correct += objective.correct(logits, yb)
             seen += len(local)
         train_seconds = time.perf_counter() - t0
-        val_loss, val_acc, _ = _evaluate(model, data, "val", eval_loss, device, autocast)
+        val_loss, val_acc, _ = _evaluate(model, data, "val", eval_loss, device, autocast, objective)
         row = {
             "epoch": epoch,
             "train_loss": total_loss / max(seen, 1),
@@ -330,7 +345,7 @@ def fit(
             )
             break
     model.load_state_dict(best)
-    _, test_acc, test_pred = _evaluate(model, data, "test", eval_loss, device, autocast)
+    _, test_acc, test_pred = _evaluate(model, data, "test", eval_loss, device, autocast, objective)
     if qat is not None:  # test accuracy above is through the simulated INT8 rounding
         qat.remove()
     model.cpu().eval()
@@ -338,13 +353,21 @@ def fit(
         model.head.weight.detach().float().numpy().copy(),
         model.head.bias.detach().float().numpy().copy(),
     )
+    task_results = None
+    if objective is not None:  # one head per task, and their joint head
+        from edge_tl.train.multitask import task_metrics
+
+        head = objective.split_head(head.weight, head.bias)
+        task_results = task_metrics(ds.tasks, test_pred, data.y["test"])
     best_row = (
         max(history, key=lambda r: (r["val_accuracy"], -r["val_loss"])) if has_val else history[-1]
     )
     metrics = {
         "strategy": config.strategy,
         "test_accuracy": test_acc,
-        "test_macro_f1": macro_f1(test_pred, data.y["test"], n_classes),
+        "test_macro_f1": macro_f1(test_pred, data.y["test"], n_classes)
+        if objective is None
+        else float(np.mean([r["test_macro_f1"] for r in task_results.values()])),
         "best_epoch": best_row["epoch"],
         "val_accuracy": best_row["val_accuracy"] if has_val else None,
         "epochs_run": len(history),
@@ -365,6 +388,9 @@ def fit(
     }
     if adapter is not None:
         metrics["adapt_loss_last_epoch"] = history[-1]["adapt_loss"]
+    if task_results is not None:
+        metrics["tasks"] = task_results
+        metrics["task_weights"] = list(config.weights_per_task)
     return head, history, metrics
 
 
@@ -379,8 +405,10 @@ def _is_grey_data(ds: Dataset, n: int = 16) -> bool:
 
 @torch.no_grad()
 def _evaluate(
-    model: ClassifierNet, data: TrainingData, split: str, loss_fn, device, autocast
+    model: ClassifierNet, data: TrainingData, split: str, loss_fn, device, autocast, objective=None
 ) -> tuple[float, float, np.ndarray]:
+    """``(loss, accuracy, predictions)`` on a split; with a multi-task ``objective`` the
+    weighted mean task accuracy and predictions ``[N, n_tasks]``."""
     y = data.y[split]
     if len(y) == 0:
         return float("nan"), float("nan"), np.zeros(0, np.int64)
@@ -391,5 +419,8 @@ def _evaluate(
             logits.append(model(xb).float().cpu())
     out = torch.cat(logits)
     yt = torch.from_numpy(y)
+    if objective is not None:
+        pred = objective.predict(out)
+        return float(loss_fn(out, yt.to(out.device))), objective.accuracy(pred, y), pred
     pred = out.argmax(1).numpy()
     return float(loss_fn(out, yt)), float((pred == y).mean()), pred

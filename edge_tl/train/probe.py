@@ -53,6 +53,8 @@ def linear_probe(
     emb = cache_activations(
         features, ds.paths, pre, None, desc="embedding images", use_onnx=config.onnx_cache
     )
+    if ds.tasks is not None:
+        return _probe_tasks(emb, ds, splits, config)
     k = len(ds.classes)
     tr, va, te = splits["train"], splits["val"], splits["test"]
     head = fit_probe_head(emb[tr], ds.labels[tr], emb[va], ds.labels[va], k, config.seed)
@@ -130,3 +132,26 @@ def multi_source_note(name: str, sources: dict[str, dict[str, float | None]]) ->
         f"({singles[best]:.4f}) on the {split_name} split; use the single source: "
         f"--backbone {best}"
     )
+
+
+def _probe_tasks(
+    emb: np.ndarray, ds: Dataset, splits: dict[str, np.ndarray], config: TrainConfig
+) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
+    """The linear probe of a multi-task data set: one head per task on the same embeddings."""
+    from edge_tl.train.multitask import probe_tasks
+
+    heads, test_acc, val_acc, per_task = probe_tasks(
+        emb, ds, splits, config.weights_per_task, config.seed
+    )
+    history = [{"step": 1, "test_accuracy": test_acc}]
+    metrics = {
+        "strategy": "linear-probe",
+        "test_accuracy": test_acc,
+        "test_macro_f1": float(np.mean([m["test_macro_f1"] for m in per_task.values()])),
+        "val_accuracy": val_acc,
+        "trainable_parameters": int(sum(h.weight.size + h.bias.size for h in heads.heads.values())),
+        "boundary": "embedding (cached)",
+        "tasks": per_task,
+        "task_weights": list(config.weights_per_task),
+    }
+    return heads, history, metrics

@@ -1,7 +1,10 @@
 """The run folder (``edge-tl train --out RUN``) and the checkpoint of an interrupted run.
 
 A run folder holds ``model.safetensors``, ``head.npz``, ``run.json``, ``metrics.json``,
-``history.csv`` and, for fine-tuning, ``curves.png``: no pickles. ``RUN.checkpoint.pt``
+``history.csv`` and, for fine-tuning, ``curves.png``: no pickles. A multi-task run
+(``run.json`` lists its ``tasks``) also holds each task's head as ``heads/<task>.npz``;
+its ``head.npz`` is then the joint head over every combination of task classes
+(:mod:`edge_tl.train.multitask`). ``RUN.checkpoint.pt``
 (beside it) is written atomically after every epoch and loaded weights-only.
 """
 
@@ -60,7 +63,7 @@ def write_run(
     ds: Dataset,
     config: TrainConfig,
     features: FeatureModel,
-    head: LinearHead,
+    head: LinearHead | Any,
     history: list[dict[str, Any]],
     metrics: dict[str, Any],
     extra_record: dict[str, Any] | None = None,
@@ -89,6 +92,8 @@ def write_run(
         "metrics": metrics,
         **(extra_record or {}),
     }
+    if ds.tasks is not None:  # multi-task: each task's classes (heads/<task>.npz)
+        record["tasks"] = ds.tasks.to_records()
     with atomic_folder(out, force) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in features.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))

@@ -157,6 +157,7 @@ def train_stage(shift: str, runs: Path, results: dict, save, backfill: bool = Fa
 
 def int8_stage(shift: str, runs: Path, results: dict, save, recipe: str) -> None:
     """Export the best method's run with ``recipe`` and score the bundle on the target."""
+    from edge_tl.errors import EdgeTLError
     from edge_tl.export import export_bundle
     from edge_tl.runtime import Model
     from edge_tl.runtime.evaluation import macro_f1
@@ -182,15 +183,20 @@ def int8_stage(shift: str, runs: Path, results: dict, save, recipe: str) -> None
             for i, p in enumerate(target.unlabeled):
                 (calib / f"{i:05d}{Path(p).suffix}").symlink_to(Path(p).resolve())
     t0 = time.perf_counter()
-    export_bundle(
-        bundle,
-        recipe,
-        run=run,
-        calib=calib,
-        head_fit="source",
-        force=True,
-        adapt_bn=target_spec if best == "adabn" else None,
-    )
+    try:
+        export_bundle(
+            bundle,
+            recipe,
+            run=run,
+            calib=calib,
+            head_fit="source",
+            force=True,
+            adapt_bn=target_spec if best == "adabn" else None,
+        )
+    except EdgeTLError as e:  # accuracy control refused the artifact: that is the result
+        rows[key] = {"recipe": recipe, "refused": str(e), "run": str(run)}
+        save()
+        return
     model = Model(bundle)
     emb = model.embed(list(target.test.paths))
     logits = LinearHead.load(bundle / "head.npz").logits(emb)
@@ -240,7 +246,11 @@ def table(shift: str, rows: dict, device: dict | None) -> str:
         )
     )
     for k, r in rows.items():
-        if k.startswith("int8_"):
+        if k.startswith("int8_") and "refused" in r:
+            lines.append(
+                f"| {k[5:]} as {r['recipe']} bundle | refused by accuracy control |  |  |  |"
+            )
+        elif k.startswith("int8_"):
             lines.append(
                 f"| {k[5:]} as {r['recipe']} bundle | {r['target_test_accuracy']:.4f} | "
                 + ("" if none is None else f"{100 * (r['target_test_accuracy'] - none):+.1f}")

@@ -276,9 +276,9 @@ def fit(
                 # Each process's share of the global-batch mean: N processes take the same
                 # step as one process on the whole batch, even when slices differ in size.
                 loss = loss_fn(logits.float(), yb) * (len(local) * ctx.world / len(idx))
-                objective = loss if targets is None else loss + extra
+                minimised = loss if targets is None else loss + extra
             opt.zero_grad(set_to_none=True)
-            objective.backward()
+            minimised.backward()
             for g in opt.param_groups:  # gradual: stages not yet unfrozen stay put
                 if g["unfreeze_epoch"] > epoch:
                     for p in g["params"]:

@@ -213,21 +213,18 @@ def neu_shift(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_adapted_run_records_target_accuracy_and_adabn_export(neu_shift, tmp_path):
-    from edge_tl.export import export_bundle
-    from edge_tl.train import load_run, train
+    from edge_tl.train import load_run
 
     src, tgt = neu_shift
     run = tmp_path / "run"
-    cfg = TrainConfig(
-        strategy="finetune",
-        train_stages=1,
-        epochs=1,
-        batch_size=8,
-        test_frac=0.3,
-        target_unlabeled=str(tgt),
-        adapt="mcc",
-    )
-    metrics = train(src, run, cfg)
+    res = cli(
+        "train", src, "--strategy", "finetune", "--train-stages", "1", "--epochs", "1",
+        "--batch-size", "8", "--test-frac", "0.3", "--target-unlabeled", tgt,
+        "--adapt", "mcc", "--out", run,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "target test accuracy" in res.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
     assert 0 <= metrics["target_test_accuracy"] <= 1 and metrics["n_target_test"] == 6
     assert metrics["adapt"] == "mcc" and metrics["n_target_unlabeled"] == 24
     assert np.isfinite(metrics["adapt_loss_last_epoch"])
@@ -239,16 +236,16 @@ def test_adapted_run_records_target_accuracy_and_adabn_export(neu_shift, tmp_pat
     _, features, _ = load_run(run)
     bns = [m for m in features.modules() if isinstance(m, nn.BatchNorm2d)]
     before = [m.running_mean.clone() for m in bns]
-    from edge_tl.train.adapt import open_target
-
     adabn(features, open_target(tgt).unlabeled, features.spec.preprocess)
     moved = [not torch.allclose(a, m.running_mean) for a, m in zip(before, bns, strict=True)]
     assert all(moved)
 
     # the same at export: parity is checked against the adapted PyTorch model
     bundle = tmp_path / "bundle"
-    manifest = export_bundle(bundle, "onnx-fp32", run=run, head_fit="source", adapt_bn=tgt)
-    assert manifest.metrics["adapt_bn"]["images"] == 24
-    assert manifest.metrics["adapt_bn"]["checked_on_target"] is True
-    assert manifest.metrics["embedding_cosine_vs_fp32"]["on"] == "target held-out split"
-    assert manifest.metrics["embedding_cosine_vs_fp32"]["n"] == 6
+    res = cli("export", run, "--recipe", "onnx-fp32", "--adapt-bn", tgt, "--out", bundle)
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads((bundle / "manifest.json").read_text())["metrics"]
+    assert metrics["adapt_bn"]["images"] == 24
+    assert metrics["adapt_bn"]["checked_on_target"] is True
+    assert metrics["embedding_cosine_vs_fp32"]["on"] == "target held-out split"
+    assert metrics["embedding_cosine_vs_fp32"]["n"] == 6

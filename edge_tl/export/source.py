@@ -113,7 +113,13 @@ def open_run(run: str | Path, calib: str | Path | None, head_fit: str) -> Export
                 "--head-fit source"
             ) from None
         return ExportSource(
-            record["backbone"], features, head, labels, source, None, None, task_heads, task_labels
+            record["backbone"],
+            features,
+            head,
+            labels,
+            source,
+            task_heads=task_heads,
+            task_labels=task_labels,
         )
     if ds.classes != labels or record.get("data_fingerprint") not in (None, fingerprint(ds)):
         raise EdgeTLError(
@@ -131,8 +137,8 @@ def open_run(run: str | Path, calib: str | Path | None, head_fit: str) -> Export
         source,
         fit_set,
         held_out,
-        task_heads,
-        task_labels,
+        task_heads=task_heads,
+        task_labels=task_labels,
     )
 
 

@@ -10,6 +10,7 @@ it too.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,15 @@ def open_run(run: str | Path, calib: str | Path | None, head_fit: str) -> Export
         split=split_record,
         pytorch_test_accuracy=record["metrics"].get("test_accuracy"),
     )
+    base = ExportSource(
+        record["backbone"],
+        features,
+        head,
+        labels,
+        source,
+        task_heads=task_heads,
+        task_labels=task_labels,
+    )
     try:  # the files training skipped under --skip-bad are skipped again (same fingerprint)
         ds = open_dataset(
             record["data"],
@@ -112,15 +122,7 @@ def open_run(run: str | Path, calib: str | Path | None, head_fit: str) -> Export
                 f"the run's training data is not readable ({e}); pass --calib DATA and "
                 "--head-fit source"
             ) from None
-        return ExportSource(
-            record["backbone"],
-            features,
-            head,
-            labels,
-            source,
-            task_heads=task_heads,
-            task_labels=task_labels,
-        )
+        return base
     if ds.classes != labels or record.get("data_fingerprint") not in (None, fingerprint(ds)):
         raise EdgeTLError(
             f"the training data {record['data']} changed since the run was trained (other "
@@ -129,17 +131,7 @@ def open_run(run: str | Path, calib: str | Path | None, head_fit: str) -> Export
     parts = split(ds, split_record)
     fit_set = ds.subset(np.concatenate([parts["train"], parts["val"]]))
     held_out = ds.subset(parts["test"])
-    return ExportSource(
-        record["backbone"],
-        features,
-        head,
-        labels,
-        source,
-        fit_set,
-        held_out,
-        task_heads=task_heads,
-        task_labels=task_labels,
-    )
+    return dataclasses.replace(base, fit_set=fit_set, held_out=held_out)
 
 
 def open_backbone(name: str, weights: str | Path | None) -> ExportSource:

@@ -165,8 +165,14 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(x, k.view(1, 1, 5, 1).repeat(c, 1, 1, 1), groups=c)
 
 
-def normalise(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """Pixels 0..255 -> the network's input, as the manifest's preprocessing says."""
+def normalise(
+    x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], inplace: bool = False
+) -> torch.Tensor:
+    """Pixels 0..255 ``[N, 3, H, W]`` -> the network's input, as the manifest's preprocessing
+    says. ``inplace`` (a float32 ``x`` the caller owns): written over ``x``, the same numbers
+    without the two temporaries of a batch's size."""
     m = torch.tensor(mean, dtype=torch.float32, device=x.device)[:, None, None]
     s = torch.tensor(std, dtype=torch.float32, device=x.device)[:, None, None]
+    if inplace and x.dtype == torch.float32:
+        return x.sub_(m).div_(s)
     return (x.float() - m) / s

@@ -88,10 +88,10 @@ class TrainingData:
     def _input_batches(self, paths, gen, desc) -> Iterator[np.ndarray]:
         loader = self._loader(paths, None)
         for px in progress(loader, desc=desc):
-            x = px.float()
+            x = px.float()  # a new tensor (and augment returns another): normalised in place
             if gen is not None:
                 x = augment(x, self.aug, gen)
-            yield normalise(x, self.pre.mean, self.pre.std).numpy()
+            yield normalise(x, self.pre.mean, self.pre.std, inplace=True).numpy()
 
     def _loader(self, paths, batches) -> torch.utils.data.DataLoader:
         cfg = self.config
@@ -135,7 +135,7 @@ class TrainingData:
         for idx, part, seed, px in zip(batches, local, seeds, loader, strict=True):
             g = torch.Generator().manual_seed(seed)
             x = augment(px.to(self.device, non_blocking=True).float(), self.aug, g, rows, len(idx))
-            x = normalise(x, self.pre.mean, self.pre.std)
+            x = normalise(x, self.pre.mean, self.pre.std, inplace=True)
             yield self._prepare(x), y[part].to(self.device)
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:

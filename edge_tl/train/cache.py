@@ -25,6 +25,8 @@ from edge_tl.train.onnx import torch_to_onnx
 
 __all__ = ["PrefixRunner", "cache_activations"]
 
+_ORT_SPINNING = "session.intra_op.allow_spinning"  # ONNX Runtime session config entry
+
 
 class _Prefix(nn.Module):
     def __init__(self, features: nn.Module, block: int | None) -> None:
@@ -63,7 +65,9 @@ class PrefixRunner:
             self._tmp = tempfile.TemporaryDirectory(prefix="edge_tl_cache_")
             path = Path(self._tmp.name) / "prefix.onnx"
             torch_to_onnx(self.prefix, path, self.size, ("out",))
-            self._engine = OrtEngine(path)
+            # DataLoader workers decode the next batches while the engine runs: ORT threads
+            # that spin after each run would take the cores from them
+            self._engine = OrtEngine(path, {_ORT_SPINNING: "0"})
         return self
 
     def __exit__(self, *exc) -> None:

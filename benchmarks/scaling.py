@@ -87,7 +87,7 @@ def cached_epochs(sizes: list[int], epochs: int) -> list[dict]:
 
     rows = []
     for n in sizes:
-        r = cached_epoch_ratio("elpv", epochs, 1, n // 2, test_frac=0.1, val_frac=0.1)
+        r = cached_epoch_ratio("elpv", epochs, 2, n // 2, test_frac=0.1, val_frac=0.1)
         r["ratio"] = r["epoch_seconds"] / r["bare_seconds"]
         rows.append(r)
         print(
@@ -173,7 +173,7 @@ def plot(res: dict, path: Path) -> None:
     if res.get("train"):
         r = res["train"]
         n = [v["n_train"] for v in r]
-        ax.plot(n, [v["cache_seconds"] for v in r], "o-", label="cache build")
+        ax.plot(n, [v["cache_seconds"] for v in r], "o-", label="cache build (train+val+test)")
         ax.plot(n, [v["epoch_seconds"] for v in r], "s-", label="cached epoch")
         ax.plot(n, [v["bare_seconds"] for v in r], "^--", label="fwd+bwd alone")
         ax.legend()
@@ -203,12 +203,13 @@ def report(res: dict) -> None:
     if res.get("train"):
         r = res["train"]
         print(
-            "\n| training images | cache build s | cached epoch s | fwd+bwd alone s | "
-            "epoch / fwd+bwd |\n|---|---|---|---|---|"
+            "\n| training images | images cached | cache build s | cached epoch s | "
+            "fwd+bwd alone s | epoch / fwd+bwd |\n|---|---|---|---|---|---|"
         )
         for v in r:
             print(
-                f"| {v['n_train']} | {v['cache_seconds']:.1f} | {v['epoch_seconds']:.2f} | "
+                f"| {v['n_train']} | {v['cached_images']} | {v['cache_seconds']:.1f} | "
+                f"{v['epoch_seconds']:.2f} | "
                 f"{v['bare_seconds']:.2f} | {v['ratio']:.2f}x |"
             )
         n = [v["n_train"] for v in r]

@@ -16,7 +16,7 @@
 
     .venv/bin/python benchmarks/scaling.py [--png scaling.png] [--quick]
 
-The default run takes about 8 minutes on 2 cores; ``--quick`` (or the per-curve flags)
+The default run takes about 4 minutes on 2 cores; ``--quick`` (or the per-curve flags)
 keeps each curve to its small end. Absolute times depend on the machine; the shapes are the
 figure.
 """

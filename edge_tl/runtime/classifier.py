@@ -31,7 +31,7 @@ from edge_tl.runtime import learner
 from edge_tl.runtime.evaluation import confusion
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.runtime.learner import UNKNOWN, HeadState
-from edge_tl.runtime.preprocess import ImageLike, load_image, to_input
+from edge_tl.runtime.preprocess import ImageLike, prepare
 from edge_tl.runtime.results import Evaluation, Prediction
 from edge_tl.runtime.text import check_texts
 from edge_tl.spec import EMBEDDING, TaskEntry, check_label
@@ -224,7 +224,8 @@ class Classifier:
             if text:
                 emb = self._model.embed_texts([src])
             else:
-                emb = engine.run(to_input(load_image(src), pre)[None], (EMBEDDING,))[EMBEDDING]
+                x = prepare(src, pre, self._model.input_row())
+                emb = engine.run(x[None], (EMBEDDING,))[EMBEDDING]
             results.append(self.prediction(src, emb, top_k))
         return results
 

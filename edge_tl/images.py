@@ -323,13 +323,13 @@ def decode_ahead(
 
     The first exception in file order is raised where its result would have been yielded;
     work queued behind it is cancelled. Pillow's warnings stay quiet in every worker (see
-    :func:`decoding`). ``workers`` defaults to :func:`decode_workers`; with 1 (or one file)
+    :func:`decoding`). ``workers`` defaults to :func:`decode_workers`; with 0 (or one file)
     the files are decoded one after another in the calling thread, as they are consumed.
     ``ahead`` (default ``4 x workers``): at most this many files are queued or decoded
     beyond the last one consumed.
     """
     workers = decode_workers() if workers is None else workers
-    if workers <= 1 or len(files) <= 1:
+    if workers < 1 or len(files) <= 1:
         yield from map(decode, files)
         return
     # one filter set around the pool: each worker's own ``decoding`` nests inside it, so
@@ -357,19 +357,27 @@ def decode_ahead(
 _END = object()
 
 
-def decode_workers() -> int:
-    """Threads that decode images beside the engine: ``EDGE_TL_DECODE_THREADS``, else the
-    number of cores this process may use (at most 4)."""
+def decode_workers(beside_engine: bool = False) -> int:
+    """Decoding threads: ``EDGE_TL_DECODE_THREADS`` when set (0: decode in the calling
+    thread), else from the cores this process may use: all of them (at most 8) for decoding
+    alone (checking a folder, hashing images, one batch), half of them (1 to 4) beside an
+    engine that uses every core itself (``beside_engine``; a 16-image batch decodes several
+    times faster than the engine runs it, so one thread keeps ahead of it on 2 cores, and
+    more would only take cores from the engine).
+
+    Raises:
+        EdgeTLError: the variable is not a whole number.
+    """
     raw = os.environ.get(DECODE_THREADS_ENV, "").strip()
     if raw:
-        if not raw.isdigit() or int(raw) < 1:
+        if not raw.isdigit():
             raise EdgeTLError(
-                f"{DECODE_THREADS_ENV}={raw!r} is not a thread count; set it to a positive "
-                "integer (1 decodes in the calling thread)"
+                f"{DECODE_THREADS_ENV}={raw!r} is not a thread count; set it to a whole number "
+                "(0 decodes in the calling thread)"
             )
         return int(raw)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
+    return max(1, min(4, cores // 2)) if beside_engine else max(1, min(8, cores))

@@ -117,9 +117,19 @@ def to_input(img: Image.Image, pre: Preprocess, out: np.ndarray | None = None) -
     elif out.shape != shape or out.dtype != np.float32:
         raise EdgeTLError(f"to_input writes float32{list(shape)}, not {out.dtype}{list(out.shape)}")
     mean, inv_std = _affine(pre.mean, pre.std)
-    np.subtract(_resized(img, pre), mean, out=out, dtype=np.float32)
+    pixels = _resized(img, pre)
+    if pixels.shape[0] == 1 and _same_channels(pre):  # grey: one plane computed, copied
+        np.subtract(pixels[0], mean[0], out=out[0], dtype=np.float32)
+        out[0] *= inv_std[0]
+        out[1:] = out[0]
+        return out
+    np.subtract(pixels, mean, out=out, dtype=np.float32)
     out *= inv_std
     return out
+
+
+def _same_channels(pre: Preprocess) -> bool:
+    return len(set(pre.mean)) == 1 and len(set(pre.std)) == 1
 
 
 def prepare(src: ImageLike, pre: Preprocess, out: np.ndarray | None = None) -> np.ndarray:
@@ -170,7 +180,9 @@ def batch_inputs(
     if out is None:
         out = np.empty(shape, np.float32)
     elif out.shape != shape or out.dtype != np.float32:
-        raise EdgeTLError(f"batch_inputs writes float32{list(shape)}, not {out.dtype}{list(out.shape)}")
+        raise EdgeTLError(
+            f"batch_inputs writes float32{list(shape)}, not {out.dtype}{list(out.shape)}"
+        )
     rows = list(enumerate(images))
     for _ in decode_ahead(rows, lambda row: prepare(row[1], pre, out[row[0]])):
         pass
@@ -192,7 +204,7 @@ def input_batches(
             is reached; decoding queued behind it is cancelled.
     """
     n = len(images)
-    workers = decode_workers() if workers is None else workers
+    workers = decode_workers(beside_engine=True) if workers is None else workers
     ahead = batch_size + 2 * workers  # the next batch decodes while the engine runs this one
     # the slots a batch's rows may be written to while it is in the engine's hands: this
     # one, and every batch the pool may reach ``ahead`` images past the last one consumed

@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +25,7 @@ import numpy as np
 
 from edge_tl.data import Dataset, image_folder, is_named_image_set
 from edge_tl.errors import EdgeTLError
-from edge_tl.images import SKIPPED, Skipped
+from edge_tl.images import SKIPPED, Skipped, decode_ahead, decode_workers
 from edge_tl.runtime import align as alignment
 from edge_tl.runtime import learner
 from edge_tl.runtime.evaluation import confusion
@@ -219,13 +219,17 @@ class Classifier:
             if any(not isinstance(src, str) for src in images):
                 raise self._model.wrong_input("it was given an image, not a text")
             check_texts(images)
+        if text:
+            return [self.prediction(s, self._model.embed_texts([s]), top_k) for s in images]
+        if len(images) == 1:  # into this thread's preallocated row
+            inputs: Iterable[np.ndarray] = [prepare(images[0], pre, self._model.input_row())]
+        else:  # the next image decodes while the engine runs this one
+            inputs = decode_ahead(
+                images, lambda src: prepare(src, pre), decode_workers(beside_engine=True), 2
+            )
         results = []
-        for src in images:
-            if text:
-                emb = self._model.embed_texts([src])
-            else:
-                x = prepare(src, pre, self._model.input_row())
-                emb = engine.run(x[None], (EMBEDDING,))[EMBEDDING]
+        for src, x in zip(images, inputs, strict=True):
+            emb = engine.run(x[None], (EMBEDDING,))[EMBEDDING]
             results.append(self.prediction(src, emb, top_k))
         return results
 

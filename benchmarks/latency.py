@@ -88,6 +88,9 @@ def _worker(case: str, images: list[str], out: Path, folder: Path | None, profil
         def predict(path):
             return model.classifier.predict([path])
 
+        def stream(paths):  # one call, as `edge-tl predict BUNDLE *.jpg`
+            return model.classifier.predict(paths)
+
         def raw(x):
             return model.engine.run(x, (EMBEDDING,))
 
@@ -107,7 +110,12 @@ def _worker(case: str, images: list[str], out: Path, folder: Path | None, profil
         e2e.append(t1 - t0)
         eng.append(t2 - t1)
         prep.append(t3 - t2)
-    res: dict = {"e2e": e2e, "raw": eng, "prep": prep}
+    res: dict = {"e2e": e2e, "raw": eng, "prep": prep, "stream": []}
+    if not case.startswith("pytorch:"):
+        for _ in range(3):
+            t0 = time.perf_counter()
+            stream(images)
+            res["stream"].append((time.perf_counter() - t0) / len(images))
     if folder is not None and not case.startswith("pytorch:"):
         from edge_tl.runtime.preprocess import batch_inputs
 
@@ -203,7 +211,9 @@ def main() -> None:
         for recipe in RECIPES:
             for tag, _ in trees.items():
                 cases[tag + recipe] = (tag, str(where / recipe))
-        res: dict[str, dict] = {k: {"e2e": [], "raw": [], "prep": [], "folder": []} for k in cases}
+        res: dict[str, dict] = {
+            k: {"e2e": [], "raw": [], "prep": [], "stream": [], "folder": []} for k in cases
+        }
         profiles = {}
         folder_rounds = {1, 2} if args.rounds >= 3 else {0}
         for rnd in range(args.rounds):
@@ -222,7 +232,7 @@ def main() -> None:
                 env = {**os.environ, "EDGE_TL_QUIET": "1", "PYTHONPATH": str(trees[tag])}
                 subprocess.run(cmd, check=True, env=env, stderr=subprocess.DEVNULL)
                 got = json.loads(res_file.read_text())
-                for key in ("e2e", "raw", "prep"):
+                for key in ("e2e", "raw", "prep", "stream"):
                     res[name][key] += got[key]
                 if "folder" in got:
                     res[name]["folder"].append(got["folder"])
@@ -233,16 +243,18 @@ def main() -> None:
     med = {k: 1e3 * float(np.median(v["e2e"])) for k, v in res.items()}
     med_raw = {k: 1e3 * float(np.median(v["raw"])) for k, v in res.items()}
     med_prep = {k: 1e3 * float(np.median(v["prep"])) for k, v in res.items()}
+    med_stream = {k: 1e3 * float(np.median(v["stream"])) for k, v in res.items() if v["stream"]}
     base = med["pytorch-eager"]
     print()
     print(f"batch 1, {len(images)} images x {args.rounds} rounds, median ms; host: {_cpu()}")
     print(
         "predict / engine = end to end over the raw engine call (decode + preprocess + head "
-        "+ dispatch); own = the same less decode + preprocess"
+        "+ dispatch); own = the same less decode + preprocess; stream = per image of one "
+        "predict call on all the images (the next decodes while the engine runs one)"
     )
     print(
         f"{'artifact':<22}{'predict ms':>11}{'engine ms':>10}{'decode+prep':>12}"
-        f"{'pred/eng':>9}{'own':>8}{'vs PyTorch':>11}"
+        f"{'pred/eng':>9}{'own':>8}{'vs PyTorch':>11}{'stream ms':>10}{'str/eng':>8}"
     )
     for k in cases:
         ratio = med[k] / med_raw[k]
@@ -250,6 +262,11 @@ def main() -> None:
         print(
             f"{k:<22}{med[k]:>11.2f}{med_raw[k]:>10.2f}{med_prep[k]:>12.2f}{ratio:>8.2f}x"
             f"{own:>7.2f}x{base / med[k]:>10.1f}x"
+            + (
+                f"{med_stream[k]:>10.2f}{med_stream[k] / med_raw[k]:>7.2f}x"
+                if k in med_stream
+                else ""
+            )
         )
     verdicts = []
     for tag in trees:

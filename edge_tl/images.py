@@ -24,11 +24,13 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image, ImageOps
 
@@ -36,6 +38,7 @@ from edge_tl.errors import EdgeTLError
 from edge_tl.spec import IMAGE_EXTENSIONS
 
 __all__ = [
+    "DECODE_THREADS_ENV",
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS_ENV",
@@ -43,6 +46,8 @@ __all__ = [
     "BadImageError",
     "Skipped",
     "check_images",
+    "decode_ahead",
+    "decode_workers",
     "decoding",
     "entries",
     "folder_images",
@@ -57,6 +62,8 @@ __all__ = [
 SKIPPED = "skipped"
 """The key under which results list the files skipped under ``--skip-bad``."""
 MAX_PIXELS_ENV = "EDGE_TL_MAX_PIXELS"
+DECODE_THREADS_ENV = "EDGE_TL_DECODE_THREADS"
+T = TypeVar("T")
 DEFAULT_MAX_PIXELS = 120_000_000
 """Width x height above which an image is refused: every camera sensor sold (108 MP phones,
 65 MP industrial cameras) fits, 360 MB as 8-bit RGB."""
@@ -155,30 +162,40 @@ def check_images(
     A file without an image extension, or one that does not decode (see
     :func:`read_image`), stops the check with :class:`BadImageError` naming it, or with
     ``skip_bad`` is left out and listed. JPEGs are decoded at 1/8 scale (libjpeg reads the
-    whole stream either way, so truncation is still found; about 0.5 ms for 200 x 200).
+    whole stream either way, so truncation is still found; about 0.5 ms for 200 x 200), by
+    a thread pool (:func:`decode_ahead`).
 
     Raises:
         BadImageError: the first bad file, when not ``skip_bad``.
     """
     kept: list[str] = []
     skipped: list[Skipped] = []
-    for f in files:
-        try:
-            if not is_image_name(f):
-                raise BadImageError(
-                    f,
-                    f"is not an image file (extension {Path(f).suffix or '(none)'}; images "
-                    f"are {', '.join(IMAGE_EXTENSIONS)} in any case)",
-                    "move it out of the folder",
-                )
-            read_image(f, draft=True)
-        except BadImageError as e:
+    # decoded by a thread pool; the verdicts come back in file order, so the file named is
+    # the first bad one, as in a loop
+    for f, bad in zip(files, decode_ahead(files, _check_one), strict=True):
+        if bad is not None:
             if not skip_bad:
-                raise BadImageError(e.path, e.reason, f"{e.fix}, {SKIP_BAD_HINT}") from None
-            skipped.append(Skipped(str(f), e.reason))
+                raise BadImageError(bad.path, bad.reason, f"{bad.fix}, {SKIP_BAD_HINT}")
+            skipped.append(Skipped(str(f), bad.reason))
             continue
         kept.append(str(f))
     return kept, skipped
+
+
+def _check_one(f: str | os.PathLike) -> BadImageError | None:
+    """The reason ``f`` is a bad file, or None."""
+    try:
+        if not is_image_name(f):
+            raise BadImageError(
+                f,
+                f"is not an image file (extension {Path(f).suffix or '(none)'}; images "
+                f"are {', '.join(IMAGE_EXTENSIONS)} in any case)",
+                "move it out of the folder",
+            )
+        read_image(f, draft=True)
+    except BadImageError as e:
+        return e
+    return None
 
 
 # ---- opening one image ----------------------------------------------------------------
@@ -256,12 +273,21 @@ def decoding(src: Any) -> Iterator[None]:
         raise BadImageError(src, reason) from None
 
 
-def read_image(src: str | os.PathLike | Any, draft: bool = False) -> Image.Image:
+def read_image(
+    src: str | os.PathLike | Any, draft: bool = False, reduce_to: int | None = None
+) -> Image.Image:
     """Decode an image file (or a binary file object): its first frame, EXIF orientation
     applied, in the file's own mode (``RGB``, ``L``, ``I;16``, ``P``, ``CMYK``, ...).
 
     Args:
         draft: JPEGs decoded at reduced scale, orientation not applied (a check only).
+        reduce_to: a JPEG at least twice this size on both sides is decoded at 1/2, 1/4
+            or 1/8 scale in the DCT domain (libjpeg's scaled IDCT, through Pillow's
+            ``Image.draft``), the strongest reduction that keeps both sides at least
+            ``reduce_to`` pixels; other files and smaller JPEGs decode at full size. The
+            pixels differ from a full decode followed by a resize (the scaled IDCT is a
+            box filter in the DCT domain), so this is a preprocessing choice that the
+            workstation and the device must share (:attr:`edge_tl.spec.Preprocess.draft`).
 
     Raises:
         EdgeTLError: the file does not exist or is a folder.
@@ -278,6 +304,80 @@ def read_image(src: str | os.PathLike | Any, draft: bool = False) -> Image.Image
                 f.draft(f.mode, (max(1, w // 8), max(1, h // 8)))
             f.load()
             return f
-        img = ImageOps.exif_transpose(f)  # a decoded copy
-        img.load()
-        return img
+        if reduce_to is not None and f.format == "JPEG" and min(w, h) >= 2 * reduce_to:
+            f.draft(f.mode, (reduce_to, reduce_to))
+        # in place: no copy of the decoded pixels when there is nothing to turn
+        ImageOps.exif_transpose(f, in_place=True)
+        return f
+
+
+def decode_ahead(
+    files: Sequence[Any],
+    decode: Callable[[Any], T],
+    workers: int | None = None,
+    ahead: int | None = None,
+) -> Iterator[T]:
+    """``decode(f)`` for every file, in order, computed by a thread pool a few files ahead
+    of the consumer (Pillow releases the GIL while it decodes and resizes, so decoding
+    overlaps the consumer's work and runs on several cores).
+
+    The first exception in file order is raised where its result would have been yielded;
+    work queued behind it is cancelled. Pillow's warnings stay quiet in every worker (see
+    :func:`decoding`). ``workers`` defaults to :func:`decode_workers`; with 0 (or one file)
+    the files are decoded one after another in the calling thread, as they are consumed.
+    ``ahead`` (default ``4 x workers``): at most this many files are queued or decoded
+    beyond the last one consumed.
+    """
+    workers = decode_workers() if workers is None else workers
+    if workers < 1 or len(files) <= 1:
+        yield from map(decode, files)
+        return
+    # one filter set around the pool: each worker's own ``decoding`` nests inside it, so
+    # however their enter/exit interleave, every state restored still silences Pillow
+    with _pillow_quiet(max_pixels()), ThreadPoolExecutor(workers) as pool:
+        ahead = max(1, 4 * workers if ahead is None else ahead)
+        pending: deque[Future[T]] = deque()
+        it = iter(files)
+        try:
+            for f in it:
+                pending.append(pool.submit(decode, f))
+                if len(pending) >= ahead:
+                    break
+            while pending:
+                result = pending.popleft().result()
+                nxt = next(it, _END)
+                if nxt is not _END:
+                    pending.append(pool.submit(decode, nxt))
+                yield result
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+_END = object()
+
+
+def decode_workers(beside_engine: bool = False) -> int:
+    """Decoding threads: ``EDGE_TL_DECODE_THREADS`` when set (0: decode in the calling
+    thread), else from the cores this process may use: all of them (at most 8) for decoding
+    alone (checking a folder, hashing images, one batch), half of them (1 to 4) beside an
+    engine that uses every core itself (``beside_engine``; a 16-image batch decodes several
+    times faster than the engine runs it, so one thread keeps ahead of it on 2 cores, and
+    more would only take cores from the engine).
+
+    Raises:
+        EdgeTLError: the variable is not a whole number.
+    """
+    raw = os.environ.get(DECODE_THREADS_ENV, "").strip()
+    if raw:
+        if not raw.isdigit():
+            raise EdgeTLError(
+                f"{DECODE_THREADS_ENV}={raw!r} is not a thread count; set it to a whole number "
+                "(0 decodes in the calling thread)"
+            )
+        return int(raw)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores // 2)) if beside_engine else max(1, min(8, cores))

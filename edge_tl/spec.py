@@ -210,6 +210,10 @@ class Preprocess:
 
     ``resize="squash"`` resizes the whole image to ``size x size`` (no crop: a defect at
     the border stays in view). Pixels (0..255, RGB) are normalised as ``(p - mean) / std``.
+    ``draft``: a JPEG at least twice ``size`` on both sides is first decoded at 1/2, 1/4 or
+    1/8 scale in the DCT domain (:func:`edge_tl.images.read_image` ``reduce_to``), faster
+    but other pixels than a full decode; off unless the run chose it (older manifests have
+    no such field and decode at full size).
     """
 
     size: int
@@ -219,6 +223,7 @@ class Preprocess:
     interpolation: str = "bilinear"
     colour: str = "RGB"
     layout: str = "NCHW"
+    draft: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.size <= MAX_INPUT_SIZE:
@@ -618,6 +623,8 @@ class Manifest:
         d = dataclasses.asdict(self)
         if d["tasks"] is None:  # a one-task manifest is written as before
             del d["tasks"]
+        if d["preprocess"].get("draft") is False:  # so is one that decodes at full size
+            del d["preprocess"]["draft"]
         return d
 
     @property

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from edge_tl.errors import EdgeTLError
-from edge_tl.images import SKIPPED, Skipped, folder_images
+from edge_tl.images import SKIPPED, Skipped, decode_ahead, folder_images
 from edge_tl.runtime import patchcore as pc
 from edge_tl.runtime.preprocess import ImageLike, load_image
 from edge_tl.runtime.versions import StoreKind, VersionedStore
@@ -420,8 +420,8 @@ def unique_images(
     bank = () if known is None else known
     seen: dict[bytes, str] = {bytes(d): "an image already in the bank" for d in bank}
     kept, digests, dropped = [], [], []
-    for src in images:
-        d = image_digest(src)
+    # hashed by a thread pool (decoding is most of it), compared in order
+    for src, d in zip(images, decode_ahead(images, image_digest), strict=True):
         name = str(src) if not hasattr(src, "size") else "<image>"
         if d in seen:
             dropped.append({"image": name, "same_as": seen[d]})

@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,13 +25,13 @@ import numpy as np
 
 from edge_tl.data import Dataset, image_folder, is_named_image_set
 from edge_tl.errors import EdgeTLError
-from edge_tl.images import SKIPPED, Skipped
+from edge_tl.images import SKIPPED, Skipped, decode_ahead, decode_workers
 from edge_tl.runtime import align as alignment
 from edge_tl.runtime import learner
 from edge_tl.runtime.evaluation import confusion
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.runtime.learner import UNKNOWN, HeadState
-from edge_tl.runtime.preprocess import ImageLike, load_image, to_input
+from edge_tl.runtime.preprocess import ImageLike, prepare
 from edge_tl.runtime.results import Evaluation, Prediction
 from edge_tl.runtime.text import check_texts
 from edge_tl.spec import EMBEDDING, TaskEntry, check_label
@@ -219,12 +219,17 @@ class Classifier:
             if any(not isinstance(src, str) for src in images):
                 raise self._model.wrong_input("it was given an image, not a text")
             check_texts(images)
+        if text:
+            return [self.prediction(s, self._model.embed_texts([s]), top_k) for s in images]
+        if len(images) == 1:  # into this thread's preallocated row
+            inputs: Iterable[np.ndarray] = [prepare(images[0], pre, self._model.input_row())]
+        else:  # the next image decodes while the engine runs this one
+            inputs = decode_ahead(
+                images, lambda src: prepare(src, pre), decode_workers(beside_engine=True), 2
+            )
         results = []
-        for src in images:
-            if text:
-                emb = self._model.embed_texts([src])
-            else:
-                emb = engine.run(to_input(load_image(src), pre)[None], (EMBEDDING,))[EMBEDDING]
+        for src, x in zip(images, inputs, strict=True):
+            emb = engine.run(x[None], (EMBEDDING,))[EMBEDDING]
             results.append(self.prediction(src, emb, top_k))
         return results
 

@@ -321,8 +321,8 @@ class AnomalyDetector:
         out: list[Verdict] = []
         taken: set[str] = set()
         for src in images:
-            img = load_image(src)
-            x = to_input(img, pre)[None]
+            img = load_image(src)  # at full size: the map is drawn at the image's size
+            x = to_input(load_image(src, pre) if pre.draft else img, pre)[None]
             feats = patchcore.patch_features(engine.run(x, state.stages), state.stages, state.pool)
             with patchcore.one_blas_thread():
                 s, m = state.score(feats)

@@ -8,6 +8,7 @@ Torch-free. :class:`Model` opens a bundle once; :attr:`Model.classifier` (the he
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -28,7 +29,7 @@ from edge_tl.runtime import anomaly, patchcore
 from edge_tl.runtime.classifier import Classifier
 from edge_tl.runtime.detector import AnomalyDetector
 from edge_tl.runtime.engine import Engine, Inputs, make_engine
-from edge_tl.runtime.preprocess import ImageLike, batch_inputs
+from edge_tl.runtime.preprocess import ImageLike, batch_inputs, input_batches
 from edge_tl.runtime.results import (
     AnomalyEvaluation,
     Evaluation,
@@ -90,6 +91,7 @@ class Model:
                 engine that cannot load it, or a failed self-test.
         """
         self.path = Path(bundle)
+        self._rows = threading.local()  # see input_row
         self._unpacked = None  # the temporary copy of an archive lives as long as the Model
         if is_archive(self.path):
             self._unpacked, self.path = open_bundle(self.path)
@@ -201,6 +203,16 @@ class Model:
         return images(data, skip_bad=skip_bad)
 
     # ---- the engine ---------------------------------------------------------------------
+    def input_row(self) -> np.ndarray:
+        """This thread's preallocated ``float32[3, size, size]`` for one image's input
+        (batch-1 answers write into it instead of allocating per image; each thread has its
+        own, so concurrent predictions never share one)."""
+        row = getattr(self._rows, "row", None)
+        if row is None:
+            size = self.manifest.preprocess.size  # type: ignore[union-attr]
+            row = self._rows.row = np.empty((3, size, size), np.float32)
+        return row
+
     def batches(
         self,
         images: Sequence[ImageLike] | Sequence[str],
@@ -210,14 +222,17 @@ class Model:
     ) -> Iterator[dict[str, np.ndarray]]:
         """The engine's ``outputs`` for ``images`` (or texts, on a text bundle: ``embedding``
         is then pooled from the encoder's token vectors), ``batch_size`` at a time."""
-        pre = self.manifest.preprocess
+        if self.text is None:
+            # decoded by a thread pool a batch ahead of the engine (same inputs, same order)
+            pre = self.manifest.preprocess
+            batches = input_batches(images, pre, batch_size)
+            n = -(-len(images) // batch_size)
+            for x in progress(batches, desc=desc, total=n) if desc else batches:
+                yield self.engine.run(x, outputs)
+            return
         starts = range(0, len(images), batch_size)
         for i in progress(starts, desc=desc) if desc else starts:
-            chunk = images[i : i + batch_size]
-            if self.text is None:
-                yield self.engine.run(batch_inputs(chunk, pre), outputs)
-            else:
-                yield {EMBEDDING: self.embed_texts(chunk)}
+            yield {EMBEDDING: self.embed_texts(images[i : i + batch_size])}
 
     def engine_inputs(
         self, items: Sequence[ImageLike] | Sequence[str]

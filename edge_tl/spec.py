@@ -321,7 +321,11 @@ class Recipe:
     ``quantization``: ``ort-static`` (QDQ, calibrated), ``ort-dynamic`` (text encoders only:
     activation ranges per batch at run time, no calibration) or ``nncf``. ``reduce_range``:
     7-bit weights for ONNX Runtime, its remedy for the u8s8 saturation of x86-64 CPUs
-    without VNNI.
+    without VNNI. ``pair_safe_weights``: ONNX Runtime static INT8 of an image backbone with
+    every u8s8 GEMM convolution's weight scales set so that no pair of products can saturate
+    (:func:`edge_tl.export.saturation.pair_safe`; 8-bit weights): the artifact is exact on
+    every CPU with the fast u8s8 kernels, where ``session.x64quantprecision`` makes it exact
+    with u8u8 kernels as slow as FP32 on AVX2.
     """
 
     name: str
@@ -332,6 +336,7 @@ class Recipe:
     calibration_method: str = "minmax"
     per_channel: bool = True
     reduce_range: bool = False
+    pair_safe_weights: bool = False
     activation_type: str = "u8"
     weight_type: str = "s8"
     overflow_fix: str = "enable"

@@ -31,8 +31,9 @@ _I16 = (-32768, 32767)
 
 def gemm_convolutions(model: Any) -> list[dict[str, Any]]:
     """The QDQ graph's convolutions that MLAS runs as u8s8 GEMMs: name, the u8 activation
-    tensor (the ``QuantizeLinear`` output feeding them), its zero point, s8 weights as
-    ``int8[Cout, Cin, kh, kw]`` and the convolution's strides, pads, dilations."""
+    tensor (the ``QuantizeLinear`` output feeding them), its scale and zero point, s8
+    weights as ``int8[Cout, Cin, kh, kw]``, the convolution's strides, pads, dilations, and
+    the ``DequantizeLinear`` nodes of its weights and int32 bias (or None)."""
     from onnx import numpy_helper
 
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -57,10 +58,16 @@ def gemm_convolutions(model: Any) -> list[dict[str, Any]]:
         zero = numpy_helper.to_array(zp)
         if weights.dtype != np.int8 or zero.dtype != np.uint8 or weights.ndim != 4:
             continue
+        b_dq = producer.get(node.input[2]) if len(node.input) > 2 else None
+        if b_dq is not None and (b_dq.op_type != "DequantizeLinear" or b_dq.input[0] not in inits):
+            continue
         kh, kw = weights.shape[2:]
         out.append(
             {
                 "name": node.name,
+                "weight_dq": w_dq,
+                "bias_dq": b_dq,
+                "activation_scale": float(numpy_helper.to_array(inits[a_dq.input[1]]).ravel()[0]),
                 "activation": a_dq.input[0],
                 "zero_point": int(zero.reshape(-1)[0]),
                 "weights": weights,
@@ -181,20 +188,16 @@ def pair_safe(
     model = onnx.load(str(qdq_onnx))
     floats = {i.name: i for i in onnx.load(str(float_onnx)).graph.initializer}
     inits = {i.name: i for i in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
     wanted = None if names is None else set(names)
     changed = []
 
     def put(name: str, array: np.ndarray) -> None:
         inits[name].CopyFrom(numpy_helper.from_array(array, name))
 
-    for node in model.graph.node:
-        if node.op_type != "Conv" or (wanted is not None and node.name not in wanted):
+    for conv in gemm_convolutions(model):
+        if wanted is not None and conv["name"] not in wanted:
             continue
-        conv = next((c for c in gemm_convolutions_of(model, node, producer, inits)), None)
-        if conv is None:
-            continue
-        w_dq, b_dq, a_scale = conv
+        w_dq, b_dq = conv["weight_dq"], conv["bias_dq"]
         w_float = numpy_helper.to_array(floats[w_dq.input[0].removesuffix("_quantized")])
         cout = w_float.shape[0]
         flat = np.abs(w_float.transpose(0, 2, 3, 1).reshape(cout, -1)).astype(np.float64)
@@ -207,32 +210,10 @@ def pair_safe(
         put(w_dq.input[1], scale.astype(np.float32))
         if b_dq is not None:
             b_float = numpy_helper.to_array(floats[b_dq.input[0].removesuffix("_quantized")])
-            b_scale = (a_scale * scale).astype(np.float32)
+            b_scale = (conv["activation_scale"] * scale).astype(np.float32)
             bq = np.clip(np.round(b_float / b_scale), -(2**31), 2**31 - 1).astype(np.int32)
             put(b_dq.input[0], bq)
             put(b_dq.input[1], b_scale)
-        changed.append(node.name)
+        changed.append(conv["name"])
     onnx.save(model, str(dst))
     return changed
-
-
-def gemm_convolutions_of(model: Any, node: Any, producer: dict, inits: dict) -> list[tuple]:
-    """``[(weight DequantizeLinear, bias DequantizeLinear or None, activation scale)]`` of one
-    QDQ ``Conv`` MLAS runs as a u8s8 GEMM, or ``[]``."""
-    from onnx import numpy_helper
-
-    attrs = {a.name: a for a in node.attribute}
-    if "group" in attrs and attrs["group"].i != 1:
-        return []
-    a_dq, w_dq = producer.get(node.input[0]), producer.get(node.input[1])
-    if a_dq is None or w_dq is None or w_dq.input[0] not in inits:
-        return []
-    if a_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
-        return []
-    if numpy_helper.to_array(inits[w_dq.input[0]]).dtype != np.int8:
-        return []
-    b_dq = producer.get(node.input[2]) if len(node.input) > 2 else None
-    if b_dq is not None and (b_dq.op_type != "DequantizeLinear" or b_dq.input[0] not in inits):
-        return []
-    a_scale = float(numpy_helper.to_array(inits[a_dq.input[1]]).reshape(-1)[0])
-    return [(w_dq, b_dq, a_scale)]

@@ -171,13 +171,15 @@ def pair_safe(
     qdq_onnx: str | Path, float_onnx: str | Path, names: list[str] | None, dst: str | Path
 ) -> list[str]:
     """Requantize the weights of the u8s8 GEMM convolutions ``names`` (None: all of them) so
-    that no adjacent pair can saturate ``VPMADDUBSW``, on any input: each output channel's
-    scale becomes ``max_j(|w[2j]| + |w[2j+1]|) / 127`` over its reduction axis (instead of
-    ``max|w| / 127``), so ``|q[2j]| + |q[2j+1]| <= 128`` after rounding and every pair sum
-    stays within ``255 * 128 = 32640 <= 32767``. Still 8-bit weights: a channel loses
-    precision only by how much its largest pair exceeds its largest weight (``reduce_range``,
-    7-bit weights, always loses a bit). The bias is requantized to the new scale from the
-    float graph ``float_onnx`` (the graph that was quantized). Writes ``dst``.
+    that no adjacent pair can saturate ``VPMADDUBSW``, on any input: u8 activations are in
+    [0, 255], so a pair's sum is largest when both weights have the same sign; each output
+    channel's scale becomes its largest same-sign pair ``|w[2j]| + |w[2j+1]|`` over 127
+    (instead of ``max|w| / 127``), so such a pair is at most 128 after rounding and every
+    pair sum stays within ``255 * 128 = 32640 <= 32767``. Still 8-bit weights: a channel
+    loses precision only by how much its largest same-sign pair exceeds its largest weight
+    (``reduce_range``, 7-bit weights, always loses a bit). The bias is requantized to the
+    new scale from the float graph ``float_onnx`` (the graph that was quantized). Writes
+    ``dst``.
 
     Returns:
         The names of the convolutions changed.
@@ -200,10 +202,7 @@ def pair_safe(
         w_dq, b_dq = conv["weight_dq"], conv["bias_dq"]
         w_float = numpy_helper.to_array(floats[w_dq.input[0].removesuffix("_quantized")])
         cout = w_float.shape[0]
-        flat = np.abs(w_float.transpose(0, 2, 3, 1).reshape(cout, -1)).astype(np.float64)
-        if flat.shape[1] % 2:
-            flat = np.pad(flat, ((0, 0), (0, 1)))
-        pair = (flat[:, 0::2] + flat[:, 1::2]).max(1)
+        pair = _largest_pair(w_float.transpose(0, 2, 3, 1).reshape(cout, -1))
         scale = np.where(pair > 0, pair / 127.0, 1.0)
         q = np.clip(np.round(w_float / scale.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
         put(w_dq.input[0], q)
@@ -217,3 +216,14 @@ def pair_safe(
         changed.append(conv["name"])
     onnx.save(model, str(dst))
     return changed
+
+
+def _largest_pair(w: np.ndarray) -> np.ndarray:
+    """Per row of ``w`` (``[Cout, K]``): the largest sum of same-sign magnitudes over the
+    adjacent pairs ``(2j, 2j + 1)``. u8 activations are never negative, so a pair of
+    opposite signs cannot add up beyond its larger product; a same-sign pair can."""
+    w = w.astype(np.float64)
+    if w.shape[1] % 2:
+        w = np.pad(w, ((0, 0), (0, 1)))
+    pos, neg = np.maximum(w, 0), np.maximum(-w, 0)
+    return np.maximum((pos[:, 0::2] + pos[:, 1::2]).max(1), (neg[:, 0::2] + neg[:, 1::2]).max(1))

@@ -12,6 +12,12 @@ VNNI never sees it; this module computes, for each convolution MLAS runs as a GE
 real inputs. Source: ONNX Runtime, "Quantize ONNX models: when to use reduce_range"
 (onnxruntime.ai); Intel oneDNN developer guide, "Nuances of int8 computations".
 
+Example:
+    >>> rows = saturation_report("int8.onnx", calib[:8])  # doctest: +SKIP
+    >>> [r["name"] for r in rows if r["relative_error"] > 0.01]  # doctest: +SKIP
+    ['node_Conv_873', 'node_Conv_807', ...]
+    >>> pair_safe("int8.onnx", "pre.onnx", None, "int8-safe.onnx")  # doctest: +SKIP
+
 Reduction order: ONNX Runtime's QLinearConv runs channels-last, its im2col orders the
 reduction axis as (kernel row, kernel column, input channel), and MLAS packs it in groups of
 four; pairs are reduction indices (2j, 2j + 1).

@@ -209,12 +209,23 @@ def pair_safe(
         w_float = numpy_helper.to_array(floats[w_dq.input[0].removesuffix("_quantized")])
         cout = w_float.shape[0]
         pair = _largest_pair(w_float.transpose(0, 2, 3, 1).reshape(cout, -1))
-        scale = np.where(pair > 0, pair / 127.0, 1.0)
+        # never finer than ONNX Runtime's own scale, which it widens where the int32 bias
+        # would overflow
+        ort_scale = numpy_helper.to_array(inits[w_dq.input[1]]).astype(np.float64)
+        scale = np.maximum(
+            np.where(pair > 0, pair / 127.0, 1.0), np.broadcast_to(ort_scale, pair.shape)
+        )
         q = np.clip(np.round(w_float / scale.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
         put(w_dq.input[0], q)
         put(w_dq.input[1], scale.astype(np.float32))
         if b_dq is not None:
-            b_float = numpy_helper.to_array(floats[b_dq.input[0].removesuffix("_quantized")])
+            name = b_dq.input[0].removesuffix("_quantized")
+            b_float = (
+                numpy_helper.to_array(floats[name])
+                if name in floats
+                else numpy_helper.to_array(inits[b_dq.input[0]])
+                * numpy_helper.to_array(inits[b_dq.input[1]])
+            )
             b_scale = (conv["activation_scale"] * scale).astype(np.float32)
             bq = np.clip(np.round(b_float / b_scale), -(2**31), 2**31 - 1).astype(np.int32)
             put(b_dq.input[0], bq)

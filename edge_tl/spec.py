@@ -383,6 +383,14 @@ class Recipe:
                 f"recipe {self.name!r}: calibration_subsets and max_excluded_nodes must be >= 0"
             )
         object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
+        if self.pair_safe_weights and (
+            self.quantization != "ort-static"
+            or (self.activation_type, self.weight_type) != ("u8", "s8")
+        ):
+            raise EdgeTLError(
+                f"recipe {self.name!r}: pair_safe_weights applies to ORT static INT8 with u8 "
+                'activations and s8 weights (quantization = "ort-static"); remove it or use those'
+            )
         if (self.precision == "int8") != (self.quantization != "none"):
             raise EdgeTLError(
                 f"recipe {self.name!r}: precision int8 needs a quantization method and "

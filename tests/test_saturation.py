@@ -166,6 +166,15 @@ def test_avx2_recipe_and_profile():
     assert not load_recipe("ort-int8").pair_safe_weights  # text encoders still use it
 
 
+def test_pair_safe_weights_with_another_scheme_is_named(tmp_path):
+    bad = tmp_path / "ov.toml"
+    bad.write_text(
+        'format = "openvino"\nprecision = "int8"\nquantization = "nncf"\npair_safe_weights = true\n'
+    )
+    with pytest.raises(EdgeTLError, match="pair_safe_weights applies to ORT static INT8"):
+        load_recipe(str(bad))
+
+
 def test_text_export_refuses_pair_safe_recipe(tmp_path):
     from edge_tl.export.text import export_text_bundle
 

@@ -142,9 +142,7 @@ def build_direct(
     import onnx
     from onnxruntime import quantization as q
 
-    dst = work / f"{key}.onnx"
-    if dst.is_file():
-        return dst
+    dst = work / f"{key}.onnx"  # rebuilt every run (a second with cached ranges)
     pre = ort_preprocessed(fp32, work)
     weight_of = {n.name: n.input[1] for n in onnx.load(str(pre)).graph.node if n.op_type == "Conv"}
     overrides = {weight_of[n]: [{"reduce_range": True}] for n in seven_bit}

@@ -326,7 +326,11 @@ class Recipe:
     ``quantization``: ``ort-static`` (QDQ, calibrated), ``ort-dynamic`` (text encoders only:
     activation ranges per batch at run time, no calibration) or ``nncf``. ``reduce_range``:
     7-bit weights for ONNX Runtime, its remedy for the u8s8 saturation of x86-64 CPUs
-    without VNNI.
+    without VNNI. ``pair_safe_weights``: ONNX Runtime static INT8 of an image backbone with
+    every u8s8 GEMM convolution's weight scales set so that no pair of products can saturate
+    (:func:`edge_tl.export.saturation.pair_safe`; 8-bit weights): the artifact is exact on
+    every CPU with the fast u8s8 kernels, where ``session.x64quantprecision`` makes it exact
+    with u8u8 kernels as slow as FP32 on AVX2.
     """
 
     name: str
@@ -337,6 +341,7 @@ class Recipe:
     calibration_method: str = "minmax"
     per_channel: bool = True
     reduce_range: bool = False
+    pair_safe_weights: bool = False
     activation_type: str = "u8"
     weight_type: str = "s8"
     overflow_fix: str = "enable"
@@ -383,6 +388,14 @@ class Recipe:
                 f"recipe {self.name!r}: calibration_subsets and max_excluded_nodes must be >= 0"
             )
         object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
+        if self.pair_safe_weights and (
+            self.quantization != "ort-static"
+            or (self.activation_type, self.weight_type) != ("u8", "s8")
+        ):
+            raise EdgeTLError(
+                f"recipe {self.name!r}: pair_safe_weights applies to ORT static INT8 with u8 "
+                'activations and s8 weights (quantization = "ort-static"); remove it or use those'
+            )
         if (self.precision == "int8") != (self.quantization != "none"):
             raise EdgeTLError(
                 f"recipe {self.name!r}: precision int8 needs a quantization method and "

@@ -51,6 +51,7 @@ def test_every_builtin_recipe_is_tested_here():
     assert set(builtin_recipes()) == {
         "onnx-fp32",
         "ort-int8",
+        "ort-int8-avx2",
         "ort-int8-dynamic",
         "openvino-fp32",
         "openvino-fp16",
@@ -59,7 +60,8 @@ def test_every_builtin_recipe_is_tested_here():
 
 
 @pytest.mark.parametrize(
-    "recipe", ["onnx-fp32", "ort-int8", "openvino-fp32", "openvino-fp16", "openvino-int8"]
+    "recipe",
+    ["onnx-fp32", "ort-int8", "ort-int8-avx2", "openvino-fp32", "openvino-fp16", "openvino-int8"],
 )
 def test_shipped_recipe_exports_within_its_tolerance(neu_run, tmp_path, recipe):
     data, run = neu_run
@@ -89,3 +91,19 @@ def test_shipped_recipe_exports_within_its_tolerance(neu_run, tmp_path, recipe):
         metrics["test_accuracy"], abs=1e-9
     )
     assert cli("verify", bundle).returncode == 0
+    if rec.pair_safe_weights:  # exact on AVX2 without the slow session option, on any input
+        _assert_pair_safe(bundle, data, report)
+
+
+def _assert_pair_safe(bundle: Path, data: Path, report: dict) -> None:
+    from edge_tl.bundle import read_manifest
+    from edge_tl.export.saturation import saturation_report
+    from edge_tl.runtime.preprocess import batch_inputs
+
+    for step in report["accuracy_control"]:
+        assert "session.x64quantprecision" not in step["settings"]["engine_options"], step
+        assert step["settings"]["pair_safe_weights"], step
+    pre = read_manifest(bundle).preprocess
+    x = batch_inputs([str(p) for p in sorted((data / CLASSES[0]).iterdir())[:4]], pre)
+    rows = saturation_report(bundle / "backbone.onnx", x)
+    assert rows and all(r["outputs_clipped"] == 0 for r in rows), rows

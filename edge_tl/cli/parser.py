@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="export a run (or a pretrained backbone) into a checked bundle",
         description="Export RUN (from `edge-tl train`) or --backbone NAME (ImageNet features "
         "and classifier; a text encoder such as all-minilm-l6-v2 without a head) with a "
-        "recipe: onnx-fp32, ort-int8, ort-int8-dynamic (text), openvino-fp32, openvino-fp16, "
+        "recipe: onnx-fp32, ort-int8, ort-int8-avx2 (images; fast without VNNI), ort-int8-dynamic "
+        "(text), openvino-fp32, openvino-fp16, "
         "openvino-int8, or a path to a recipe .toml. The ONNX graph is checked against "
         "PyTorch on real images or texts; INT8 is calibrated on real images or texts; the "
         "bundle is written to a temporary folder and renamed into place. Text models go "

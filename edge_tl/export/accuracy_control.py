@@ -88,6 +88,8 @@ class Attempt:
             settings.pop("overflow_fix")
             settings.pop("fast_bias_correction")
             settings["reduce_range"] = r.reduce_range
+            if r.pair_safe_weights:
+                settings["pair_safe_weights"] = True
             settings["per_channel"] = r.per_channel
             if r.quantization == "ort-dynamic":  # no calibration
                 settings.pop("calibration_method")
@@ -339,10 +341,10 @@ def _ort_ladder(c: AccuracyControl) -> Iterator[bool]:
     """ORT: saturation-safe kernels, other calibration methods, then the most sensitive
     convolutions kept in FP32 (ranked by a one-at-a-time sensitivity pass)."""
     rec = c.recipe
-    if "session.x64quantprecision" not in rec.engine_options and host_info()["machine"] in (
-        "x86_64",
-        "AMD64",
-    ):
+    # pair-safe weights are exact on every CPU already; the session option would only slow
+    # them down (u8u8 kernels)
+    x86 = host_info()["machine"] in ("x86_64", "AMD64")
+    if x86 and not rec.pair_safe_weights and "session.x64quantprecision" not in rec.engine_options:
         opts = {**rec.engine_options, "session.x64quantprecision": "1"}
         yield c.attempt(
             "saturation-safe integer kernels (exact requantization on x86-64)",

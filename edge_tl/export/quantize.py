@@ -22,6 +22,7 @@ import numpy as np
 
 from edge_tl.errors import EdgeTLError, require
 from edge_tl.export.isolated import quantize_nncf_isolated
+from edge_tl.export.saturation import pair_safe
 from edge_tl.progress import progress
 from edge_tl.spec import EMBEDDING, INPUT_NAME, Recipe
 
@@ -92,7 +93,9 @@ def quantize_ort(
     """Static INT8, QDQ format, per-channel weights, as the recipe says.
 
     ``recipe.nodes_to_exclude`` stay in FP32. Calibration ranges are cached in ``work`` per
-    method and calibration set.
+    method and calibration set. ``recipe.pair_safe_weights``: the convolutions ORT runs as
+    u8s8 GEMMs get weight scales no AVX2 pair sum can saturate (exact without VNNI, with
+    the fast kernels; :func:`edge_tl.export.saturation.pair_safe`).
     """
     require("onnxruntime", "export")
     from onnxruntime import quantization as q
@@ -126,6 +129,8 @@ def quantize_ort(
             nodes_to_exclude=list(recipe.nodes_to_exclude) or None,
             calibration_cache_path=str(cache),
         )
+    if recipe.pair_safe_weights:
+        pair_safe(dst, pre, None, dst)
 
 
 def ort_preprocessed(src: str | Path, work: Path) -> Path:

@@ -116,6 +116,11 @@ def export_text_bundle(
             f"recipe {rec.name} sets input_size {rec.input_size}, an image size; a text "
             "encoder takes texts up to its max_length tokens: remove input_size"
         )
+    if rec.pair_safe_weights:
+        raise EdgeTLError(
+            f"recipe {rec.name} sets pair_safe_weights, which makes convolutions safe from "
+            "AVX2 saturation; a text encoder's MatMuls are not: export it with ort-int8"
+        )
     if rec.quantization == "ort-static" and rec.calibration_method != "minmax":
         raise EdgeTLError(
             f"recipe {rec.name} calibrates with {rec.calibration_method}, whose ONNX Runtime "

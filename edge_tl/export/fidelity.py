@@ -49,9 +49,13 @@ class Images:
     pre: Preprocess
     labels: np.ndarray | None = None
     desc: str | None = None  # progress bar label; None decodes silently
-    pixels: np.ndarray = field(init=False, repr=False)
+    pixels: np.ndarray | None = field(default=None, repr=False)
+    """``uint8[N, 3, S, S]``; given (decoded earlier, e.g. by the export cache) or decoded
+    here."""
 
     def __post_init__(self) -> None:
+        if self.pixels is not None:
+            return
         paths = progress(self.paths, desc=self.desc) if self.desc else self.paths
         self.pixels = np.stack([to_pixels(load_image(p), self.pre) for p in paths])
 
@@ -185,11 +189,13 @@ class HeadFit:
     last: tuple[Any, np.ndarray] | None = None
     """The last engine the head was fit for, with its embeddings of ``images``."""
 
-    def for_engine(self, engine: Any) -> LinearHead:
-        """The head that ships with ``engine``'s artifact."""
+    def for_engine(self, engine: Any, emb: np.ndarray | None = None) -> LinearHead:
+        """The head that ships with ``engine``'s artifact; ``emb``: its embeddings of
+        ``images`` when already known (the export cache's FP32 ones)."""
         if self.images is None:
             return self.source
-        emb = embed(engine_runner(engine), self.images, desc="embedding training split")
+        if emb is None:
+            emb = embed(engine_runner(engine), self.images, desc="embedding training split")
         self.last = (engine, emb)
         return LinearHead.fit(emb, self.images.labels, self.n_classes)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_tl.progress import progress
+from edge_tl.progress import progress, step
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.runtime.preprocess import load_image, normalise_pixels, to_pixels
 from edge_tl.spec import EMBEDDING, Preprocess
@@ -197,7 +197,8 @@ class HeadFit:
         if emb is None:
             emb = embed(engine_runner(engine), self.images, desc="embedding training split")
         self.last = (engine, emb)
-        return LinearHead.fit(emb, self.images.labels, self.n_classes)
+        with step("fitting the head"):
+            return LinearHead.fit(emb, self.images.labels, self.n_classes)
 
     def embedded(self, engine: Any) -> np.ndarray | None:
         """``engine``'s embeddings of ``images`` when the last head was fit for it."""

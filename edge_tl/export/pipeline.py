@@ -1,10 +1,15 @@
-"""``edge-tl export``: a run folder (or a pretrained backbone) -> a checked bundle.
+"""``edge-tl export``: a run folder (or a pretrained backbone) -> a checked bundle, or
+several recipes' bundles in one call (``--recipe a,b,c``, :func:`export_bundles`).
 
 The steps, in order: open the source and its split; decode the check images; export the
 FP32 graph and check it against PyTorch; embed the check images with PyTorch (the
 reference); build the recipe's artifact under accuracy control; measure PyTorch, ONNX FP32
 and the artifact side by side; measure the calibration sensitivity; write the bundle (head,
 exemplars, fused logits, self-test, fidelity report, manifest) atomically.
+
+Everything before the artifact is the same for every recipe of a run: one call makes it
+once for all its recipes, and the run's export cache (:mod:`edge_tl.export.cache`) keeps
+the FP32 graph, the decoded images and the FP32 embeddings for later calls.
 """
 
 from __future__ import annotations

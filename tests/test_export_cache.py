@@ -212,3 +212,17 @@ def test_one_layer_at_a_time_ranking_covers_every_convolution(run_copy, tmp_path
     top = ranking[0]["name"]
     again = ort_sensitivity(c, dataclasses.replace(rec, nodes_to_exclude=(top,)))
     assert next(r for r in again if r["name"] == top)["loss"] == 0.0
+
+
+def test_a_step_without_progress_of_its_own_says_when_it_is_done(capsys, monkeypatch):
+    from edge_tl.progress import step
+
+    monkeypatch.delenv("EDGE_TL_QUIET", raising=False)
+    with step("exporting to ONNX"):
+        pass
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("exporting to ONNX") and "[done]" in err[0]
+    monkeypatch.setenv("EDGE_TL_QUIET", "1")
+    with step("silent"):
+        pass
+    assert capsys.readouterr().err == ""

@@ -62,6 +62,20 @@ def speed(run: Path, recipes: list[str], out: Path, profile: Path | None) -> Non
         profile.mkdir(parents=True, exist_ok=True)
     verdicts: dict[str, dict[str, str]] = {r: {} for r in recipes}
     before: dict[str, float] = {}
+    rankings: dict[str, list[dict]] = {}  # what each ladder's sensitivity pass ranked
+
+    def recording(rank, key):
+        def run(c, base):
+            t0 = time.perf_counter()
+            out = rank(c, base)
+            rankings[key] = out
+            print(f"{key} sensitivity pass: {time.perf_counter() - t0:.1f} s", flush=True)
+            return out
+
+        return run
+
+    accuracy_control.ort_sensitivity_full = recording(accuracy_control.ort_sensitivity_full, "full")
+    accuracy_control.ort_sensitivity = recording(accuracy_control.ort_sensitivity, "one-pass")
     accuracy_control.SENSITIVITY = "full"
     for r in recipes:
         shutil.rmtree(run / CACHE_DIR, ignore_errors=True)
@@ -103,6 +117,14 @@ def speed(run: Path, recipes: list[str], out: Path, profile: Path | None) -> Non
         v["separate"].split(" (")[0] == v["shared"].split(" (")[0] for v in verdicts.values()
     )
     print(f"same fidelity verdicts: {same}")
+    if len(rankings) == 2:
+        from scipy.stats import spearmanr
+
+        a = {r["name"]: r["loss"] for r in rankings["one-pass"]}
+        b = {r["name"]: r["gain"] for r in rankings["full"]}
+        rho = spearmanr([a[n] for n in b], [b[n] for n in b]).statistic
+        top = len({r["name"] for r in rankings["one-pass"][:16]} & set(list(b)[:16]))
+        print(f"ranking one-pass vs full: Spearman {rho:.3f}, top-16 overlap {top}/16")
     if profile is not None and "ort-int8" in recipes:
         prof = cProfile.Profile()
         prof.enable()

@@ -9,8 +9,9 @@ side by side in one process; and the convolution ranking checked against the ful
 
 ``speed`` prints each export's seconds, the ratio (separate / shared) and each recipe's
 fidelity verdict both ways; with ``--profile`` it also writes cProfile statistics of the
-separate ort-int8 export and of a single ort-int8 export after the shared call (warm
-cache), with their top entries. ``ranking`` prints, per run, the time of both sensitivity
+separate ort-int8 export and of the shared call (with ``--after-single``, of a single
+ort-int8 export after it too, warm cache), with their top entries (the profiler's overhead
+is in those timings). ``ranking`` prints, per run, the time of both sensitivity
 passes, their Spearman rank correlation, and for k = 1, 2, 4, 8, 16 the fidelity verdict
 (cosine and top-1 drop of the run's head on the held-out split, at the recipe's
 tolerance) of the ort-int8 artifact with each ranking's top k convolutions kept in FP32.
@@ -56,7 +57,9 @@ def _top(prof: cProfile.Profile, path: Path, n: int = 14) -> str:
     return buf.getvalue()
 
 
-def speed(run: Path, recipes: list[str], out: Path, profile: Path | None) -> None:
+def speed(
+    run: Path, recipes: list[str], out: Path, profile: Path | None, after_single: bool
+) -> None:
     shutil.rmtree(out, ignore_errors=True)
     if profile is not None:
         profile.mkdir(parents=True, exist_ok=True)
@@ -97,9 +100,16 @@ def speed(run: Path, recipes: list[str], out: Path, profile: Path | None) -> Non
         print(f"separate {r}: {before[r]:.1f} s", flush=True)
     accuracy_control.SENSITIVITY = "one-pass"
     shutil.rmtree(run / CACHE_DIR, ignore_errors=True)
+    prof = cProfile.Profile() if profile is not None else None
     t0 = time.perf_counter()
+    if prof is not None:
+        prof.enable()
     results = export_bundles(out / "shared", recipes, run=run)
     shared = time.perf_counter() - t0
+    if prof is not None:
+        prof.disable()
+        print("profile, one call for every recipe (one-pass sensitivity, cold cache):")
+        print(_top(prof, profile / "shared.prof"))
     for res in results:
         if res.manifest is None:
             assert res.refused is not None
@@ -125,7 +135,7 @@ def speed(run: Path, recipes: list[str], out: Path, profile: Path | None) -> Non
         rho = spearmanr([a[n] for n in b], [b[n] for n in b]).statistic
         top = len({r["name"] for r in rankings["one-pass"][:16]} & set(list(b)[:16]))
         print(f"ranking one-pass vs full: Spearman {rho:.3f}, top-16 overlap {top}/16")
-    if profile is not None and "ort-int8" in recipes:
+    if after_single and profile is not None and "ort-int8" in recipes:
         prof = cProfile.Profile()
         prof.enable()
         export_bundle(out / "single-after", "ort-int8", run=run, force=True)
@@ -212,11 +222,16 @@ def main() -> None:
     s.add_argument("--recipes", default="onnx-fp32,ort-int8,openvino-int8")
     s.add_argument("--out", type=Path, default=Path("export-speed-bundles"))
     s.add_argument("--profile", type=Path, help="write cProfile statistics here")
+    s.add_argument(
+        "--after-single",
+        action="store_true",
+        help="with --profile: also profile a single ort-int8 export after (warm cache)",
+    )
     r = sub.add_parser("ranking")
     r.add_argument("runs", nargs="+", type=Path)
     args = p.parse_args()
     if args.what == "speed":
-        speed(args.run, args.recipes.split(","), args.out, args.profile)
+        speed(args.run, args.recipes.split(","), args.out, args.profile, args.after_single)
     else:
         ranking(args.runs)
 

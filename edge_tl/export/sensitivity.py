@@ -60,7 +60,9 @@ def ort_sensitivity(c: Any, base: Recipe) -> list[dict[str, Any]]:
         quantize_ort(c.fp32_onnx, trial, c.calib, base, c.work)
     pre = ort_preprocessed(c.fp32_onnx, c.work)
     fp32, qdq = onnx.load(str(pre)), onnx.load(str(trial))
-    copies = _quantized_copies(fp32, qdq)
+    copies = {
+        k: v for k, v in _quantized_copies(fp32, qdq).items() if k not in base.nodes_to_exclude
+    }
     probe = c.work / "sensitivity_probe.onnx"
     loss: dict[str, float] = {}
     for name, (nodes, inits, y, y_q) in progress(
@@ -129,6 +131,9 @@ def _quantized_copies(fp32: Any, qdq: Any) -> dict[str, tuple[list[Any], list[An
             continue  # kept in FP32, or a pattern this ranking does not know
         sfx = "__int8"
         copy = [x_q, x_dq]
+        w_dq = producer.get(conv.input[1])
+        if w_dq is None or w_dq.op_type != "DequantizeLinear":
+            continue  # FP32 weights: the conv is not quantized
         copy += [
             p
             for w in conv.input[1:]

@@ -44,8 +44,7 @@ def run_demo(
         EdgeTLError: ``out`` is not a demo folder, bad data, or an unknown recipe (before any
             training).
     """
-    from edge_tl.export import export_bundle
-    from edge_tl.export.accuracy_control import ToleranceError
+    from edge_tl.export import iter_bundles
     from edge_tl.report import read_report
     from edge_tl.runtime import Model
     from edge_tl.runtime.bench import bundle_size_mb, latency
@@ -95,14 +94,17 @@ def run_demo(
 
     test = ds.subset(split(ds, cfg.split)["test"])
     rows: list[dict[str, Any]] = []
+    # one export call for every recipe: the FP32 graph, decoded images and FP32 reference
+    # embeddings are made once; each bundle is evaluated as soon as it is written
+    bundles = iter_bundles(out / "bundles", resolved, run=out / "run", force=True)
     for i, rec in enumerate(resolved):
         recipe = rec.name
         print(f"[2/4] exporting {recipe} ({i + 1}/{len(resolved)}) ...", flush=True)
         bundle = out / "bundles" / recipe
-        bundle.parent.mkdir(exist_ok=True)
-        try:
-            manifest = export_bundle(bundle, rec, run=out / "run", force=True)
-        except ToleranceError as e:
+        result = next(bundles)
+        if result.manifest is None:
+            e = result.refused
+            assert e is not None
             best = max(e.attempts, key=lambda a: a.cosine_mean)
             print(f"      refused: {e}", flush=True)
             shutil.rmtree(bundle, ignore_errors=True)  # an earlier demo's bundle is not this one
@@ -115,6 +117,7 @@ def run_demo(
                 }
             )
             continue
+        manifest = result.manifest
         report = read_report(bundle)
         verdict = report.verdict if report is not None else "no report"
         print(
@@ -140,6 +143,7 @@ def run_demo(
                 "cosine_vs_fp32": manifest.metrics["embedding_cosine_vs_fp32"]["mean"],
             }
         )
+    bundles.close()  # the export's temporary folder goes now
 
     shipped = [r["artifact"] for r in rows if "accuracy" in r]
     if shipped:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
-__all__ = ["log_to_stderr", "logging_to_stderr", "progress", "quiet"]
+__all__ = ["log_to_stderr", "logging_to_stderr", "progress", "quiet", "step"]
 
 T = TypeVar("T")
 
@@ -46,6 +48,42 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "") -> It
         sys.stderr.flush()
     if not silent and tty and i:
         sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+@contextmanager
+def step(desc: str, every: float = 1.0) -> Iterator[None]:
+    """A bar for one long call that reports no progress of its own (an ONNX export, a
+    quantization): ``desc [working] 12.0s`` redrawn every ``every`` seconds on a terminal,
+    one line with the time taken when done. ``EDGE_TL_QUIET=1`` silences it.
+
+    Example:
+        >>> with step("exporting to ONNX"):  # doctest: +SKIP
+        ...     export()
+    """
+    if quiet():
+        yield
+        return
+    tty = sys.stderr.isatty()
+    start = time.perf_counter()
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(every):
+            sys.stderr.write(f"\r{desc:<22} [working] {time.perf_counter() - start:5.1f}s")
+            sys.stderr.flush()
+
+    ticker = threading.Thread(target=tick, daemon=True) if tty else None
+    if ticker is not None:
+        ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if ticker is not None:
+            ticker.join()
+        elapsed = time.perf_counter() - start
+        sys.stderr.write(("\r" if tty else "") + f"{desc:<22} [done] {elapsed:5.1f}s\n")
         sys.stderr.flush()
 
 

@@ -91,7 +91,8 @@ class FidelityReport:
     ``artifacts`` holds ``pytorch-fp32``, ``onnx-fp32`` and the recipe's artifact, in that
     order. ``per_class`` maps each row to per-class accuracy (None without labels).
     ``sensitive_layers`` ranks layers (convolutions, a text encoder's MatMuls) by the cosine
-    they win back in FP32 (ORT INT8 accuracy control); ``calibration_sensitivity`` is the
+    they win back in FP32 (``gain``) or lose when they alone run in INT8 (``loss``; ORT INT8
+    accuracy control); ``calibration_sensitivity`` is the
     accuracy and cosine over disjoint calibration subsets (INT8), or None.
     """
 
@@ -223,11 +224,20 @@ def markdown(report: FidelityReport) -> str:
                 f"{'yes' if a.passed else 'no'} | {a.seconds} |"
             )
         out.append("")
-    if report.sensitive_layers:
+    if report.sensitive_layers and "gain" in report.sensitive_layers[0]:
         out += [
             "Most sensitive layers (cosine gained when kept in FP32): "
             + ", ".join(
                 f"#{r['index']} {r['shape']} (+{r['gain']:.4f})"
+                for r in report.sensitive_layers[:8]
+            ),
+            "",
+        ]
+    elif report.sensitive_layers:  # the one-layer-at-a-time ranking (edge_tl.export.sensitivity)
+        out += [
+            "Most sensitive layers (cosine lost when it alone runs in INT8): "
+            + ", ".join(
+                f"#{r['index']} {r['shape']} (-{r['loss']:.4f})"
                 for r in report.sensitive_layers[:8]
             ),
             "",

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,8 @@ def export(args: argparse.Namespace) -> int:
     from edge_tl.export import export_bundle
     from edge_tl.export.pipeline import CALIBRATION_SKIPPED
 
+    if "," in args.recipe:  # several bundles, one per recipe, sharing their work
+        return _export_many(args, key)
     m = export_bundle(
         args.out,
         args.recipe,
@@ -216,6 +219,7 @@ def export(args: argparse.Namespace) -> int:
         sign=key,
         skip_bad=args.skip_bad,
         adapt_bn=args.adapt_bn,
+        cache=not args.no_cache,
     )
     if args.json:
         output.print_json(m.metrics)
@@ -224,6 +228,58 @@ def export(args: argparse.Namespace) -> int:
         if key is not None:
             output.signed(args.out, _signature(args.out, None))
     output.skipped(m.metrics.get(CALIBRATION_SKIPPED))
+    return 0
+
+
+def _export_many(args: argparse.Namespace, key: Any) -> int:
+    """``--recipe a,b,c``: one bundle per recipe under ``--out``; exit 1 when accuracy
+    control refused any (the others are written)."""
+    from edge_tl.export import iter_bundles
+    from edge_tl.export.pipeline import CALIBRATION_SKIPPED
+
+    results = {}
+    for r in iter_bundles(
+        args.out,
+        args.recipe,
+        args.run,
+        args.backbone,
+        calib=args.calib,
+        head_fit=args.head_fit or ("source" if args.adapt_bn else "artifact"),
+        force=args.force,
+        weights=args.weights,
+        logits=args.logits,
+        sign=key,
+        skip_bad=args.skip_bad,
+        adapt_bn=args.adapt_bn,
+        cache=not args.no_cache,
+    ):
+        results[r.recipe] = r
+        if args.json:
+            continue
+        if r.manifest is None:
+            print(f"refused {r.recipe}: {r.refused}")
+            continue
+        output.export(r.manifest, r.out)
+        if key is not None:
+            output.signed(r.out, _signature(r.out, None))
+    if args.json:
+        output.print_json(
+            {
+                name: {"refused": str(r.refused)} if r.manifest is None else r.manifest.metrics
+                for name, r in results.items()
+            }
+        )
+    first = next((r.manifest for r in results.values() if r.manifest is not None), None)
+    if first is not None:
+        output.skipped(first.metrics.get(CALIBRATION_SKIPPED))
+    refused = [n for n, r in results.items() if r.manifest is None]
+    if refused:
+        print(
+            f"edge-tl: {len(refused)} of {len(results)} recipes refused by accuracy control "
+            f"({', '.join(refused)}); the other bundles are written",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

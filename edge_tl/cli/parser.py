@@ -204,14 +204,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", nargs="?", help="run folder from `edge-tl train`")
     e.add_argument("--backbone", help="export a pretrained backbone instead of a run")
     e.add_argument("--weights", help="with --backbone: local pretrained weights file")
-    e.add_argument("--recipe", default="onnx-fp32", help="recipe name or .toml path")
+    e.add_argument(
+        "--recipe",
+        default="onnx-fp32",
+        help="recipe name or .toml path; several, comma-separated (onnx-fp32,ort-int8,"
+        "openvino-int8), build one bundle each in --out/<recipe> sharing their work (exit 1 "
+        "when accuracy control refused any; the others are written)",
+    )
     e.add_argument(
         "--calib",
         help="calibration images (ImageFolder or flat folder), or for a text model texts (one "
         "per line, or a CSV/TSV/JSONL with a 'text' column); default: the run's training "
         "and validation data",
     )
-    e.add_argument("--out", required=True, type=Path, help="bundle folder to create")
+    e.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="bundle folder to create (with several recipes: the folder that holds them)",
+    )
+    e.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="do not reuse or keep the run's FP32 graph, decoded images and FP32 embeddings "
+        "(kept in RUN/.export_cache between exports of the same run)",
+    )
     e.add_argument(
         "--head-fit",
         choices=["artifact", "source"],

@@ -9,9 +9,10 @@ exported, calibration images) and :mod:`~edge_tl.export.pipeline` (the steps in 
 Example:
     >>> from edge_tl.export import export_bundle
     >>> export_bundle("bundles/neu_int8", "ort-int8", run="runs/neu")  # doctest: +SKIP
+    >>> export_bundles("bundles", "onnx-fp32,ort-int8", run="runs/neu")  # doctest: +SKIP
 """
 
 from edge_tl.export.accuracy_control import ToleranceError
-from edge_tl.export.pipeline import export_bundle
+from edge_tl.export.pipeline import BundleResult, export_bundle, export_bundles, iter_bundles
 
-__all__ = ["ToleranceError", "export_bundle"]
+__all__ = ["BundleResult", "ToleranceError", "export_bundle", "export_bundles", "iter_bundles"]

@@ -6,7 +6,8 @@ against FP32 PyTorch: mean embedding cosine (``min_cosine``) and top-1 drop of b
 that ships and the run's own FP32-trained head (``max_top1_drop``). Every try is recorded.
 The steps follow each backend's own advice: ONNX Runtime's saturation-safe requantization
 (its docs for AVX2 CPUs without VNNI), other calibration methods, then the most sensitive
-convolutions kept in FP32 (ranked one at a time, as NNCF's accuracy-control ranker does);
+convolutions kept in FP32 (ranked by their local quantization noise in one pass,
+:mod:`edge_tl.export.sensitivity`);
 OpenVINO's overflow fix, full bias correction, the first convolutions in FP32, then
 ``nncf.quantize_with_accuracy_control``.
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,18 +35,11 @@ from edge_tl.export.fidelity import (
     Images,
     accuracy,
     agreement,
-    cosine,
     embed,
     engine_runner,
 )
-from edge_tl.export.quantize import (
-    build_artifact,
-    conv_nodes,
-    first_convolutions,
-    ort_preprocessed,
-    quantize_ort,
-)
-from edge_tl.progress import progress
+from edge_tl.export.quantize import build_artifact, first_convolutions
+from edge_tl.export.sensitivity import ort_sensitivity, ort_sensitivity_full
 from edge_tl.report import ControlStep
 from edge_tl.runtime.engine import DISABLED_OPTIMIZERS, OrtEngine, make_engine
 from edge_tl.runtime.heads import LinearHead
@@ -57,6 +51,10 @@ __all__ = ["AccuracyControl", "Attempt", "Candidate", "ToleranceError"]
 _logger = logging.getLogger(__name__)
 
 SENSITIVITY_IMAGES = 32
+SENSITIVITY = "one-pass"
+"""How the ORT ladder ranks convolutions: ``one-pass`` (local quantization noise, one
+forward pass) or ``full`` (one quantization and pass per convolution, the reference):
+:mod:`edge_tl.export.sensitivity`."""
 EXCLUSION_STEPS = (1, 2, 4, 8, 16, 32)
 
 
@@ -143,6 +141,8 @@ class AccuracyControl:
         reference: FP32 PyTorch embeddings of ``check``.
         reference_head: the head FP32 accuracy is measured with.
         heads: how the head that ships with an artifact is made.
+        decode: ``decode(paths, desc=...)`` -> :class:`Images` (the export's shared, cached
+            decoding); None decodes afresh.
     """
 
     fp32_onnx: Path
@@ -154,6 +154,7 @@ class AccuracyControl:
     reference: np.ndarray
     reference_head: LinearHead
     heads: HeadFit
+    decode: Callable[..., Images] | None = None
     attempts: list[Attempt] = field(default_factory=list)
     sensitivity: list[dict[str, Any]] = field(default_factory=list)
     last: Candidate | None = None
@@ -315,7 +316,13 @@ class AccuracyControl:
         for s in range(subsets):
             paths = [pool[i] for i in sorted(order[s * per : (s + 1) * per])]
             _logger.info(f"  calibration subset {s + 1}/{subsets} ({per} images)")
-            calib = Images(paths, self.check.pre, desc="decoding calibration subset").inputs()
+            desc = "decoding calibration subset"
+            decoded = (
+                Images(paths, self.check.pre, desc=desc)
+                if self.decode is None
+                else self.decode(paths, desc=desc)
+            )
+            calib = decoded.inputs()
             _, engine = self.build(chosen, calib=calib, into=self.work / "calibration_subset")
             m, _, _ = self.measure(engine)
             row: dict[str, Any] = {
@@ -339,7 +346,7 @@ class AccuracyControl:
 
 def _ort_ladder(c: AccuracyControl) -> Iterator[bool]:
     """ORT: saturation-safe kernels, other calibration methods, then the most sensitive
-    convolutions kept in FP32 (ranked by a one-at-a-time sensitivity pass)."""
+    convolutions kept in FP32 (ranked by :data:`SENSITIVITY`)."""
     rec = c.recipe
     # pair-safe weights are exact on every CPU already; the session option would only slow
     # them down (u8u8 kernels)
@@ -367,7 +374,8 @@ def _ort_ladder(c: AccuracyControl) -> Iterator[bool]:
         base,
         engine_options={**base.engine_options, DISABLED_OPTIMIZERS: "WeightBiasQuantization"},
     )
-    ranking = ort_sensitivity(c, base)
+    rank = ort_sensitivity_full if SENSITIVITY == "full" else ort_sensitivity
+    ranking = rank(c, base)
     c.sensitivity = ranking
     for k in EXCLUSION_STEPS:
         k = min(k, rec.max_excluded_nodes, len(ranking))
@@ -380,36 +388,6 @@ def _ort_ladder(c: AccuracyControl) -> Iterator[bool]:
         ).passed
         if k == rec.max_excluded_nodes or k == len(ranking):
             break
-
-
-def ort_sensitivity(c: AccuracyControl, base: Recipe) -> list[dict[str, Any]]:
-    """Per convolution: the embedding cosine gained when it alone stays in FP32.
-
-    Reuses the cached calibration, so each node costs one quantization without calibrating
-    (about a second on a 2-core CPU) and one pass over a few images.
-    """
-    x, ref = c.sensitivity_set()
-    trial = c.work / "sensitivity.onnx"
-    assert c.calib is not None  # INT8 ladders only
-
-    def cos_of(recipe: Recipe) -> float:
-        quantize_ort(c.fp32_onnx, trial, c.calib, recipe, c.work)
-        got = OrtEngine(trial, recipe.engine_options).run(x, (EMBEDDING,))[EMBEDDING]
-        return float(cosine(got, ref).mean())
-
-    t0 = time.perf_counter()
-    base_cos = cos_of(base)
-    nodes = conv_nodes(ort_preprocessed(c.fp32_onnx, c.work))
-    for node in progress(nodes, desc="sensitivity per convolution"):
-        if node["name"] in base.nodes_to_exclude:
-            node["gain"] = 0.0
-            continue
-        one = dataclasses.replace(base, nodes_to_exclude=(*base.nodes_to_exclude, node["name"]))
-        node["gain"] = round(cos_of(one) - base_cos, 6)
-    _logger.info(
-        f"  sensitivity pass: {len(nodes)} convolutions in {time.perf_counter() - t0:.0f} s"
-    )
-    return sorted(nodes, key=lambda r: -r["gain"])
 
 
 def _nncf_ladder(c: AccuracyControl) -> Iterator[bool]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_tl.progress import progress
+from edge_tl.progress import progress, step
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.runtime.preprocess import load_image, normalise_pixels, to_pixels
 from edge_tl.spec import EMBEDDING, Preprocess
@@ -49,9 +49,13 @@ class Images:
     pre: Preprocess
     labels: np.ndarray | None = None
     desc: str | None = None  # progress bar label; None decodes silently
-    pixels: np.ndarray = field(init=False, repr=False)
+    pixels: np.ndarray | None = field(default=None, repr=False)
+    """``uint8[N, 3, S, S]``; given (decoded earlier, e.g. by the export cache) or decoded
+    here."""
 
     def __post_init__(self) -> None:
+        if self.pixels is not None:
+            return
         paths = progress(self.paths, desc=self.desc) if self.desc else self.paths
         self.pixels = np.stack([to_pixels(load_image(p), self.pre) for p in paths])
 
@@ -185,13 +189,16 @@ class HeadFit:
     last: tuple[Any, np.ndarray] | None = None
     """The last engine the head was fit for, with its embeddings of ``images``."""
 
-    def for_engine(self, engine: Any) -> LinearHead:
-        """The head that ships with ``engine``'s artifact."""
+    def for_engine(self, engine: Any, emb: np.ndarray | None = None) -> LinearHead:
+        """The head that ships with ``engine``'s artifact; ``emb``: its embeddings of
+        ``images`` when already known (the export cache's FP32 ones)."""
         if self.images is None:
             return self.source
-        emb = embed(engine_runner(engine), self.images, desc="embedding training split")
+        if emb is None:
+            emb = embed(engine_runner(engine), self.images, desc="embedding training split")
         self.last = (engine, emb)
-        return LinearHead.fit(emb, self.images.labels, self.n_classes)
+        with step("fitting the head"):
+            return LinearHead.fit(emb, self.images.labels, self.n_classes)
 
     def embedded(self, engine: Any) -> np.ndarray | None:
         """``engine``'s embeddings of ``images`` when the last head was fit for it."""

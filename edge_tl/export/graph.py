@@ -19,7 +19,15 @@ from edge_tl.errors import EdgeTLError, require
 from edge_tl.spec import EMBEDDING, FEATURES_S8, FEATURES_S16
 from edge_tl.train.onnx import torch_to_onnx
 
-__all__ = ["LOGITS", "OUTPUT_NAMES", "append_logits", "export_onnx", "parity"]
+__all__ = [
+    "LOGITS",
+    "OUTPUT_NAMES",
+    "append_logits",
+    "check_parity",
+    "export_onnx",
+    "parity",
+    "parity_measure",
+]
 
 OUTPUT_NAMES = (EMBEDDING, FEATURES_S8, FEATURES_S16)
 
@@ -48,26 +56,42 @@ def parity(
     Raises:
         EdgeTLError: listing every output over ``atol``.
     """
+    diffs, peaks = parity_measure(model, onnx_path, inputs)
+    check_parity(diffs, peaks, atol)
+    return diffs
+
+
+def parity_measure(
+    model: FeatureModel, onnx_path: str | Path, inputs: np.ndarray
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``(diffs, peaks)`` per output: max abs difference between PyTorch and ONNX Runtime on
+    ``inputs``, and PyTorch's peak magnitude (what :func:`check_parity` scales ``atol`` by)."""
     from edge_tl.runtime.engine import OrtEngine
 
     engine = OrtEngine(onnx_path)
     with torch.no_grad():
         ref = [o.numpy() for o in model.eval()(torch.from_numpy(inputs))]
     got = engine.run(inputs, OUTPUT_NAMES)
-    diffs, bad = {}, {}
-    for name, r in zip(OUTPUT_NAMES, ref, strict=True):
-        # atol on values of magnitude <= 1; relative to the peak for larger activations
-        tol = atol * max(1.0, float(np.abs(r).max()))
-        diffs[name] = float(np.abs(got[name] - r).max())
-        if not diffs[name] <= tol:
-            bad[name] = diffs[name]
+    diffs = {n: float(np.abs(got[n] - r).max()) for n, r in zip(OUTPUT_NAMES, ref, strict=True)}
+    peaks = {n: float(np.abs(r).max()) for n, r in zip(OUTPUT_NAMES, ref, strict=True)}
+    return diffs, peaks
+
+
+def check_parity(diffs: dict[str, float], peaks: dict[str, float], atol: float) -> None:
+    """Refuse a graph whose outputs differ from PyTorch by more than ``atol`` (times the
+    output's peak magnitude when above 1).
+
+    Raises:
+        EdgeTLError: listing every output over ``atol``.
+    """
+    # atol on values of magnitude <= 1; relative to the peak for larger activations
+    bad = {n: d for n, d in diffs.items() if not d <= atol * max(1.0, peaks[n])}
     if bad:
         listing = ", ".join(f"{n} max abs diff {d:.2e}" for n, d in bad.items())
         raise EdgeTLError(
             f"ONNX export does not match PyTorch (tolerance {atol:.0e}): {listing}; "
             "report this with the backbone name, or loosen parity_atol in the recipe"
         )
-    return diffs
 
 
 LOGITS = "logits"

@@ -23,7 +23,7 @@ import numpy as np
 from edge_tl.errors import EdgeTLError, require
 from edge_tl.export.isolated import quantize_nncf_isolated
 from edge_tl.export.saturation import pair_safe
-from edge_tl.progress import progress
+from edge_tl.progress import progress, step
 from edge_tl.spec import EMBEDDING, INPUT_NAME, Recipe
 
 __all__ = [
@@ -80,10 +80,12 @@ def build_artifact(
     if recipe.quantization == "nncf":  # in a child process: this one never imports NNCF
         quantize_nncf_isolated(onnx_fp32, calib, recipe, validation, out_dir / "backbone.xml")
         return ["backbone.xml", "backbone.bin"], options
-    model = ov.convert_model(str(onnx_fp32))
     if recipe.precision not in ("fp32", "fp16"):
         raise EdgeTLError(f"recipe {recipe.name}: format openvino supports fp32, fp16 or nncf int8")
-    ov.save_model(model, str(out_dir / "backbone.xml"), compress_to_fp16=recipe.precision == "fp16")
+    with step(f"converting to OpenVINO {recipe.precision}"):
+        model = ov.convert_model(str(onnx_fp32))
+        fp16 = recipe.precision == "fp16"
+        ov.save_model(model, str(out_dir / "backbone.xml"), compress_to_fp16=fp16)
     return ["backbone.xml", "backbone.bin"], options
 
 

@@ -573,17 +573,20 @@ def verify(args: argparse.Namespace) -> int:
 
 def demo(args: argparse.Namespace) -> int:
     _workstation()
-    recipes = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
+    given = None if args.recipes is None else args.recipes.split(",")
+    recipes = None if given is None else tuple(r.strip() for r in given if r.strip())
     if args.text:
-        from edge_tl.demo_text import run_text_demo
+        from edge_tl.demo_text import TEXT_RECIPES, run_text_demo
 
         if args.data != "elpv" or args.strategy != "finetune":
             raise EdgeTLError("--data and --strategy are for the image demo; drop them with --text")
         run_text_demo(
-            args.out or Path("demo-output-text"), epochs=args.epochs or 3, recipes=recipes
+            args.out or Path("demo-output-text"),
+            epochs=args.epochs or 3,
+            recipes=TEXT_RECIPES if recipes is None else recipes,
         )
         return 0
-    from edge_tl.demo import run_demo
+    from edge_tl.demo import RECIPES, run_demo
 
     run_demo(
         args.out or Path("demo-output"),
@@ -591,7 +594,7 @@ def demo(args: argparse.Namespace) -> int:
         epochs=args.epochs or 6,
         train_stages=args.train_stages,
         data=args.data,
-        recipes=tuple(r.strip() for r in args.recipes.split(",") if r.strip()),
+        recipes=RECIPES if recipes is None else recipes,
     )
     return 0
 

@@ -654,8 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", default="elpv", help="'elpv' (default) or an ImageFolder path")
     d.add_argument(
         "--recipes",
-        default="onnx-fp32,ort-int8,openvino-int8",
-        help="export recipes, comma-separated (default onnx-fp32,ort-int8,openvino-int8)",
+        default=None,
+        help="export recipes, comma-separated (default onnx-fp32,ort-int8-avx2,openvino-int8; "
+        "with --text onnx-fp32,ort-int8,openvino-int8)",
     )
     d.add_argument("--strategy", default="finetune", help="transfer strategy (default finetune)")
     d.add_argument(

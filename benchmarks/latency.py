@@ -46,7 +46,14 @@ from edge_tl.runtime.preprocess import load_image, to_input  # noqa: E402
 from edge_tl.spec import EMBEDDING  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-RECIPES = ("onnx-fp32", "ort-int8", "openvino-fp32", "openvino-fp16", "openvino-int8")
+RECIPES = (
+    "onnx-fp32",
+    "ort-int8",
+    "ort-int8-avx2",
+    "openvino-fp32",
+    "openvino-fp16",
+    "openvino-int8",
+)
 FOLDER_RECIPES = ("onnx-fp32", "ort-int8", "openvino-int8")
 FOLDER_BATCH = 16
 

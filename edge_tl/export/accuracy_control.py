@@ -217,11 +217,11 @@ class AccuracyControl:
         if labels is None or m.accuracy is None:
             return None
         drop = accuracy(self.reference_head, self.reference, labels) - m.accuracy
+        # always both, also when ``head`` is the run's own (a try measured without a refit):
+        # its drop on its own FP32 embeddings must hold too
         source = self.heads.source
-        if source is not head:
-            own = accuracy(source, self.reference, labels) - accuracy(source, emb, labels)
-            drop = max(drop, own)
-        return round(drop, 6)
+        own = accuracy(source, self.reference, labels) - accuracy(source, emb, labels)
+        return round(max(drop, own), 6)
 
     def attempt(
         self,
@@ -235,7 +235,8 @@ class AccuracyControl:
         t0 = time.perf_counter()
         artifact, engine = self.build(recipe, validation=validation)
         emb = embed(engine_runner(engine), self.check, desc="checking the artifact")
-        if self._misses_without_refit(emb):
+        missed = self._misses_without_refit(emb)
+        if missed:
             # the try fails whatever head ships with it: measured with the run's own head, it
             # skips re-embedding the training split for a refit
             head = self.heads.source
@@ -244,8 +245,10 @@ class AccuracyControl:
             head = self.heads.for_engine(engine)
         m = agreement(emb, self.reference, head, self.check.labels, self.reference_head)
         drop = self._top1_drop(m, head, emb)
-        passed = m.cosine_mean >= self.recipe.min_cosine and (
-            drop is None or drop <= self.recipe.max_top1_drop + 1e-9
+        passed = (
+            not missed
+            and m.cosine_mean >= self.recipe.min_cosine
+            and (drop is None or drop <= self.recipe.max_top1_drop + 1e-9)
         )
         a = Attempt(
             step,

@@ -289,6 +289,7 @@ def predict(args: argparse.Namespace) -> int:
     texts = _texts(args)
     if not texts and not args.images:
         raise EdgeTLError("nothing to predict: give IMAGE files, or --text/--text-file")
+    class_threshold = _class_values(args.class_threshold, "--class-threshold")
     model = Model(args.bundle, trust=args.trust)
     if texts and model.modality != "text":
         raise model.wrong_input("--text/--text-file give texts")
@@ -299,6 +300,7 @@ def predict(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         task="classify" if args.classify else None,
         maps_dir=args.maps,
+        class_threshold=class_threshold,
     )
     if args.json:
         output.print_json([r.to_dict() for r in results])
@@ -494,9 +496,21 @@ def bench(args: argparse.Namespace) -> int:
     return 3 if args.check and failed else 0
 
 
+def _class_values(specs: list[str], flag: str) -> dict[str, float]:
+    """``--min-recall`` / ``--class-threshold`` items as ``{CLASS: value}``, checked before
+    any bundle is opened."""
+    from edge_tl.runtime.operating import parse_class_values
+
+    if flag == "--min-recall":
+        return parse_class_values(specs, flag, "the recall asked for", True, "CLASS=R")
+    return parse_class_values(specs, flag, "a probability threshold", False, "CLASS=T")
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from edge_tl.runtime import Model
 
+    min_recall = _class_values(args.min_recall, "--min-recall")
+    class_threshold = _class_values(args.class_threshold, "--class-threshold")
     model = Model(args.bundle, trust=args.trust)
     data = args.data
     if args.tasks is not None:  # DATA's labels for these tasks (a multi-label source)
@@ -511,11 +525,20 @@ def evaluate(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         text_column=args.text_column,
         label_column=args.label_column,
+        min_recall=min_recall,
+        class_threshold=class_threshold,
     )
     if args.json:
         output.print_json(res.to_dict())
     else:
         output.evaluation(res, unit=model.modality)
+    if min_recall and args.split == "test":
+        print(
+            "edge-tl: note: --min-recall chose its threshold on the test split, so the test "
+            "figures at it are optimistic; choose it with --split val and check it here "
+            "with --class-threshold CLASS=T",
+            file=sys.stderr,
+        )
     output.skipped(res.skipped)
     return 0
 

@@ -11,10 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edge_tl.report import FidelityReport, table
 from edge_tl.runtime.results import (
     AnomalyEvaluation,
     Evaluation,
+    OperatingPoint,
     Prediction,
     TaskEvaluation,
     TaskPrediction,
@@ -114,13 +117,64 @@ def evaluation(res: Evaluation | AnomalyEvaluation | TaskEvaluation, unit: str =
         return
     head = res.head
     version = "exported head" if head["version"] is None else f"head v{head['version']}"
+    rule = res.class_threshold
     print(
         f"accuracy {res.accuracy:.4f} on {res.n} {unit}s ({res.artifact}, {version}, "
         f"{head['head']})"
         + (f"; {res.unknown_rate:.1%} called unknown" if res.unknown_rate else "")
+        + (
+            f"; rule: {rule['label']} when P({rule['label']}) >= {_threshold(rule['threshold'])}"
+            if rule
+            else ""
+        )
     )
+    print(f"  {'class':<24}{'precision':>10}{'recall':>8}{'F1':>8}{'support':>9}")
     for name, pc in res.per_class.items():
-        print(f"  {name:<24} {pc['accuracy']:.4f}  (n={pc['n']})")
+        print(
+            f"  {name:<24}{pc['precision']:>10.4f}{pc['recall']:>8.4f}{pc['f1']:>8.4f}"
+            f"{pc['support']:>9}"
+        )
+    print(
+        f"  {'macro average':<24}{res.macro_precision:>10.4f}{res.macro_recall:>8.4f}"
+        f"{res.macro_f1:>8.4f}{res.n:>9}"
+    )
+    for point in res.operating_points:
+        _operating_point(point)
+
+
+def _threshold(t: float) -> str:
+    """A threshold as the shortest text that reads back as the same float32 (a threshold
+    found among float32 probabilities keeps its recall when typed back in)."""
+    if float(np.float32(t)) != t:  # a float64 threshold: all its digits
+        return repr(t)
+    return np.format_float_positional(np.float32(t), trim="-")
+
+
+def _operating_point(p: OperatingPoint) -> None:
+    """One class threshold's figures beside the arg-max's."""
+    t = _threshold(p.threshold)
+    asked = (
+        f"--min-recall {p.label}={p.min_recall:g}"
+        if p.min_recall is not None
+        else f"--class-threshold {p.label}={t}"
+    )
+    print(
+        f"{asked}: threshold {t} ({p.label} when P({p.label}) >= {t}, else the most "
+        f"probable other class; {p.n_class} {p.label} + {p.n_other} other)"
+    )
+    print(f"  {'':<28}{'arg-max':>9}{'at threshold':>14}")
+    a, b = p.argmax, p.at_threshold
+    for name, x, y in (
+        (f"{p.label} recall", a.recall, b.recall),
+        (f"{p.label} precision", a.precision, b.precision),
+        ("accuracy", a.accuracy, b.accuracy),
+    ):
+        print(f"  {name:<28}{x:>9.4f}{y:>14.4f}")
+    print(
+        f"  {'others called ' + p.label:<28}{a.false_alarm_rate:>9.1%}{b.false_alarm_rate:>14.1%}"
+    )
+    if p.caveat:
+        print(f"  note: {p.caveat}")
 
 
 def _anomaly_evaluation(res: AnomalyEvaluation) -> None:

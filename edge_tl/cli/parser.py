@@ -39,6 +39,19 @@ def add_trust(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_class_threshold(p: argparse.ArgumentParser) -> None:
+    """``--class-threshold CLASS=T``: the decision rule of :mod:`edge_tl.runtime.operating`."""
+    p.add_argument(
+        "--class-threshold",
+        action="append",
+        default=[],
+        metavar="CLASS=T",
+        help="classification: call CLASS when its probability is >= T (in [0, 1]), else the "
+        "most probable other class (T from `evaluate --split val --min-recall CLASS=R`); "
+        "one class",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every ``edge-tl`` subcommand and its flags; each calls :mod:`edge_tl.cli.commands`."""
     p = argparse.ArgumentParser(
@@ -300,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--maps", type=Path, metavar="DIR", help="anomaly: write heat-map overlay PNGs here"
     )
+    add_class_threshold(pr)
     pr.add_argument("--json", action="store_true", help="print the results as JSON")
     pr.set_defaults(func=commands.predict)
 
@@ -397,6 +411,18 @@ def build_parser() -> argparse.ArgumentParser:
         "columns): a bundle trained with --tasks type is scored on DATA's type labels; a "
         "multi-task bundle reads its own tasks without it",
     )
+    ev.add_argument(
+        "--min-recall",
+        action="append",
+        default=[],
+        metavar="CLASS=R",
+        help="classification: the largest threshold on CLASS's probability whose recall of "
+        "CLASS on these images is >= R (in (0, 1]), with its precision, accuracy and "
+        "false-alarm rate beside the arg-max's (repeatable, or comma-separated). Chosen on "
+        "the images it is measured on, so optimistic there: choose it with --split val, "
+        "check it with --split test --class-threshold CLASS=T",
+    )
+    add_class_threshold(ev)
     ev.add_argument("--json", action="store_true", help="print the figures as JSON")
     ev.set_defaults(func=commands.evaluate)
 

@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,11 +28,19 @@ from edge_tl.errors import EdgeTLError
 from edge_tl.images import SKIPPED, Skipped, decode_ahead, decode_workers
 from edge_tl.runtime import align as alignment
 from edge_tl.runtime import learner
-from edge_tl.runtime.evaluation import confusion
+from edge_tl.runtime.evaluation import confusion, macro_averages
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.runtime.learner import UNKNOWN, HeadState
+from edge_tl.runtime.operating import (
+    CAVEAT,
+    ClassThreshold,
+    class_figures,
+    decide,
+    min_recall_threshold,
+    resolve,
+)
 from edge_tl.runtime.preprocess import ImageLike, prepare
-from edge_tl.runtime.results import Evaluation, Prediction
+from edge_tl.runtime.results import Evaluation, OperatingPoint, Prediction
 from edge_tl.runtime.text import check_texts
 from edge_tl.spec import EMBEDDING, TaskEntry, check_label
 
@@ -200,17 +208,73 @@ class Classifier:
         )
 
     # ---- answering --------------------------------------------------------------------
-    def classify(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def classify(
+        self, emb: np.ndarray, rule: ClassThreshold | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """``(proba[N, K], predicted index[N], similarity[N] or None)`` for embeddings
-        ``float32[N, D]``; index ``-1`` is unknown (similarity below the threshold)."""
-        return _classify(self.require(), emb)
+        ``float32[N, D]``; index ``-1`` is unknown (similarity below the threshold).
+        ``rule``: a class threshold (:mod:`edge_tl.runtime.operating`) instead of the
+        arg-max."""
+        return _classify(self.require(), emb, rule)
+
+    def operating_rule(
+        self,
+        class_threshold: Mapping[str, float] | None = None,
+        min_recall: Mapping[str, float] | None = None,
+    ) -> ClassThreshold | None:
+        """The decision rule ``{CLASS: T}`` asks for (None: the arg-max), after checking
+        ``class_threshold`` and ``min_recall`` (``{CLASS: R}``) against the head's classes.
+
+        Raises:
+            EdgeTLError: a class the head does not know (naming those it knows), R outside
+                (0, 1] or T outside [0, 1], more than one class threshold, or both
+                arguments (a recall target is sought from the arg-max; check the threshold
+                it gives with ``class_threshold`` alone).
+        """
+        labels = self.require().labels
+        for name, r in (min_recall or {}).items():
+            resolve(name, labels, "--min-recall")
+            if not 0 < r <= 1:  # also false for NaN
+                raise EdgeTLError(f"--min-recall {name}={r}: the recall asked for is in (0, 1]")
+        for name, t in (class_threshold or {}).items():
+            if not 0 <= t <= 1:
+                raise EdgeTLError(
+                    f"--class-threshold {name}={t}: a probability threshold is in [0, 1]"
+                )
+        if not class_threshold:
+            return None
+        if min_recall:
+            raise EdgeTLError(
+                "--min-recall finds a class threshold and --class-threshold gives one; use "
+                "--min-recall on the validation split, then --class-threshold with the "
+                "threshold it found on the test split"
+            )
+        if len(class_threshold) > 1:
+            raise EdgeTLError(
+                f"--class-threshold takes one class, not {len(class_threshold)} "
+                f"({', '.join(class_threshold)}); the rule thresholds one class against the rest"
+            )
+        [(name, t)] = class_threshold.items()
+        return ClassThreshold(name, resolve(name, labels, "--class-threshold"), float(t))
 
     def predict(
-        self, images: Sequence[ImageLike] | Sequence[str], top_k: int = 1
+        self,
+        images: Sequence[ImageLike] | Sequence[str],
+        top_k: int = 1,
+        class_threshold: Mapping[str, float] | None = None,
     ) -> list[Prediction]:
         """Label, score and top-k per image (one at a time, batch 1, as a camera would), or
-        per text on a text bundle."""
+        per text on a text bundle. ``class_threshold`` (``{CLASS: T}``, T in [0, 1]) calls
+        CLASS when its probability is ``>= T``, else the arg-max of the others
+        (:mod:`edge_tl.runtime.operating`); ``label`` and ``score`` are then the class
+        called, which may not be ``top_k``'s first.
+
+        Raises:
+            EdgeTLError: ``top_k`` below 1, input of the other modality, or a bad
+                ``class_threshold`` (:meth:`operating_rule`).
+        """
         self.require()
+        rule = self.operating_rule(class_threshold)
         if top_k < 1:
             raise EdgeTLError(f"--top-k must be at least 1, not {top_k}")
         engine, pre = self._model.engine, self._model.manifest.preprocess
@@ -220,7 +284,7 @@ class Classifier:
                 raise self._model.wrong_input("it was given an image, not a text")
             check_texts(images)
         if text:
-            return [self.prediction(s, self._model.embed_texts([s]), top_k) for s in images]
+            return [self.prediction(s, self._model.embed_texts([s]), top_k, rule) for s in images]
         if len(images) == 1:  # into this thread's preallocated row
             inputs: Iterable[np.ndarray] = [prepare(images[0], pre, self._model.input_row())]
         else:  # the next image decodes while the engine runs this one
@@ -230,23 +294,30 @@ class Classifier:
         results = []
         for src, x in zip(images, inputs, strict=True):
             emb = engine.run(x[None], (EMBEDDING,))[EMBEDDING]
-            results.append(self.prediction(src, emb, top_k))
+            results.append(self.prediction(src, emb, top_k, rule))
         return results
 
-    def prediction(self, src: ImageLike | str, emb: np.ndarray, top_k: int = 1) -> Prediction:
+    def prediction(
+        self,
+        src: ImageLike | str,
+        emb: np.ndarray,
+        top_k: int = 1,
+        rule: ClassThreshold | None = None,
+    ) -> Prediction:
         """The :class:`Prediction` for one input ``src`` (an image, or a text on a text
-        bundle) from its embedding ``float32[1, D]``."""
+        bundle) from its embedding ``float32[1, D]``, by the arg-max or ``rule``."""
         text = self._model.text is not None
         state = self.require()  # one head for the whole answer, even if learning swaps it
         labels = state.labels
-        probas, pred, sim = _classify(state, emb)
+        probas, pred, sim = _classify(state, emb, rule)
         proba = probas[0]
         order = np.argsort(-proba)[:top_k]
+        called = int(order[0]) if pred[0] < 0 else int(pred[0])
         return Prediction(
             image=None if text else str(src) if not hasattr(src, "size") else "<image>",
             text=src if text else None,
-            label=UNKNOWN if pred[0] < 0 else labels[order[0]],
-            score=float(proba[order[0]]),
+            label=UNKNOWN if pred[0] < 0 else labels[called],
+            score=float(proba[called]),
             similarity=None if sim is None else round(float(sim[0]), 4),
             threshold=None if state.threshold is None else round(state.threshold, 4),
             top_k=[{"label": labels[i], "score": float(proba[i])} for i in order],
@@ -259,22 +330,36 @@ class Classifier:
         skip_bad: bool = False,
         text_column: str | None = None,
         label_column: str | None = None,
+        min_recall: Mapping[str, float] | None = None,
+        class_threshold: Mapping[str, float] | None = None,
     ) -> Evaluation:
-        """Accuracy, per-class accuracy and the confusion matrix on ``ds`` (a Dataset, an
-        ImageFolder path or ``"elpv"``; on a text bundle, text data read by
+        """Accuracy, per-class precision / recall / F1 and the confusion matrix on ``ds`` (a
+        Dataset, an ImageFolder path or ``"elpv"``; on a text bundle, text data read by
         :func:`edge_tl.texts.open_text_dataset` with ``text_column`` / ``label_column``;
         ``skip_bad`` leaves bad files or rows out and lists them in ``skipped``).
 
+        Args:
+            min_recall: ``{CLASS: R}``, R in (0, 1]: for each, the largest threshold on
+                CLASS's probability whose recall of CLASS on ``ds`` is ``>= R``, with its
+                figures beside the arg-max's (:class:`OperatingPoint`, in
+                ``operating_points``). Chosen on ``ds``, so optimistic on ``ds``.
+            class_threshold: ``{CLASS: T}``: every figure is measured under the rule "CLASS
+                when its probability ``>= T``, else the arg-max of the others" (to check on
+                the test split a threshold chosen on the validation split).
+
         Raises:
-            EdgeTLError: a class of ``ds`` is not a label of the head, ``ds`` is empty, or
-                ``ds`` is data of the other modality (images for a text bundle).
+            EdgeTLError: a class of ``ds`` is not a label of the head, ``ds`` is empty,
+                ``ds`` is data of the other modality (images for a text bundle), or a
+                ``min_recall`` / ``class_threshold`` class the head does not know or that
+                has no images in ``ds`` (before anything is embedded).
         """
-        self.require()
+        rule = self.operating_rule(class_threshold, min_recall)
         ds = self._model.open_data(ds, skip_bad, text_column, label_column)
         self.check_classes(ds)
+        _require_images(ds, [*(min_recall or {}), *([rule.label] if rule else [])])
         t0 = time.perf_counter()
         emb = self._model.embed(ds.paths, batch_size, desc="evaluating")
-        return self.evaluation(ds, emb, t0)
+        return self.evaluation(ds, emb, t0, min_recall, rule)
 
     def check_classes(self, ds: Dataset) -> None:
         """Refuse a data set with a class the head does not know, or none at all.
@@ -294,15 +379,40 @@ class Classifier:
         if len(ds) == 0:
             raise EdgeTLError("nothing to evaluate: the data set is empty")
 
-    def evaluation(self, ds: Dataset, emb: np.ndarray, t0: float) -> Evaluation:
+    def evaluation(
+        self,
+        ds: Dataset,
+        emb: np.ndarray,
+        t0: float,
+        min_recall: Mapping[str, float] | None = None,
+        rule: ClassThreshold | None = None,
+    ) -> Evaluation:
         """The :class:`Evaluation` of the head on ``ds`` from its embeddings ``emb[N, D]``
-        (``t0``: when embedding began, for ``seconds``)."""
+        (``t0``: when embedding began, for ``seconds``), by the arg-max or ``rule``, with an
+        operating point per ``min_recall`` class (see :meth:`evaluate`)."""
         state = self.require()
         labels = state.labels
         y = np.asarray([labels.index(ds.classes[i]) for i in ds.labels])
-        _, pred, _ = _classify(state, emb)
+        proba, pred, _ = _classify(state, emb, rule)
         seconds = time.perf_counter() - t0
         cm, per_class, present = confusion(y, pred, labels)
+        points = [
+            _operating_point(state, emb, proba, y, name, r)
+            for name, r in (min_recall or {}).items()
+        ]
+        if rule is not None:
+            argmax = _gate(state, emb, decide(proba, None))[0]
+            points.append(
+                OperatingPoint(
+                    label=rule.label,
+                    min_recall=None,
+                    threshold=rule.threshold,
+                    at_threshold=class_figures(y, pred, rule.index),
+                    argmax=class_figures(y, argmax, rule.index),
+                    n_class=int((y == rule.index).sum()),
+                    n_other=int((y != rule.index).sum()),
+                )
+            )
         artifact = self._model.manifest.artifact
         return Evaluation(
             accuracy=float((pred == y).mean()),
@@ -315,7 +425,10 @@ class Classifier:
             seconds=round(seconds, 2),
             bundle=str(self._model.path),
             artifact=f"{artifact.format}-{artifact.precision}",
+            **macro_averages(per_class),
             skipped=[sk.to_dict() for sk in ds.skipped],
+            class_threshold=None if rule is None else rule.to_dict(),
+            operating_points=points,
         )
 
     # ---- learning (each change writes a new version) ----------------------------------
@@ -572,15 +685,67 @@ class Classifier:
 
 
 def _classify(
-    state: HeadState, emb: np.ndarray
+    state: HeadState, emb: np.ndarray, rule: ClassThreshold | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     proba = state.predict_proba(emb)
-    pred = proba.argmax(1)
+    pred, sim = _gate(state, emb, decide(proba, rule))
+    return proba, pred, sim
+
+
+def _gate(
+    state: HeadState, emb: np.ndarray, pred: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(pred, similarity)``: the open set in force calls ``-1`` (unknown) where an
+    embedding's similarity to its called class's prototype is below the threshold."""
     sim = state.similarity(emb, pred)
     thr = state.threshold
     if sim is not None and thr is not None:
         pred = np.where(sim >= thr, pred, -1)
-    return proba, pred, sim
+    return pred, sim
+
+
+def _operating_point(
+    state: HeadState, emb: np.ndarray, proba: np.ndarray, y: np.ndarray, name: str, r: float
+) -> OperatingPoint:
+    """The largest threshold on class ``name``'s probability with recall ``>= r`` on these
+    images, and its figures beside the arg-max's."""
+    c = state.labels.index(name)
+    passes = None
+    if state.threshold is not None:  # the open set gates the class the rule calls
+        sim = state.similarity(emb, np.full(len(emb), c))
+        passes = None if sim is None else sim >= state.threshold
+    try:
+        t = min_recall_threshold(proba[:, c], y == c, r, passes)
+    except EdgeTLError as e:
+        raise EdgeTLError(f"--min-recall {name}={r:g}: {e}") from None
+    rule = ClassThreshold(name, c, t)
+    return OperatingPoint(
+        label=name,
+        min_recall=r,
+        threshold=t,
+        at_threshold=class_figures(y, _gate(state, emb, decide(proba, rule))[0], c),
+        argmax=class_figures(y, _gate(state, emb, decide(proba, None))[0], c),
+        n_class=int((y == c).sum()),
+        n_other=int((y != c).sum()),
+        caveat=CAVEAT,
+    )
+
+
+def _require_images(ds: Dataset, names: Sequence[str]) -> None:
+    """Refuse a class threshold or recall target for a class with no images in ``ds``.
+
+    Raises:
+        EdgeTLError: naming the class and the classes ``ds`` has.
+    """
+    counts = np.bincount(ds.labels, minlength=len(ds.classes))
+    have = {c for c, n in zip(ds.classes, counts, strict=True) if n}
+    for name in names:
+        if name not in have:
+            raise EdgeTLError(
+                f"class {name!r} has no {ds.unit}s in the evaluated data ({ds.name}: "
+                f"{', '.join(sorted(have))}); its recall cannot be measured there, evaluate "
+                "on data (or a --split) that has some"
+            )
 
 
 def _name(target: alignment.TargetLike) -> str:

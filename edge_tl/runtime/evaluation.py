@@ -1,6 +1,7 @@
 """Measuring a bundle on labelled data, torch-free: classification accuracy with the
-confusion matrix, and for anomaly detection image AUROC, pixel AUROC and the figures at the
-stored threshold, on an MVTec-AD-layout folder.
+confusion matrix and each class's precision, recall and F1, and for anomaly detection
+image AUROC, pixel AUROC and the figures at the stored threshold, on an MVTec-AD-layout
+folder.
 
 The MVTec AD layout (Bergmann et al. 2019): ``test/good``, ``test/<defect type>`` and,
 optionally, ``ground_truth/<defect type>/<name>_mask.png`` of the same size as each image.
@@ -11,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from edge_tl.images import (
     image_size,
     read_image,
 )
+from edge_tl.runtime.results import ClassMetrics
 
 __all__ = [
     "GOOD",
@@ -33,8 +34,11 @@ __all__ = [
     "TestItem",
     "at_threshold",
     "auroc",
+    "class_metrics",
     "confusion",
+    "counts_metrics",
     "load_mask",
+    "macro_averages",
     "macro_f1",
     "mvtec_test",
 ]
@@ -44,23 +48,64 @@ GOOD = "good"
 
 def confusion(
     y: np.ndarray, pred: np.ndarray, labels: Sequence[str]
-) -> tuple[np.ndarray, dict[str, dict[str, Any]], list[int]]:
+) -> tuple[np.ndarray, dict[str, ClassMetrics], list[int]]:
     """``(matrix[K, K] int64, per_class, present)`` for true class indices ``y`` and
     predictions ``pred`` (``-1``: unknown, counted wrong and left out of the matrix).
 
-    ``per_class[name] = {"accuracy": fraction, "n": count}`` for each class present in ``y``;
-    ``present`` lists their indices, in order.
+    ``per_class[name]`` (:class:`~edge_tl.runtime.results.ClassMetrics`) for each class
+    present in ``y``: ``accuracy`` (= ``recall``, the older key) and ``n`` (= ``support``),
+    ``precision``, ``recall`` and ``f1`` as fractions in [0, 1] (see
+    :func:`class_metrics`); ``present`` lists their indices, in order.
     """
     k = len(labels)
+    y = np.asarray(y)
     cm = np.zeros((k, k), np.int64)
     known = pred >= 0
     np.add.at(cm, (y[known], pred[known]), 1)
-    present = sorted(set(np.asarray(y).tolist()))
-    per_class = {
-        labels[c]: {"accuracy": float(cm[c, c] / (y == c).sum()), "n": int((y == c).sum())}
-        for c in present
-    }
+    present = sorted(set(y.tolist()))
+    per_class = {labels[c]: class_metrics(cm, c, int((y == c).sum())) for c in present}
     return cm, per_class, present
+
+
+def class_metrics(cm: np.ndarray, c: int, support: int) -> ClassMetrics:
+    """Class ``c``'s figures from a confusion matrix ``cm[K, K]`` (rows true, columns
+    predicted; images called unknown are in no column, so they count as misses) and the
+    number of images of ``c``, ``support``.
+
+    ``recall`` = TP / (images of ``c``), the share of ``c``'s images called ``c`` (also
+    given as ``accuracy``, its older name); ``precision`` = TP / (images called ``c``), 0
+    when none is; ``f1`` = 2 TP / (2 TP + FP + FN), their harmonic mean; ``support`` (also
+    ``n``) = images of ``c``. Fractions in [0, 1]; definitions as in scikit-learn's
+    ``precision_recall_fscore_support`` (a class never predicted has precision 0).
+    """
+    tp = int(cm[c, c])
+    return counts_metrics(tp, int(cm[:, c].sum()) - tp, support)
+
+
+def counts_metrics(tp: int, fp: int, support: int) -> ClassMetrics:
+    """:func:`class_metrics` from counts: ``tp`` images of the class called it, ``fp``
+    images of other classes called it, ``support`` images of the class."""
+    fn = support - tp
+    recall = tp / support if support else 0.0
+    return {
+        "accuracy": recall,
+        "n": support,
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": recall,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
+        "support": support,
+    }
+
+
+def macro_averages(per_class: dict[str, ClassMetrics]) -> dict[str, float]:
+    """``{"macro_precision", "macro_recall", "macro_f1"}``: unweighted means over the
+    classes of ``per_class`` (those present in the evaluated data), fractions in [0, 1]."""
+    if not per_class:
+        return {"macro_precision": 0.0, "macro_recall": 0.0, "macro_f1": 0.0}
+    return {
+        f"macro_{key}": float(np.mean([m[key] for m in per_class.values()]))
+        for key in ("precision", "recall", "f1")
+    }
 
 
 def macro_f1(pred: np.ndarray, y: np.ndarray, n_classes: int) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -334,13 +334,22 @@ class Model:
         top_k: int = 1,
         task: Task | None = None,
         maps_dir: str | Path | None = None,
+        class_threshold: Mapping[str, float] | None = None,
     ) -> list[Prediction] | list[Verdict] | list[TaskPrediction]:
         """Classify images, or score them for anomalies on a bundle with a bank (``task``
-        forces one); ``maps_dir`` writes anomaly overlays.
+        forces one); ``maps_dir`` writes anomaly overlays; ``class_threshold``
+        (``{CLASS: T}``) calls CLASS when its probability is ``>= T``
+        (:meth:`Classifier.predict`).
 
         Raises:
-            EdgeTLError: ``maps_dir`` on a classification.
+            EdgeTLError: ``maps_dir`` on a classification; ``class_threshold`` on an anomaly
+                bank or a multi-task bundle.
         """
+        if class_threshold and ((task or self.task) == "anomaly" or self.tasks):
+            raise EdgeTLError(
+                "--class-threshold is for a classifier with one task"
+                + ("" if self.tasks else "; add --classify to use this bundle's head")
+            )
         if (task or self.task) == "anomaly":
             if top_k != 1:
                 raise EdgeTLError(
@@ -357,7 +366,7 @@ class Model:
             )
         if self.tasks:
             return self.predict_tasks(images, top_k)
-        return self.classifier.predict(images, top_k)
+        return self.classifier.predict(images, top_k, class_threshold)
 
     def predict_tasks(self, images: Sequence[ImageLike], top_k: int = 1) -> list[TaskPrediction]:
         """Every task's answer per image of a multi-task bundle: one engine run (batch 1),
@@ -388,6 +397,8 @@ class Model:
         skip_bad: bool = False,
         text_column: str | None = None,
         label_column: str | None = None,
+        min_recall: Mapping[str, float] | None = None,
+        class_threshold: Mapping[str, float] | None = None,
     ) -> Evaluation | AnomalyEvaluation | TaskEvaluation:
         """Accuracy on a labelled data set, or anomaly AUROC on an MVTec-layout folder.
 
@@ -402,12 +413,24 @@ class Model:
                 (listed in the result's ``skipped``) instead of stopping on the first.
             text_column: text data: the column holding the text (default ``text``).
             label_column: text data: the column holding the class (default ``label``).
+            min_recall: classification: ``{CLASS: R}``, an operating point per class
+                (:meth:`Classifier.evaluate`); choose it on ``split="val"``.
+            class_threshold: classification: ``{CLASS: T}``, the rule every figure is
+                measured under; check a chosen threshold on ``split="test"``.
 
         Raises:
-            EdgeTLError: a folder the bundle cannot be evaluated on, with the reason.
+            EdgeTLError: a folder the bundle cannot be evaluated on, with the reason; a
+                ``min_recall`` / ``class_threshold`` on an anomaly or multi-task
+                evaluation, or for a class the head lacks or ``data`` has no images of.
         """
         if split not in SPLIT_CHOICES:
             raise EdgeTLError(f"--split must be one of {', '.join(SPLIT_CHOICES)}")
+        operating = bool(min_recall or class_threshold)
+        if operating and self.tasks:
+            raise EdgeTLError(
+                "--min-recall and --class-threshold are for a bundle with one task; this one "
+                f"answers tasks {', '.join(self.tasks)}"
+            )
         if self.modality == "image" and not isinstance(data, Dataset) and _is_mvtec(Path(data)):
             if self.detector.state is None:
                 raise EdgeTLError(
@@ -418,12 +441,19 @@ class Model:
                 raise EdgeTLError(
                     "--split is for classification; an MVTec folder has its own test/"
                 )
+            if operating:
+                raise EdgeTLError(
+                    "--min-recall and --class-threshold are for classification; on an MVTec "
+                    "folder the anomaly bank reports recall and precision at its threshold"
+                )
             return self.detector.evaluate(data, maps_dir, skip_bad=skip_bad)
         if maps_dir is not None:
             raise EdgeTLError(
                 "--maps draws anomaly maps, on an MVTec-layout folder (test/good, "
                 "test/<defect>) with a bundle that has an anomaly bank; drop --maps here"
             )
+        if operating:  # a misspelt class fails before any data is read
+            self.classifier.operating_rule(class_threshold, min_recall)
         reader = open_dataset
         if self.tasks:  # each task's labels from the multi-task source
             reader = partial(open_dataset, tasks=list(self.tasks))
@@ -432,7 +462,7 @@ class Model:
             ds = self._run_split(ds, split, str(data))
         if self.tasks:
             return self._evaluate_tasks(ds)
-        return self.classifier.evaluate(ds)
+        return self.classifier.evaluate(ds, min_recall=min_recall, class_threshold=class_threshold)
 
     def _evaluate_tasks(self, ds: Dataset) -> TaskEvaluation:
         """Each task's accuracy on ``ds`` (labelled for every task), embedded once."""

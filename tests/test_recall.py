@@ -170,6 +170,9 @@ def test_min_recall_on_a_real_bundle_is_the_largest_threshold_and_checks_out(bun
     assert check.class_threshold == {"label": "crazing", "threshold": t}
     assert check.per_class["crazing"]["recall"] == point.at_threshold.recall
     assert check.accuracy == point.at_threshold.accuracy
+    # the exported head was refitted on the training and validation images: val says so
+    val = model.evaluate(neu_small, split="val", min_recall={"crazing": 0.5})
+    assert "not held out" in val.operating_points[0].caveat
     # ... and predict answers by the same rule: at T = 0 everything is crazing
     preds = model.predict(ds.paths[:3], class_threshold={"crazing": 0.0})
     assert [p.label for p in preds] == ["crazing"] * 3

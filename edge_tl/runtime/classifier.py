@@ -246,8 +246,8 @@ class Classifier:
         if min_recall:
             raise EdgeTLError(
                 "--min-recall finds a class threshold and --class-threshold gives one; use "
-                "--min-recall on the validation split, then --class-threshold with the "
-                "threshold it found on the test split"
+                "--min-recall CLASS=R with --split val, then --class-threshold CLASS=T (the T "
+                "it found) with --split test"
             )
         if len(class_threshold) > 1:
             raise EdgeTLError(

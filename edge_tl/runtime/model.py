@@ -462,7 +462,34 @@ class Model:
             ds = self._run_split(ds, split, str(data))
         if self.tasks:
             return self._evaluate_tasks(ds)
-        return self.classifier.evaluate(ds, min_recall=min_recall, class_threshold=class_threshold)
+        res = self.classifier.evaluate(ds, min_recall=min_recall, class_threshold=class_threshold)
+        seen = self._head_saw(split)
+        if seen is None:
+            return res
+        points = [
+            p if p.caveat is None else replace(p, caveat=f"{p.caveat}; {seen}")
+            for p in res.operating_points
+        ]
+        return replace(res, operating_points=points)
+
+    def _head_saw(self, split: str) -> str | None:
+        """Why the exported head in force has learned from ``split``'s images (None: it
+        has not, or the head is not the exported one): ``train`` holds its training
+        images, and the export's artifact refit (``head.fit_on == "artifact"``) fits on the
+        training and validation images."""
+        head = self.manifest.head
+        if head is None or self.classifier.require().meta.get("op") != "export":
+            return None
+        if split == "train":
+            return "--split train holds the images this head was trained on"
+        if split == "val" and head.fit_on == "artifact":
+            return (
+                "this bundle's head was refitted at export on the run's training and "
+                "validation images (head fit: artifact), so --split val is not held out for it "
+                "either: expect a lower recall on --split test, or choose on labelled images "
+                "it never saw"
+            )
+        return None
 
     def _evaluate_tasks(self, ds: Dataset) -> TaskEvaluation:
         """Each task's accuracy on ``ds`` (labelled for every task), embedded once."""

@@ -170,7 +170,7 @@ def choose(
     Args:
         per_class: training images of the smallest class.
         score: trains an arm and returns its validation accuracy (called only for the
-            arms tried, in order).
+            arms tried, in order); None or NaN (no validation images) ranks last.
     """
     records: dict[str, dict[str, Any]] = {}
     best: Arm | None = None
@@ -185,8 +185,9 @@ def choose(
         if arm.needs_gain and best is not None and not last_kept:
             records[arm.name] = {"skipped": f"{best.name} was not beaten on validation"}
             continue
-        val = float(score(arm))
-        records[arm.name] = {"val_accuracy": val}
+        got = score(arm)  # None / NaN: no validation images (a tiny data set)
+        val = -1.0 if got is None or got != got else float(got)
+        records[arm.name] = {"val_accuracy": None if val < 0 else val}
         last_kept = best is None or val > best_val
         if last_kept:
             best, best_val = arm, val
@@ -195,12 +196,16 @@ def choose(
     if len(tried) == 1:
         why = f"{best.name}, the only candidate tried"
     else:
-        scores = ", ".join(f"{n} {records[n]['val_accuracy']:.4f}" for n in tried)
+        scores = ", ".join(f"{n} {_pct(records[n]['val_accuracy'])}" for n in tried)
         why = f"{best.name}, the best validation accuracy ({scores}; ties: the cheaper)"
     rest = [f"{n} ({r['skipped']})" for n, r in records.items() if "skipped" in r]
     if rest:
         why += f"; not tried: {', '.join(rest)}"
     return best, why, records
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 def _finished(run: Path, cfg: TrainConfig) -> dict[str, Any] | None:

@@ -79,14 +79,16 @@ def _train(data: str, size: int, strategy: str, work: Path) -> dict[str, Any]:
     return cell
 
 
-def _per_class(data: str, size: int) -> int:
+def _per_class(data: str, size: int) -> tuple[int, int]:
+    """Training and validation images of the smallest class (auto's gates)."""
     import numpy as np
 
     from edge_tl.data import open_dataset, split
 
     ds = open_dataset(SETS[data])
-    tr = split(ds, _config(size, "linear-probe").split)["train"]
-    return int(np.bincount(ds.labels[tr], minlength=len(ds.classes)).min())
+    parts = split(ds, _config(size, "linear-probe").split)
+    k = len(ds.classes)
+    return tuple(int(np.bincount(ds.labels[parts[p]], minlength=k).min()) for p in ("train", "val"))
 
 
 def _auto_from_cells(results: dict, data: str, size: int) -> dict[str, Any] | None:
@@ -101,7 +103,7 @@ def _auto_from_cells(results: dict, data: str, size: int) -> dict[str, Any] | No
         return cell["val_accuracy"]
 
     try:
-        best, why, records = choose(_per_class(data, size), score)
+        best, why, records = choose(*_per_class(data, size), score)
     except LookupError:
         return None
     chosen = results[_key(data, size, best.strategy)]

@@ -32,24 +32,38 @@ def test_auto_is_the_default_image_strategy():
 
 def test_scarce_data_picks_the_linear_probe_without_training_anything_else():
     score, calls = _scores(linear_probe=0.5, finetune=0.99, full=0.99)
-    best, why, records = choose(5, score)
+    best, why, records = choose(8, 2, score)
     assert best.strategy == "linear-probe" and calls == ["linear-probe"]
-    assert "5 < 20 training images per class" in records["finetune"]["skipped"]
+    assert "2 < 5 validation images per class" in records["finetune"]["skipped"]
     assert why.startswith("linear-probe") and "not tried: finetune" in why
 
 
 def test_the_validation_split_decides_and_ties_go_to_the_cheaper_arm():
     score, calls = _scores(linear_probe=0.90, finetune=0.95, full=0.97)
-    best, why, records = choose(500, score)
+    best, why, records = choose(500, 50, score)
     assert best.name == "full" and calls == ["linear-probe", "finetune", "full"]
     assert records["finetune"]["val_accuracy"] == 0.95 and "full 0.9700" in why
-    score, calls = _scores(linear_probe=0.95, finetune=0.95, full=1.0)
-    best, why, records = choose(500, score)
-    # fine-tuning the last stages did not beat the probe: full fine-tuning is not tried
+    score, calls = _scores(linear_probe=0.95, finetune=0.95, full=0.95)
+    assert choose(10, 50, score)[0].name == "linear-probe"
+    score, calls = _scores(linear_probe=0.9, finetune=0.95, full=0.93)
+    assert choose(10, 50, score)[0].name == "finetune"
+    score, calls = _scores(linear_probe=None, finetune=None, full=None)
+    assert choose(10, 50, score)[0].name == "linear-probe"  # no validation images: no verdict
+
+
+def test_arm_gates_on_training_images_and_on_a_gain():
+    arms = (
+        Arm("linear-probe", "linear-probe"),
+        Arm("finetune", "finetune"),
+        Arm("full", "full", min_per_class=50, needs_gain=True),
+    )
+    score, calls = _scores(linear_probe=0.95, finetune=0.90, full=1.0)
+    best, _, records = choose(100, 50, score, arms)
     assert best.name == "linear-probe" and calls == ["linear-probe", "finetune"]
     assert "not beaten" in records["full"]["skipped"]
-    score, calls = _scores(linear_probe=0.9, finetune=0.95, full=0.93)
-    assert choose(500, score)[0].name == "finetune"
+    score, calls = _scores(linear_probe=0.90, finetune=0.95, full=1.0)
+    best, _, records = choose(40, 50, score, arms)
+    assert best.name == "finetune" and "40 < 50 training" in records["full"]["skipped"]
 
 
 def test_an_arm_setting_applies_unless_the_user_changed_that_flag():
@@ -105,7 +119,7 @@ def test_auto_on_scarce_data_keeps_a_linear_probe_run_that_exports(neu_small, tm
     assert "auto chose linear-probe" in res.stdout and "trained auto (linear-probe)" in res.stdout
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["strategy"] == "auto" and metrics["chosen"] == "linear-probe"
-    assert "training images per class" in metrics["why"]
+    assert "validation images per class" in metrics["why"]
     cands = metrics["auto"]["candidates"]
     assert 0 <= cands["linear-probe"]["val_accuracy"] <= 1 and "skipped" in cands["finetune"]
     record = json.loads((run / "run.json").read_text())
@@ -127,7 +141,7 @@ def test_auto_trains_each_candidate_and_keeps_the_best_on_validation(
 ):
     from edge_tl.train import train
 
-    arms = tuple(dataclasses.replace(a, min_per_class=0) for a in AUTO_ARMS[:2])
+    arms = tuple(dataclasses.replace(a, min_val_per_class=0) for a in AUTO_ARMS[:2])
     monkeypatch.setattr(auto_mod, "AUTO_ARMS", arms)
     cfg = TrainConfig(epochs=1, train_stages=1, batch_size=8, test_frac=0.25, val_frac=0.25)
     metrics = train(neu_small, tmp_path / "run", cfg)

@@ -10,7 +10,7 @@ cells already there are skipped, so the table fills in over several short runs:
 
     flock /tmp/edge_tl_cpu.lock .venv/bin/python benchmarks/auto_strategy.py --max-minutes 9
     .venv/bin/python benchmarks/auto_strategy.py --table          # print what is there
-    ... --only full --sets neu_det --sizes 100                   # (re)compute some cells
+    ... --only full --sets neu_det --sizes 100 --redo            # recompute some cells
 
 ``auto``'s cell: auto trains its candidates as ordinary runs of the explicit strategies
 with the same settings and seed, so its choice is computed by ``edge_tl.train.auto.choose``
@@ -202,17 +202,20 @@ def table(results: dict, sets: list[str]) -> str:
     missing = [
         (d, s, st) for d in sets for s in SIZES for st in EXPLICIT if _key(d, s, st) not in results
     ]
-    if missing:
-        lines.append("not measured yet; to finish:")
-        groups: dict[tuple[str, str], list[str]] = {}
-        for d, s, st in missing:
-            groups.setdefault((d, st), []).append(_size_name(s))
-        for (d, st), sizes in groups.items():
-            exp = " --expensive" if (d, 0, st) in EXPENSIVE and "full" in sizes else ""
-            lines.append(
-                f"  flock /tmp/edge_tl_cpu.lock .venv/bin/python benchmarks/auto_strategy.py "
-                f"--sets {d} --only {st} --sizes {','.join(sizes)}{exp} --max-minutes 9"
-            )
+    cmd = "flock /tmp/edge_tl_cpu.lock .venv/bin/python benchmarks/auto_strategy.py"
+    cheap = [m for m in missing if m not in EXPENSIVE]
+    costly = [m for m in missing if m in EXPENSIVE]
+    if cheap:
+        lines.append(
+            f"{len(cheap)} cell(s) not measured yet; rerun `{cmd} --max-minutes 9` until none is"
+        )
+    if costly:
+        names = ",".join(sorted({d for d, _, _ in costly}))
+        lines.append(
+            f"not measured (full fine-tuning of the whole training split, longer than a "
+            f"10-minute chunk on 2 cores): `{cmd} --expensive --only full --sets {names} "
+            "--sizes full`"
+        )
     return "\n".join(lines)
 
 
@@ -221,7 +224,8 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
     p.add_argument("--sets", default=",".join(SETS))
     p.add_argument("--sizes", default="10,30,100,full")
-    p.add_argument("--only", help="strategies to (re)compute, e.g. full,finetune")
+    p.add_argument("--only", help="strategies to compute, e.g. full,finetune")
+    p.add_argument("--redo", action="store_true", help="recompute cells already there")
     p.add_argument("--max-minutes", type=float, default=0, help="start no cell after this")
     p.add_argument("--expensive", action="store_true", help="also full fine-tuning, full sets")
     p.add_argument("--verify", metavar="DATA:SIZE", help="run auto for real on one cell")
@@ -245,7 +249,7 @@ def main() -> int:
                     if args.table or args.verify:
                         break
                     key = _key(data, size, strategy)
-                    if key in results and not args.only:
+                    if key in results and not args.redo:
                         continue
                     if (data, size, strategy) in EXPENSIVE and not args.expensive:
                         continue

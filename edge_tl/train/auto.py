@@ -308,6 +308,8 @@ def train_auto(
     metrics = {"strategy": AUTO, "chosen": best.name, "why": why}
     metrics.update({k: v for k, v in results[best.name].items() if k != "strategy"})
     metrics["auto"] = record
+    # what auto cost: every candidate it trained (the kept run's own time is in "auto")
+    metrics["train_seconds"] = round(sum(m.get("train_seconds") or 0 for m in results.values()), 1)
     run_json = json.loads((chosen_run / RUN_FILE).read_text())
     run_json["metrics"] = metrics
     run_json["auto"] = record

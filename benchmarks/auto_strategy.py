@@ -238,7 +238,9 @@ def main() -> int:
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         if args.verify and not args.table:
-            results["_verify"] = _verify(results, args.verify, Path(tmp))
+            results["_verify"] = v = _verify(results, args.verify, Path(tmp))
+            data, size_s = args.verify.split(":")
+            results[_key(data, 0 if size_s == "full" else int(size_s), "auto")] = v["real"]
             _save(args.json, results)
         only = args.only.split(",") if args.only else list(EXPLICIT)
         if args.real_auto and "auto" not in only:

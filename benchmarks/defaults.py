@@ -45,7 +45,9 @@ def main() -> int:
         for name, kw in VARIANTS.items():
             for s in sets:
                 print(f"{s}: {name} ...", file=sys.stderr, flush=True)
-                cfg = TrainConfig(epochs=args.epochs, train_per_class=args.per_class, **kw)
+                cfg = TrainConfig(
+                    strategy="finetune", epochs=args.epochs, train_per_class=args.per_class, **kw
+                )
                 m = train(Path(args.data) / s, Path(tmp) / "run", cfg, force=True)
                 acc.setdefault(name, {})[s] = m["test_accuracy"]
     print(

@@ -37,6 +37,7 @@ __all__ = [
     "SelfTestSpec",
     "Source",
     "SplitRecord",
+    "TEXT_DEFAULT_STRATEGY",
     "TEXT_STRATEGIES",
     "TaskEntry",
     "TextPreprocess",
@@ -56,6 +57,7 @@ EMBEDDING = "embedding"
 FEATURES_S8 = "features_s8"
 FEATURES_S16 = "features_s16"
 STRATEGIES = (
+    "auto",
     "linear-probe",
     "finetune",
     "full",
@@ -65,11 +67,15 @@ STRATEGIES = (
     "gradual",
     "from-scratch",
 )
-"""Transfer strategies by name (``edge_tl.train.policies`` says what each trains)."""
+"""Transfer strategies by name (``edge_tl.train.policies`` says what each trains; ``auto``
+chooses one of linear-probe, finetune, full: ``edge_tl.train.auto``)."""
 TEXT_STRATEGIES = ("linear-probe", "finetune", "full")
 """The strategies of text models (``edge_tl.train.text``): a head on frozen embeddings, the
 last transformer layers + head, or every layer."""
-DEFAULT_STRATEGY = "finetune"
+DEFAULT_STRATEGY = "auto"
+"""The image default (``edge_tl.train.auto``); text models default to ``finetune``."""
+TEXT_DEFAULT_STRATEGY = "finetune"
+"""The text default (``edge_tl.train.text``)."""
 IMAGE_EXTENSIONS = (
     ".jpg",
     ".jpeg",

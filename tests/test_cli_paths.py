@@ -120,9 +120,9 @@ def test_training_interrupted_with_ctrl_c_resumes_from_its_checkpoint(neu_small,
     out = tmp_path / "run"
     ckpt = tmp_path / "run.checkpoint.pt"
     args = [
-        sys.executable, "-m", "edge_tl.cli", "train", str(neu_small), "--epochs", "30",
-        "--patience", "0", "--batch-size", "8", "--workers", "0", "--test-frac", "0.25",
-        "--out", str(out),
+        sys.executable, "-m", "edge_tl.cli", "train", str(neu_small), "--strategy", "finetune",
+        "--epochs", "30", "--patience", "0", "--batch-size", "8", "--workers", "0",
+        "--test-frac", "0.25", "--out", str(out),
     ]  # fmt: skip
     # Ctrl-C's default in the child even when this suite runs in the background of a
     # non-interactive shell (which starts it with SIGINT ignored, inherited by children).

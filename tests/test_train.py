@@ -161,7 +161,7 @@ def test_torchvision_backbones_split_exactly(name):
 def test_interrupted_run_resumed_twice_matches_an_uninterrupted_one(neu_small, tmp_path):
     from safetensors.torch import load_file
 
-    cfg = TrainConfig(epochs=4, train_stages=1, **FAST)
+    cfg = TrainConfig(strategy="finetune", epochs=4, train_stages=1, **FAST)
     train(neu_small, tmp_path / "ref", cfg)
 
     def stop_at(epoch):
@@ -178,7 +178,12 @@ def test_interrupted_run_resumed_twice_matches_an_uninterrupted_one(neu_small, t
     with pytest.raises(EdgeTLError, match="pass --resume to continue it or --force"):
         train(neu_small, out, cfg)
     with pytest.raises(EdgeTLError, match="other settings: epochs=4"):
-        train(neu_small, out, TrainConfig(epochs=5, train_stages=1, **FAST), resume=True)
+        train(
+            neu_small,
+            out,
+            TrainConfig(strategy="finetune", epochs=5, train_stages=1, **FAST),
+            resume=True,
+        )
     with pytest.raises(KeyboardInterrupt):
         train(neu_small, out, cfg, resume=True, on_epoch_end=stop_at(3))
     train(neu_small, out, cfg, resume=True)
@@ -222,7 +227,13 @@ def test_resnet18_run_exports_and_runs_without_torch_classes(neu_small, tmp_path
 
     torch.manual_seed(0)
     torch.save(tvm.resnet18().state_dict(), tmp_path / "r18.pth")
-    cfg = TrainConfig(backbone="resnet18", weights=str(tmp_path / "r18.pth"), epochs=1, **FAST)
+    cfg = TrainConfig(
+        strategy="finetune",
+        backbone="resnet18",
+        weights=str(tmp_path / "r18.pth"),
+        epochs=1,
+        **FAST,
+    )
     train(neu_small, tmp_path / "run", cfg)
     m = export_bundle(tmp_path / "b", "onnx-fp32", run=tmp_path / "run")
     assert m.backbone == "resnet18" and m.outputs["embedding"][-1] == 512
@@ -243,7 +254,8 @@ def test_two_processes_under_torchrun_match_one_process(neu_small, tmp_path):
     from safetensors.torch import load_file
 
     common = [
-        "train", str(neu_small), "--epochs", "2", "--train-stages", "1", "--batch-size", "8",
+        "train", str(neu_small), "--strategy", "finetune", "--epochs", "2", "--train-stages", "1",
+        "--batch-size", "8",
         "--test-frac", "0.25", "--workers", "0", "--no-onnx-cache", "--freeze-bn",
         "--dropout", "0", "--augment", "none", "--json",
     ]  # fmt: skip
@@ -357,7 +369,9 @@ def test_finetune_trains_only_after_the_boundary(neu_small, tmp_path):
     from edge_tl.train import TrainConfig, train
 
     metrics = train(
-        neu_small, tmp_path / "ft", TrainConfig(epochs=2, train_stages=1, test_frac=0.25)
+        neu_small,
+        tmp_path / "ft",
+        TrainConfig(strategy="finetune", epochs=2, train_stages=1, test_frac=0.25),
     )
     block = metrics["freeze_boundary_block"]
     state = load_file(str(tmp_path / "ft" / "model.safetensors"))

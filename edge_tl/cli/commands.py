@@ -21,6 +21,7 @@ from edge_tl.cli import output
 from edge_tl.cli.training_flags import is_text_training, text_train_config, train_config
 from edge_tl.errors import EdgeTLError, require
 from edge_tl.images import SKIPPED
+from edge_tl.spec import DEFAULT_STRATEGY, TEXT_DEFAULT_STRATEGY
 
 __all__ = [
     "anomaly",
@@ -86,7 +87,7 @@ def train(args: argparse.Namespace) -> int:
         return _train_text(args)
     from edge_tl.train import train as train_run
 
-    cfg = train_config(args, args.strategy)
+    cfg = train_config(args, args.strategy or DEFAULT_STRATEGY)
     if (cfg.stages or cfg.params) and cfg.strategy != "selective":
         raise EdgeTLError(
             f"--stages and --params choose what --strategy selective trains; {cfg.strategy} "
@@ -98,8 +99,11 @@ def train(args: argparse.Namespace) -> int:
     if args.json:
         output.print_json(metrics)
     elif int(os.environ.get("RANK", "0")) == 0:
+        if "chosen" in metrics:  # auto: what it chose and why, in one line
+            print(f"auto chose {metrics['why']}")
+        name = f"auto ({metrics['chosen']})" if "chosen" in metrics else cfg.strategy
         print(
-            f"trained {cfg.strategy} on {args.data}: test accuracy "
+            f"trained {name} on {args.data}: test accuracy "
             f"{metrics['test_accuracy']:.4f} (n={metrics['n_test']}) -> {args.out}"
         )
         if "target_test_accuracy" in metrics:
@@ -119,7 +123,7 @@ def _train_text(args: argparse.Namespace) -> int:
     require("transformers", "nlp")
     from edge_tl.train.text import train_text
 
-    cfg = text_train_config(args, args.strategy)
+    cfg = text_train_config(args, args.strategy or TEXT_DEFAULT_STRATEGY)
     metrics = train_text(
         args.data, args.out, cfg, force=args.force, resume=args.resume, skip_bad=args.skip_bad
     )

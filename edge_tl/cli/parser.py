@@ -68,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         help="train a classifier on images or texts and write a run folder",
         description="Train on DATA (an ImageFolder <class>/<image>, or 'elpv' / 'elpv:mono' / "
-        "'elpv:poly' for the ELPV solar-cell package) with a transfer strategy: "
-        "linear-probe, finetune (default: the last --train-stages stages + head), full, "
-        "selective, bn-only, bias-only, gradual, from-scratch. When everything before the "
+        "'elpv:poly' for the ELPV solar-cell package) with a transfer strategy: auto "
+        "(default: linear-probe, finetune or full, chosen from the images per class and the "
+        "validation split), linear-probe, finetune (the last --train-stages stages + head), "
+        "full, selective, bn-only, bias-only, gradual, from-scratch. When everything before the "
         "first trainable block is frozen, its activations are computed once and cached. "
         "Interrupted runs continue with --resume. Under torchrun (torchrun "
         "--nproc-per-node N -m edge_tl.cli train ...) it trains with "
@@ -83,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_flags(t)
     t.add_argument(
         "--strategy",
-        default="finetune",
-        help=f"one of {', '.join(STRATEGIES)}; text: {', '.join(TEXT_STRATEGIES)}",
+        help=f"one of {', '.join(STRATEGIES)} (default auto: a linear probe, the last stages "
+        "or the whole network fine-tuned, chosen on the validation split); text: "
+        f"{', '.join(TEXT_STRATEGIES)} (default finetune)",
     )
     t.add_argument("--force", action="store_true", help="replace an existing --out")
     t.add_argument(

@@ -161,7 +161,10 @@ def compare(
                 )
         record = read_json(run, RUN_FILE, "run folder", "edge-tl train", "rerun compare")
         history = _history(run)
-        rows.append({"strategy": strategy, **_row(record["metrics"]), "history": history})
+        row = {"strategy": strategy, **_row(record["metrics"]), "history": history}
+        if "chosen" in record["metrics"]:  # auto: the strategy it chose
+            row["chosen"] = record["metrics"]["chosen"]
+        rows.append(row)
     result = {
         "data": str(data),
         "config": base.to_dict(),
@@ -185,7 +188,8 @@ def _finished(run: Path, cfg: TrainConfig) -> bool:
         record = json.loads((run / RUN_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return record.get("config") == cfg.to_dict()
+    want = cfg.to_dict()  # auto records the chosen arm's config, and its own under "auto"
+    return want in (record.get("config"), record.get("auto", {}).get("config"))
 
 
 def _history(run: Path) -> list[dict[str, float]]:
@@ -256,7 +260,7 @@ def markdown(result: dict[str, Any]) -> str:
     for r in rows:
         acc = f"{r['test_accuracy']:.4f}" + (" **best**" if r["test_accuracy"] == best else "")
         cells = [
-            r["strategy"],
+            r["strategy"] + (f" ({r['chosen']})" if r.get("chosen") else ""),
             acc,
             _f(r["test_macro_f1"]),
             _f(r["train_seconds"], "{:.0f}"),

@@ -69,7 +69,7 @@ class TrainConfig:
     NeurIPS 2022, find as good as specialised multi-task optimisers)."""
 
     def __post_init__(self) -> None:
-        if get_spec(self.backbone).sources and self.strategy != "linear-probe":
+        if get_spec(self.backbone).sources and self.strategy not in ("linear-probe", "auto"):
             raise EdgeTLError(
                 f"{self.backbone} is a multi-source backbone: its embeddings are concatenated "
                 "for a linear probe; use --strategy linear-probe (or fine-tune one backbone)"
@@ -93,6 +93,12 @@ class TrainConfig:
             raise EdgeTLError(
                 f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"
             )
+        if self.strategy == "auto":
+            from edge_tl.train.auto import check_auto, fixed_strategy
+
+            check_auto(self)
+            # --qat and loop adaptation train inside fine-tuning: auto resolves to finetune
+            object.__setattr__(self, "strategy", fixed_strategy(self) or "auto")
         for name, choices in (("balance", BALANCE), ("precision", PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise EdgeTLError(

@@ -58,6 +58,10 @@ def train(
     Raises:
         EdgeTLError: bad data, settings, or a checkpoint that does not match.
     """
+    if config.strategy == "auto":  # candidates, each an ordinary run (edge_tl.train.auto)
+        from edge_tl.train.auto import train_auto
+
+        return train_auto(data, out, config, force, resume, on_epoch_end, skip_bad)
     out = Path(out)
     ctx = dist.setup()
     ckpt_file = checkpoint_path(out)

@@ -139,9 +139,9 @@ def select_l2_cv(z, y, k, grid, seed, folds: int = 5, tol: float = 1e-4) -> CvSc
     accuracy ties and jumps of one image, the log-loss moves smoothly; measured by
     ``benchmarks/probe_vs_sklearn.py`` (4 data sets x 4 sizes) the two disagreed in 5 cells:
     log-loss 0.4-2.0 pt better in 3, 0.3-0.4 pt worse in 2. Each fold walks ``grid`` in its
-    order (strongest penalty first), warm-starting
-    each fit from the last (Friedman, Hastie and Tibshirani 2010, the regularisation path);
-    the fits stop at a gradient of ``tol`` (scikit-learn's default for L-BFGS).
+    order (strongest penalty first), warm-starting each fit from the last (Friedman, Hastie
+    and Tibshirani 2010, the regularisation path); the fits stop at a gradient of ``tol``
+    (scikit-learn's default for L-BFGS).
 
     Returns:
         The scores, or None when fewer than two classes have two or more rows (nothing to

@@ -3,8 +3,9 @@
 Strategies (:data:`~edge_tl.train.text_config.TEXT_STRATEGIES`):
 
 - ``linear-probe``: every text embedded once by the frozen encoder
-  (:func:`edge_tl.train.text_encoder.embed_texts`), a softmax head fitted on the cache, its L2
-  penalty picked on the validation split (as :mod:`edge_tl.train.probe` does for images).
+  (:func:`edge_tl.train.text_encoder.embed_texts`), a softmax head fitted on the cache of the
+  training and validation texts, its L2 penalty by cross-validation on them (as
+  :mod:`edge_tl.train.probe` does for images).
 - ``finetune`` (default): the last ``train_layers`` transformer layers + the head
   (:mod:`edge_tl.train.text_loop`).
 - ``full``: every layer and the word embeddings.

@@ -198,7 +198,10 @@ class HeadFit:
             emb = embed(engine_runner(engine), self.images, desc="embedding training split")
         self.last = (engine, emb)
         with step("fitting the head"):
-            return LinearHead.fit(emb, self.images.labels, self.n_classes)
+            # a linear probe's penalty was cross-validated on these images: keep it (a
+            # fine-tuned head has none, l2 = 0: the hold-out picks one)
+            l2 = self.source.l2 or None
+            return LinearHead.fit(emb, self.images.labels, self.n_classes, l2=l2)
 
     def embedded(self, engine: Any) -> np.ndarray | None:
         """``engine``'s embeddings of ``images`` when the last head was fit for it."""

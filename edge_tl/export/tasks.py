@@ -55,7 +55,7 @@ def write_task_heads(
         rel = f"{TASKS_DIR}/{name}"
         if emb is not None:
             y = table[np.asarray(fit.images.labels), t]
-            head = LinearHead.fit(emb, y, len(labels))
+            head = LinearHead.fit(emb, y, len(labels), l2=src.task_heads[name].l2 or None)
             write_exemplars(folder / "exemplars.npz", *_exemplars(emb, y))
             entry = HeadEntry("linear", f"{rel}/head.npz", "artifact", f"{rel}/exemplars.npz")
         else:

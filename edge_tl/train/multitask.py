@@ -146,29 +146,28 @@ def probe_tasks(
 ) -> tuple[TaskHeads, float, float | None, dict[str, dict[str, Any]]]:
     """Linear probe of every task on cached embeddings ``emb[N, D]``: ``(heads, weighted mean
     test accuracy, weighted mean validation accuracy or None, per-task metrics)``."""
-    from edge_tl.train.probe import fit_probe_head
+    from edge_tl.train.probe import fit_probe
 
     tasks = ds.tasks
     assert tasks is not None
     tr, va, te = splits["train"], splits["val"], splits["test"]
-    heads, test_pred, val_pred = {}, [], []
+    heads, test_pred, val_accs = {}, [], []
     for t, name in enumerate(tasks.names):
         y = tasks.table[ds.labels, t]
         k = len(tasks.classes[t])
-        head = fit_probe_head(emb[tr], y[tr], emb[va], y[va], k, seed)
-        heads[name] = head
+        fit = fit_probe(emb[tr], y[tr], emb[va], y[va], k, seed)
+        heads[name] = head = fit.head
         test_pred.append(head.predict_proba(emb[te]).argmax(1))
-        val_pred.append(head.predict_proba(emb[va]).argmax(1) if len(va) else None)
+        val_accs.append(fit.cv_accuracy)
     pred = np.stack(test_pred, 1)
     metrics = task_metrics(tasks, pred, ds.labels[te])
     for name, head in heads.items():
         metrics[name]["l2"] = head.l2
     w = np.asarray(weights, np.float64) / sum(weights)
     test_acc = float(np.dot([metrics[n]["test_accuracy"] for n in tasks.names], w))
-    val_acc = None
-    if len(va):
-        yv = tasks.table[ds.labels[va]]
-        val_acc = float(np.dot([(p == yv[:, t]).mean() for t, p in enumerate(val_pred)], w))
+    val_acc = None  # each head learned from val: its out-of-fold accuracy stands in
+    if len(va) and None not in val_accs:
+        val_acc = float(np.dot(val_accs, w))
     return (
         TaskHeads(heads, joint_head(list(heads.values()), tasks.table)),
         test_acc,

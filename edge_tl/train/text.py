@@ -3,8 +3,9 @@
 Strategies (:data:`~edge_tl.train.text_config.TEXT_STRATEGIES`):
 
 - ``linear-probe``: every text embedded once by the frozen encoder
-  (:func:`edge_tl.train.text_encoder.embed_texts`), a softmax head fitted on the cache, its L2
-  penalty picked on the validation split (as :mod:`edge_tl.train.probe` does for images).
+  (:func:`edge_tl.train.text_encoder.embed_texts`), a softmax head fitted on the cache of the
+  training and validation texts, its L2 penalty by cross-validation on them (as
+  :mod:`edge_tl.train.probe` does for images).
 - ``finetune`` (default): the last ``train_layers`` transformer layers + the head
   (:mod:`edge_tl.train.text_loop`).
 - ``full``: every layer and the word embeddings.
@@ -33,7 +34,7 @@ from edge_tl.images import SKIPPED
 from edge_tl.runtime.evaluation import macro_f1
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.spec import TextPreprocess
-from edge_tl.train.probe import fit_probe_head
+from edge_tl.train.probe import fit_probe
 from edge_tl.train.runs import checkpoint_path, load_checkpoint
 from edge_tl.train.text_config import TextTrainConfig
 from edge_tl.train.text_encoder import embed_texts, load_encoder
@@ -181,14 +182,16 @@ def _probe(
     pre: TextPreprocess,
     config: TextTrainConfig,
 ) -> tuple[LinearHead, list[dict[str, Any]], dict[str, Any]]:
-    """The linear probe: embeddings computed once, a softmax head on them (L2 picked on the
-    validation split)."""
+    """The linear probe: embeddings computed once, a softmax head on the training and
+    validation texts, its L2 penalty chosen by cross-validation on them
+    (:func:`~edge_tl.train.probe.fit_probe`; ``val_accuracy`` is the out-of-fold accuracy)."""
     t0 = time.perf_counter()
     emb = {k: embed_texts(encoder, tokenizer, d.paths, pre) for k, d in sets.items()}
     embed_seconds = time.perf_counter() - t0
     tr, va, te = sets["train"], sets["val"], sets["test"]
     k = len(tr.classes)
-    head = fit_probe_head(emb["train"], tr.labels, emb["val"], va.labels, k, config.seed)
+    fit = fit_probe(emb["train"], tr.labels, emb["val"], va.labels, k, config.seed)
+    head = fit.head
 
     def acc(part: str) -> float | None:
         if not len(sets[part]):
@@ -207,8 +210,9 @@ def _probe(
             "strategy": "linear-probe",
             "test_accuracy": acc("test"),
             "test_macro_f1": macro_f1(test_pred, te.labels, k),
-            "val_accuracy": acc("val"),
+            "val_accuracy": fit.cv_accuracy if len(va) else None,
             "l2": head.l2,
+            "l2_choice": fit.summary(),
             "trainable_parameters": int(head.weight.size + head.bias.size),
             "boundary": "embedding (cached)",
             "cache_seconds": round(embed_seconds, 1),

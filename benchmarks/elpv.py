@@ -174,7 +174,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default="elpv-results.json", help="results file (resumed)")
     p.add_argument("--work", default="/tmp/edge_tl_elpv_bench", help="run folders and bundles")
-    p.add_argument("--only", default="", help="comma-separated row names (default: all)")
+    p.add_argument("--only", default="", help="row names separated by ';' (default: all)")
     p.add_argument("--budget-s", type=float, default=0.0, help="start no row after this")
     p.add_argument("--final", default="", help="export this row's run to INT8 and evaluate")
     p.add_argument("--tta", default="", help="measure test-time augmentation on this row's run")
@@ -197,7 +197,10 @@ def main() -> int:
         path.write_text(json.dumps(results, indent=2) + "\n")
     else:
         t0 = time.perf_counter()
-        names = args.only.split(",") if args.only else list(ROWS)
+        names = [n.strip() for n in args.only.split(";")] if args.only else list(ROWS)
+        unknown = [n for n in names if n not in ROWS]
+        if unknown:
+            p.error(f"unknown row(s) {unknown}; rows: {'; '.join(ROWS)}")
         for name in names:
             if name in rows:
                 continue

@@ -15,6 +15,7 @@ loaded weights-only), or torchvision's own download where the user has internet.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from edge_tl.errors import EdgeTLError
 from edge_tl.spec import Preprocess, TextPreprocess
 
 __all__ = [
+    "at_size",
     "DEFAULT_BACKBONE",
     "TEXT_REGISTRY",
     "BackboneSpec",
@@ -582,6 +584,17 @@ def build(
         )
     fc, parts = split(net)
     return FeatureModel(net, spec, *parts).eval(), fc
+
+
+def at_size(features: FeatureModel, size: int) -> FeatureModel:
+    """``features`` reading ``size`` x ``size`` inputs instead of its native size: the same
+    network (every registered backbone is convolutional up to a global or adaptive
+    pooling), with ``spec.preprocess.size`` (what the run and the bundle record, and
+    what export, calibration and the device resize to) changed. ``0`` or the native size:
+    ``features`` unchanged. Returns ``features`` (changed in place)."""
+    if size and size != features.spec.size:
+        features.spec = dataclasses.replace(features.spec, size=size)
+    return features
 
 
 def weights_sha256(name: str, weights: str | Path | None = None) -> str:

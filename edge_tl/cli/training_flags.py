@@ -19,6 +19,7 @@ __all__ = ["add_training_flags", "is_text_training", "text_train_config", "train
 _IMAGE_ONLY = {
     "weights": None,
     "train_stages": 2,
+    "image_size": None,
     "stages": "",
     "params": "",
     "unfreeze_every": 1,
@@ -60,6 +61,13 @@ def add_training_flags(t: argparse.ArgumentParser) -> None:
         type=int,
         default=_IMAGE_ONLY["train_stages"],
         help="finetune/gradual: how many final stages train (default 2)",
+    )
+    t.add_argument(
+        "--image-size",
+        type=int,
+        default=_IMAGE_ONLY["image_size"],
+        help="input side in pixels, e.g. 320 for 300-px images (default 0: the backbone's "
+        "native size, 224 for efficientnet_lite0); export and the device resize to it too",
     )
     t.add_argument(
         "--stages",

@@ -28,12 +28,16 @@ __all__ = ["PRESETS", "Augment", "augment", "normalise", "parse_augment"]
 class Augment:
     """Augmentation strengths. Probabilities for flips and blur; ranges for the rest.
 
-    ``rotate`` is in degrees (uniform in ±rotate), ``shift`` a fraction of the image side,
-    ``brightness``/``contrast``/``saturation`` relative (factor in 1 ± value).
+    ``rot90``: the probability of a quarter, half or three-quarter turn (one of the three
+    at random; with both flips at 0.5 and ``rot90`` 0.75 every one of the square's eight
+    symmetries is equally likely). ``rotate`` is in degrees (uniform in ±rotate), ``shift``
+    a fraction of the image side, ``brightness``/``contrast``/``saturation`` relative
+    (factor in 1 ± value).
     """
 
     hflip: float = 0.0
     vflip: float = 0.0
+    rot90: float = 0.0
     rotate: float = 0.0
     shift: float = 0.0
     brightness: float = 0.0
@@ -46,7 +50,7 @@ class Augment:
             v = getattr(self, f.name)
             if not isinstance(v, int | float) or v < 0:
                 raise EdgeTLError(f"augmentation {f.name}={v!r} must be a number >= 0")
-        for name in ("hflip", "vflip", "blur"):
+        for name in ("hflip", "vflip", "rot90", "blur"):
             if getattr(self, name) > 1:
                 raise EdgeTLError(f"augmentation {name} is a probability; use a value in 0..1")
 
@@ -128,6 +132,13 @@ def augment(
     if aug.vflip:
         m = rand(n) < aug.vflip
         x[m] = x[m].flip(-2)
+    if aug.rot90:  # inputs are square (resized to size x size): turns keep the shape
+        m = rand(n) < aug.rot90
+        k = (rand(n) * 3).long() + 1
+        for turns in (1, 2, 3):
+            sel = m & (k == turns)
+            if sel.any():
+                x[sel] = torch.rot90(x[sel], turns, dims=(-2, -1))
     if aug.rotate or aug.shift:
         angle = (rand(n) * 2 - 1) * math.radians(aug.rotate)
         shift = (rand(n, 2) * 2 - 1) * (2 * aug.shift)  # affine_grid spans -1..1

@@ -34,6 +34,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     dropout: float = 0.2
     train_stages: int = 2
+    image_size: int = 0
+    """Input side in pixels (0: the backbone's native size, ``BackboneSpec.size``); recorded
+    in the run's preprocessing, so export and the device resize to it too."""
     stages: tuple[int, ...] = ()
     params: tuple[str, ...] = ()
     unfreeze_every: int = 1
@@ -112,6 +115,11 @@ class TrainConfig:
         for name in ("patience", "train_per_class", "workers"):
             if getattr(self, name) < 0:
                 raise EdgeTLError(f"--{name.replace('_', '-')} must be 0 or more")
+        if self.image_size and not 32 <= self.image_size <= 1024:
+            raise EdgeTLError(
+                f"--image-size {self.image_size} is outside 32..1024 pixels; "
+                "use 0 for the backbone's native size"
+            )
         if self.batch_size < 2:
             raise EdgeTLError("--batch-size must be at least 2 (batch norm needs two samples)")
         if not 0 < self.layer_decay <= 1:

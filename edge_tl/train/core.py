@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_tl.backbones import build
+from edge_tl.backbones import at_size, build
 from edge_tl.bundle import check_destination
 from edge_tl.data import Dataset, fingerprint, open_dataset, split
 from edge_tl.errors import EdgeTLError
@@ -91,6 +91,7 @@ def train(
     features, _ = build(
         config.backbone, pretrained=config.strategy != "from-scratch", weights=config.weights
     )
+    at_size(features, config.image_size)
     start = time.perf_counter()
     before = None
     if target is not None and config.adapt != "adabn" and ctx.is_main:

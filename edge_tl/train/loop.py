@@ -368,6 +368,9 @@ def fit(
         "test_macro_f1": macro_f1(test_pred, data.y["test"], n_classes)
         if objective is None
         else float(np.mean([r["test_macro_f1"] for r in task_results.values()])),
+        "test_recall": _recall(test_pred, data.y["test"], ds.classes)
+        if objective is None
+        else None,
         "best_epoch": best_row["epoch"],
         "val_accuracy": best_row["val_accuracy"] if has_val else None,
         "epochs_run": len(history),
@@ -392,6 +395,12 @@ def fit(
         metrics["tasks"] = task_results
         metrics["task_weights"] = list(config.weights_per_task)
     return head, history, metrics
+
+
+def _recall(pred: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, float]:
+    """Recall of each class present in ``y`` (for defect data, the defective class's recall
+    is the share of bad parts caught)."""
+    return {c: float((pred[y == k] == k).mean()) for k, c in enumerate(classes) if (y == k).any()}
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -174,7 +174,7 @@ def load_run(run: str | Path) -> tuple[dict[str, Any], FeatureModel, LinearHead]
         )
     from safetensors.torch import load_file
 
-    from edge_tl.backbones import load_strict
+    from edge_tl.backbones import at_size, load_strict
 
     for name in (WEIGHTS_FILE, HEAD_FILE):
         if not (run / name).is_file():
@@ -191,4 +191,5 @@ def load_run(run: str | Path) -> tuple[dict[str, Any], FeatureModel, LinearHead]
         f"{run / WEIGHTS_FILE}",
         f"it was not trained as {record['backbone']}; retrain",
     )
+    at_size(features, int(record.get("preprocess", {}).get("size") or 0))  # --image-size
     return record, features.eval(), LinearHead.load(run / HEAD_FILE)

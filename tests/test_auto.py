@@ -3,15 +3,15 @@ keeps, and the flags it refuses."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
 from edge_tl.errors import EdgeTLError
 from edge_tl.spec import DEFAULT_STRATEGY
 from edge_tl.train import TrainConfig
-from edge_tl.train import auto as auto_mod
 from edge_tl.train.auto import AUTO_ARMS, Arm, arm_config, choose, work_path
 from tests.test_cli import _one_line_error, cli
 
@@ -135,16 +135,28 @@ def test_auto_on_scarce_data_keeps_a_linear_probe_run_that_exports(neu_small, tm
     assert 0 <= Model(tmp_path / "b").evaluate(test).accuracy <= 1
 
 
-@pytest.mark.slow
-def test_auto_trains_each_candidate_and_keeps_the_best_on_validation(
-    neu_small, tmp_path, monkeypatch
-):
-    from edge_tl.train import train
+# Trained in a child interpreter: this suite's process, after in-process adapted training
+# (tests/test_adapt.py) and this run, crashed in a later fork (a freed list in the main
+# thread), so the pytest process keeps no state of it.
+_TWO_ARMS = """
+import dataclasses, json, sys
+from edge_tl.train import TrainConfig, train
+from edge_tl.train import auto
+auto.AUTO_ARMS = tuple(dataclasses.replace(a, min_val_per_class=0) for a in auto.AUTO_ARMS[:2])
+cfg = TrainConfig(epochs=1, train_stages=1, batch_size=8, test_frac=0.25, val_frac=0.25)
+print(json.dumps(train(sys.argv[1], sys.argv[2], cfg)))
+"""
 
-    arms = tuple(dataclasses.replace(a, min_val_per_class=0) for a in AUTO_ARMS[:2])
-    monkeypatch.setattr(auto_mod, "AUTO_ARMS", arms)
-    cfg = TrainConfig(epochs=1, train_stages=1, batch_size=8, test_frac=0.25, val_frac=0.25)
-    metrics = train(neu_small, tmp_path / "run", cfg)
+
+@pytest.mark.slow
+def test_auto_trains_each_candidate_and_keeps_the_best_on_validation(neu_small, tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-c", _TWO_ARMS, str(neu_small), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    metrics = json.loads(res.stdout.strip().splitlines()[-1])
     cands = metrics["auto"]["candidates"]
     assert set(cands) == {"linear-probe", "finetune"}
     vals = {k: v["val_accuracy"] for k, v in cands.items()}

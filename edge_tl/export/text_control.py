@@ -142,9 +142,7 @@ class TextHeads:
         if key is not None and key in self._fitted:
             return self._fitted[key]
         emb = embed_engine(engine, encoder, self.fit_texts, desc="embedding training texts")
-        # the probe's cross-validated penalty when it has one (a fine-tuned head: l2 = 0)
-        l2 = (self.source.l2 or None) if self.source is not None else None
-        head = LinearHead.fit(emb, self.fit_labels, self.n_classes, l2=l2)
+        head = LinearHead.fit(emb, self.fit_labels, self.n_classes)
         if key is not None:
             self._fitted[key] = head
         return head

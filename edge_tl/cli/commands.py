@@ -38,6 +38,7 @@ __all__ = [
     "predict",
     "rollback",
     "select",
+    "serve",
     "sign",
     "train",
     "unpack",
@@ -472,6 +473,24 @@ def rollback(args: argparse.Namespace) -> int:
         output.print_json(summary)
     else:
         output.rolled_back(args.bundle, summary, args.anomaly)
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    require("fastapi", "serve")
+    require("uvicorn", "serve")
+    from edge_tl.serve import ServeConfig, run
+
+    config = ServeConfig(
+        bundles=list(args.bundles),
+        names=list(args.name),
+        token_file=args.token_file,
+        token_for_infer=args.token_for_infer,
+        max_body_mb=args.max_body_mb,
+        max_pixels=args.max_pixels,
+        trust=args.trust,
+    )
+    run(config, args.host, args.port, args.workers, args.ssl_certfile, args.ssl_keyfile)
     return 0
 
 

@@ -549,6 +549,68 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--json", action="store_true", help="print the result as JSON")
     rb.set_defaults(func=commands.rollback)
 
+    sv = sub.add_parser(
+        "serve",
+        epilog=EPILOG,
+        help="serve bundles over HTTP: Open Inference Protocol v2, learning, a web page "
+        "(torch-free)",
+        description="Load each BUNDLE once (hashes, signature, self-test) and serve it over "
+        "HTTP: the Open Inference Protocol v2 (GET /v2/health/ready, /v2/models/NAME, POST "
+        "/v2/models/NAME/infer, as Triton, OpenVINO Model Server and KServe speak it), "
+        "learning endpoints under /v2/models/NAME/ (learn, remove, relabel, good, calibrate, "
+        "versions, rollback; they need the bearer token of --token-file), Prometheus metrics "
+        "at /metrics, the API's documentation at /docs and a web page at /. Listens on "
+        "127.0.0.1 unless --host says otherwise. Needs the serve extra: pip install "
+        "'edge_tl[serve]'.",
+    )
+    sv.add_argument("bundles", nargs="+", type=Path, metavar="BUNDLE", help=BUNDLE_HELP)
+    add_trust(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    sv.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="the model name of the first, second, ... BUNDLE in URLs (repeatable; default: "
+        "the bundle's folder name)",
+    )
+    sv.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="file holding the bearer token (first line, at least 16 characters) that "
+        "learning, rollback and version calls need; without it they are refused (403)",
+    )
+    sv.add_argument(
+        "--token-for-infer",
+        action="store_true",
+        help="inference and model metadata need the token too",
+    )
+    sv.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes, each loading every bundle (default 1; learning in one is "
+        "seen by the others before their next prediction)",
+    )
+    sv.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=32.0,
+        help="largest request body in MB; larger ones get 413 (default 32)",
+    )
+    sv.add_argument(
+        "--max-pixels",
+        type=int,
+        default=40_000_000,
+        help="largest uploaded image in pixels, checked before decoding; larger ones get "
+        "413 (default 40,000,000)",
+    )
+    sv.add_argument("--ssl-certfile", type=Path, metavar="PEM", help="TLS certificate")
+    sv.add_argument("--ssl-keyfile", type=Path, metavar="PEM", help="TLS private key")
+    sv.set_defaults(func=commands.serve)
+
     be = sub.add_parser(
         "bench",
         epilog=EPILOG,

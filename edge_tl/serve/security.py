@@ -198,9 +198,9 @@ class BodyLimit:
 
 
 def _too_large_message(limit: int, length: int | None) -> str:
-    size = f"{length:,} bytes" if length is not None else "longer"
+    size = f" ({length:,} bytes)" if length is not None else ""
     return (
-        f"the request body is {size}, over this server's limit of {limit:,} bytes; send "
+        f"the request body{size} is over this server's limit of {limit:,} bytes; send "
         "fewer or smaller images (or start the server with a larger --max-body-mb)"
     )
 

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-text test lint venv clean
+.PHONY: demo demo-text test lint venv browser clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -34,8 +34,20 @@ demo-text: $(STAMP)
 # cause is unproven; NNCF, which leaves nncf.torch and OpenVINO's TBB pool in a process, is fenced:
 # it quantizes in a child process of its own (edge_tl/export/isolated.py), and DataLoader
 # workers start from a forkserver, never from a fork of a threaded process.
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest -q tests
+
+# The real-browser test of `edge-tl serve`'s page (tests/test_serve_page.py) drives Debian's
+# chromium through its driver: installed here when missing and apt-get is here (CI runs
+# `make test` as root); without them that test skips and says why.
+CHROMEDRIVER ?= /usr/bin/chromedriver
+browser:
+	@if [ ! -x $(CHROMEDRIVER) ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium and chromium-driver for tests/test_serve_page.py"; \
+	  (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq >/dev/null && \
+	   apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null) \
+	  || echo "chromium could not be installed: tests/test_serve_page.py will skip"; \
+	fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check edge_tl tests benchmarks

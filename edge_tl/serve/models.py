@@ -226,9 +226,8 @@ class ServedModel:
             raise ProtocolError(
                 400, f"parameter 'top_k' must be a whole number in [1, {MAX_TOP_K}], not {top_k!r}"
             )
-        k = min(top_k or 1, len(model.classifier.labels))
         try:
-            preds = model.classifier.predict(list(images), top_k=k)
+            preds = model.classifier.predict(list(images), top_k=top_k or 1)
         except EdgeTLError as e:
             raise ProtocolError(400, str(e)) from None
         out = [
@@ -236,8 +235,11 @@ class ServedModel:
             Tensor("score", "FP32", [n], np.array([p.score for p in preds], np.float32)),
         ]
         if top_k is not None:
-            labels = [[t["label"] for t in p.top_k] for p in preds]
-            scores = np.array([[t["score"] for t in p.top_k] for p in preds], np.float32)
+            # k from the heads that answered (a lesson committed during this request
+            # changes the class count), not from one read before
+            k = min(len(p.top_k) for p in preds)
+            labels = [[t["label"] for t in p.top_k[:k]] for p in preds]
+            scores = np.array([[t["score"] for t in p.top_k[:k]] for p in preds], np.float32)
             out.append(Tensor("top_k_labels", "BYTES", [n, k], labels))
             out.append(Tensor("top_k_scores", "FP32", [n, k], scores))
         return out

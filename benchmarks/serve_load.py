@@ -14,7 +14,8 @@ Reported per row: requests per second, latency p50 / p95 / p99 (ms, send to full
 errors (non-200 or a broken connection; goal 0) and the server's RSS (its process and
 children, psutil) at the start and after the row; and the ratio of throughput to
 in-process ``Model.predict`` (one caller, batch 1, the same photos read from disk, the same
-engine settings as the server; goal at 16 clients >= 0.8x).
+engine settings as the server; measured before the server starts and after it stops, the
+mean is the reference; goal at 16 clients >= 0.8x).
 
 The mixed run: ``--clients-mixed`` clients ask for every class's score (``top_k`` = 100)
 while a learner teaches a new class (``probe_1``, ``probe_2``, ... from 3 inclusion photos
@@ -387,7 +388,8 @@ def main() -> int:
     bundle = build_bundle(args.work, args.bundle)
     photos = [q for c in (*KNOWN, PROBE_FROM) for q in _photos(c, 100, 8)]
 
-    reference = in_process(bundle, photos, args.seconds)
+    before = in_process(bundle, photos, args.seconds)
+    before["clients"] = "in-process (before)"
     server = Server(bundle, args.work)
     rows: list[dict[str, Any]] = []
     try:
@@ -405,8 +407,13 @@ def main() -> int:
             rows.append(row)
     finally:
         server.stop()
+    # once more after the server rows (the learning run's head grown back to the start's):
+    # the reference is their mean, and their difference shows the host's drift
+    after = in_process(build_bundle(args.work, args.bundle), photos, args.seconds)
+    after["clients"] = "in-process (after)"
+    reference = {**before, "throughput": (before["throughput"] + after["throughput"]) / 2}
     print()
-    print(table([reference, *rows], reference["throughput"]))
+    print(table([before, after, *rows], reference["throughput"]))
     at16 = next((r for r in rows if r["clients"] == 16), None)
     if at16 is not None:
         ratio = at16["throughput"] / reference["throughput"]
@@ -426,7 +433,7 @@ def main() -> int:
         out = {
             "host": {**host_info(), "python": platform.python_version()},
             "args": {k: str(v) for k, v in vars(args).items()},
-            "in_process": reference,
+            "in_process": [before, after],
             "rows": rows,
         }
         args.json.write_text(json.dumps(out, indent=2))

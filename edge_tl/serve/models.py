@@ -302,7 +302,8 @@ class Registry:
                 )
             except Exception as e:  # noqa: BLE001 - any failure leaves the server not ready
                 served.error = " ".join(str(e).split()) or type(e).__name__
-                self.failed = f"bundle {served.path}: {served.error}"
+                named = str(served.path) in served.error
+                self.failed = served.error if named else f"bundle {served.path}: {served.error}"
                 _logger.error('{"event": "load_failed", "model": "%s"}', served.name)
                 break
         self.done.set()

@@ -26,6 +26,10 @@ def test_runtime_imports_without_torch():
         import edge_tl.runtime.anomaly, edge_tl.runtime.patchcore, edge_tl.runtime.evaluation
         import edge_tl.runtime.overlay, edge_tl.runtime.versions, edge_tl.report
         import edge_tl.runtime.align
+        import importlib.util
+        if importlib.util.find_spec("fastapi") is not None:  # the serve extra
+            import edge_tl.serve, edge_tl.serve.app, edge_tl.serve.learning
+            import edge_tl.serve.metrics, edge_tl.serve.protocol, edge_tl.serve.security
         import edge_tl.bundle, edge_tl.spec, edge_tl.cli, edge_tl.cli.parser, edge_tl.cli.output
         try:
             import torch

@@ -253,3 +253,19 @@ def test_bad_settings_are_refused_before_listening(tmp_path):
         create_app(ServeConfig(bundles=[tmp_path / "a"], names=["a b"]), load=False)
     with pytest.raises(EdgeTLError, match="two bundles are named"):
         create_app(ServeConfig(bundles=[tmp_path / "a", tmp_path / "a"]), load=False)
+
+
+def test_token_for_infer_guards_inference_and_metadata_but_not_health(tmp_path):
+    app = _app(tmp_path, token_for_infer=True)
+    body = _json_request(["aGk="])
+    assert _call(app, "POST", "/v2/models/b1/infer", content=body).status_code == 401
+    assert _call(app, "GET", "/v2/models/b1").status_code == 401
+    ok = _call(
+        app,
+        "POST",
+        "/v2/models/b1/infer",
+        content=body,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    assert ok.status_code == 503  # let through; the bundle is not loaded here
+    assert _call(app, "GET", "/v2/health/live").status_code == 200

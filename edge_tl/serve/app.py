@@ -242,9 +242,9 @@ def create_app(config: ServeConfig, load: bool = True) -> FastAPI:
                 decode_image(b, f"image {i}", config.max_pixels)
                 for i, b in enumerate(parsed.images)
             ]
-            tensors = served.infer(images, parsed.parameters)
+            tensors, version = served.infer(images, parsed.parameters)
             metrics.images.labels(name).inc(len(images))
-            return encode_response(name, str(served.version() or 0), tensors, parsed)
+            return encode_response(name, str(version or 0), tensors, parsed)
 
         out, header = await run_in_threadpool(work)
         if header is None:

@@ -223,12 +223,22 @@ def router(registry: Registry, metrics: Metrics, token: str | None) -> APIRouter
         )
         return label, decoded
 
+    async def refused_on_error(name: str, op: str, pending: Any) -> Any:
+        """``await pending``; a bad upload (label, image) counts as a refused operation once
+        the caller is authorised."""
+        try:
+            return await pending
+        except ProtocolError as e:
+            if e.status not in (401, 403, 404):
+                metrics.learning.labels(name, op, "refused").inc()
+            raise
+
     @api.post("/v2/models/{name}/learn", openapi_extra=_MULTIPART)
     async def learn(name: str, request: Request) -> dict[str, Any]:
         """Teach a class from a few images (multipart: ``label``, files ``images``): a new
         class, or more examples of one the head knows. The answer is the new head
         version's record."""
-        label, images = await images_of(request, name, need_label=True)
+        label, images = await refused_on_error(name, "learn", images_of(request, name, True))
 
         def work(served: ServedModel) -> Any:
             clf = served.require().classifier
@@ -270,7 +280,7 @@ def router(registry: Registry, metrics: Metrics, token: str | None) -> APIRouter
         """Add good images to the anomaly bank (multipart files ``images``; a new variant,
         new lighting) and re-calibrate its threshold; on a bundle without a bank, build
         one from them. The answer is the new bank version's record."""
-        _, images = await images_of(request, name, need_label=False)
+        _, images = await refused_on_error(name, "good", images_of(request, name, False))
 
         def work(served: ServedModel) -> Any:
             det = served.require().detector

@@ -13,6 +13,7 @@ the state when one changed. Torch-free.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Sequence
@@ -180,11 +181,18 @@ class ServedModel:
         return int(shape[-2]), int(shape[-1])
 
     # ---- answering --------------------------------------------------------------------
-    def infer(self, images: Sequence[Image.Image], parameters: dict[str, Any]) -> list[Tensor]:
-        """The output tensors for ``images`` (decoded uploads), by the face the bundle is set
-        up for: ``label``, ``score`` (+ ``top_k_labels``, ``top_k_scores`` with
-        ``parameters["top_k"]``) for a classifier; ``score``, ``threshold``, ``verdict``
-        (+ ``map`` with ``parameters["map"]``) for an anomaly bank.
+    def infer(
+        self, images: Sequence[Image.Image], parameters: dict[str, Any]
+    ) -> tuple[list[Tensor], int | None]:
+        """``(output tensors, version)`` for ``images`` (decoded uploads), by the face the
+        bundle is set up for: ``label``, ``score`` (+ ``top_k_labels``, ``top_k_scores``
+        with ``parameters["top_k"]``) for a classifier; ``score``, ``threshold``,
+        ``verdict`` (+ ``map`` with ``parameters["map"]``) for an anomaly bank.
+
+        The whole request uses one head or bank version, ``version`` (None: the exported
+        head): the face is a shallow copy holding the state in force when the request
+        began, so a change committed meanwhile (which replaces the original's state in one
+        assignment) is used from the next request on.
 
         Raises:
             ProtocolError: 400 for a bad ``top_k`` / ``map``, or what the runtime refuses.
@@ -202,8 +210,10 @@ class ServedModel:
                     400, "parameter 'top_k' is for classifiers; this is an anomaly bank"
                 )
             h, w = self.grid()
+            detector = copy.copy(model.detector)  # one bank for the whole request
+            version = detector.require().meta.get("version")
             try:
-                verdicts = model.detector.predict(list(images), maps=want_map)
+                verdicts = detector.predict(list(images), maps=want_map)
             except EdgeTLError as e:
                 raise ProtocolError(400, str(e)) from None
             out = [
@@ -216,7 +226,7 @@ class ServedModel:
             if want_map:
                 maps = np.stack([_on_grid(v.map, (h, w)) for v in verdicts])  # type: ignore[arg-type]
                 out.append(Tensor("map", "FP32", [n, h, w], maps))
-            return out
+            return out, version
         if "map" in parameters:
             raise ProtocolError(400, "parameter 'map' is for anomaly banks; this is a classifier")
         top_k = parameters.get("top_k")
@@ -226,8 +236,12 @@ class ServedModel:
             raise ProtocolError(
                 400, f"parameter 'top_k' must be a whole number in [1, {MAX_TOP_K}], not {top_k!r}"
             )
+        classifier = copy.copy(model.classifier)  # one head for the whole request
+        state = classifier.require()
+        version = state.meta.get("version")
+        k = min(top_k or 1, len(state.labels))
         try:
-            preds = model.classifier.predict(list(images), top_k=top_k or 1)
+            preds = classifier.predict(list(images), top_k=k)
         except EdgeTLError as e:
             raise ProtocolError(400, str(e)) from None
         out = [
@@ -235,14 +249,11 @@ class ServedModel:
             Tensor("score", "FP32", [n], np.array([p.score for p in preds], np.float32)),
         ]
         if top_k is not None:
-            # k from the heads that answered (a lesson committed during this request
-            # changes the class count), not from one read before
-            k = min(len(p.top_k) for p in preds)
-            labels = [[t["label"] for t in p.top_k[:k]] for p in preds]
-            scores = np.array([[t["score"] for t in p.top_k[:k]] for p in preds], np.float32)
+            labels = [[t["label"] for t in p.top_k] for p in preds]
+            scores = np.array([[t["score"] for t in p.top_k] for p in preds], np.float32)
             out.append(Tensor("top_k_labels", "BYTES", [n, k], labels))
             out.append(Tensor("top_k_scores", "FP32", [n, k], scores))
-        return out
+        return out, version
 
 
 def _on_grid(full: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -304,7 +315,8 @@ class Registry:
                 )
             except Exception as e:  # noqa: BLE001 - any failure leaves the server not ready
                 served.error = " ".join(str(e).split()) or type(e).__name__
-                self.failed = f"bundle {served.path}: {served.error}"
+                named = str(served.path) in served.error
+                self.failed = served.error if named else f"bundle {served.path}: {served.error}"
                 _logger.error('{"event": "load_failed", "model": "%s"}', served.name)
                 break
         self.done.set()

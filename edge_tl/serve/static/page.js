@@ -158,8 +158,10 @@ async function loadModel() {
     if (classes.length) info += ": " + classes.join(", ");
   }
   say("model-info", info);
+  // a bundle with neither a head nor a bank may start either: both sections show
+  const blank = p.kind !== "anomaly" && !(p.classes || []).length;
   for (const section of document.querySelectorAll("section[data-kind]")) {
-    section.hidden = section.dataset.kind !== (p.kind || "classifier");
+    section.hidden = !blank && section.dataset.kind !== (p.kind || "classifier");
   }
   if (!$("versions").hidden) await showVersions();
 }

@@ -323,6 +323,16 @@ def test_learning_over_http_is_seen_by_the_next_prediction_and_rolls_back(served
     metrics = httpx.get(f"{url}/metrics").text
     assert 'edge_tl_learning_operations_total{model="cls",op="learn",outcome="ok"} 2.0' in metrics
 
+    # a change written by another process (`edge-tl learn` beside the server, or another
+    # --workers process) is read before the next prediction
+    state = Model(served["cls"]).classifier.add(
+        {"rolled-in_scale": [str(p) for p in neu("rolled-in_scale", 0, 3)]}
+    )
+    meta = httpx.get(f"{url}/v2/models/cls").json()["parameters"]
+    assert "rolled-in_scale" in meta["classes"] and meta["head_version"] == state.meta["version"]
+    res = infer_json(url, "cls", neu("rolled-in_scale", 10, 1)).json()
+    assert res["model_version"] == str(state.meta["version"])
+
 
 # ---- kill -9 and a graceful stop -----------------------------------------------------------
 def _learn_in_thread(url: str, images: list[Path], label: str) -> tuple[threading.Thread, list]:

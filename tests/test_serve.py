@@ -269,3 +269,34 @@ def test_token_for_infer_guards_inference_and_metadata_but_not_health(tmp_path):
     )
     assert ok.status_code == 503  # let through; the bundle is not loaded here
     assert _call(app, "GET", "/v2/health/live").status_code == 200
+
+
+# ---- hostile requests: a 400 with one line, never a 500 --------------------------------
+_DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        ({"outputs": [{"name": "label", "parameters": 5}]}, "not a JSON object"),
+        ({"outputs": [{"name": "label", "parameters": {"binary_data": "false"}}]}, "true or"),
+        ({"parameters": {"binary_data_output": "false"}}, "binary_data_output must be true"),
+        ({"id": {"a": 1}}, "'id' must be a string"),
+    ],
+)
+def test_outputs_flags_and_id_of_the_wrong_type_are_refused(extra, words):
+    body = json.loads(_json_request(["aGk="]))
+    body.update(extra)
+    with pytest.raises(ProtocolError) as e:
+        parse_infer_request(json.dumps(body).encode())
+    assert e.value.status == 400 and words in e.value.message
+
+
+def test_json_nested_too_deeply_is_a_400_not_a_500(tmp_path):
+    with pytest.raises(ProtocolError, match="nested too deeply") as e:
+        parse_infer_request(_DEEP)
+    assert e.value.status == 400
+    app = _app(tmp_path)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = _call(app, "POST", "/v2/models/b1/remove", content=_DEEP, headers=auth)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]

@@ -27,7 +27,6 @@ Torch-free.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -39,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from edge_tl.errors import EdgeTLError
 from edge_tl.serve.metrics import Metrics
 from edge_tl.serve.models import Registry, ServedModel
-from edge_tl.serve.protocol import ProtocolError
+from edge_tl.serve.protocol import ProtocolError, load_json
 from edge_tl.serve.security import check_bearer, decode_image, server_label
 
 __all__ = ["MAX_UPLOAD_IMAGES", "read_form", "router"]
@@ -157,10 +156,7 @@ async def _json(request: Request) -> dict[str, Any]:
     body = await request.body()
     if not body:
         return {}
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ProtocolError(400, "the request body is not JSON") from None
+    data = load_json(body, "the request body is not JSON")
     if not isinstance(data, dict):
         raise ProtocolError(400, "the request body must be a JSON object")
     return data

@@ -36,6 +36,7 @@ __all__ = [
     "ProtocolError",
     "Tensor",
     "encode_response",
+    "load_json",
     "parse_infer_request",
 ]
 
@@ -80,6 +81,36 @@ class Tensor:
     values: Any
 
 
+def load_json(body: bytes, message: str) -> Any:
+    """``body`` parsed as JSON.
+
+    Raises:
+        ProtocolError: 400 with ``message`` for bytes that are not JSON, or JSON nested too
+            deeply for the parser (``[[[[...`` a hundred thousand deep: a RecursionError,
+            which would otherwise be a 500).
+    """
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError(400, message) from None
+    except RecursionError:
+        raise ProtocolError(400, f"{message}: nested too deeply") from None
+
+
+def _flag(value: Any, what: str) -> bool:
+    """``value`` of a true/false parameter (absent: false).
+
+    Raises:
+        ProtocolError: 400 for anything but a JSON boolean (the text ``"false"`` is truthy
+            in Python and would silently turn binary output on).
+    """
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ProtocolError(400, f"{what} must be true or false, not {str(value)[:40]!r}")
+    return value
+
+
 def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
     """``(JSON header, binary tail)`` of a request body."""
     if header_length is None:
@@ -96,10 +127,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
                 f"header within the {len(body)}-byte body",
             )
         head, tail = body[:n], body[n:]
-    try:
-        request = json.loads(head)
-    except (ValueError, UnicodeDecodeError):
-        raise ProtocolError(400, "the request body is not JSON (an inference request)") from None
+    request = load_json(head, "the request body is not JSON (an inference request)")
     if not isinstance(request, dict):
         raise ProtocolError(400, "the request body must be a JSON object with 'inputs'")
     return request, tail
@@ -215,16 +243,25 @@ def parse_infer_request(body: bytes, header_length: str | None = None) -> InferR
             isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
         ):
             raise ProtocolError(400, "'outputs' must be a list of objects with a 'name'")
-        wanted = {
-            o["name"]: bool((o.get("parameters") or {}).get("binary_data", False)) for o in outputs
-        }
+        wanted = {}
+        for o in outputs:
+            params = o.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise ProtocolError(
+                    400, f"output {o['name'][:40]!r} has 'parameters' that are not a JSON object"
+                )
+            wanted[o["name"]] = _flag(
+                params.get("binary_data"), f"output {o['name'][:40]!r}'s binary_data"
+            )
     rid = request.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise ProtocolError(400, "the request's 'id' must be a string")
     return InferRequest(
         images=images,
         parameters=parameters,
-        id=None if rid is None else str(rid),
+        id=rid,
         outputs=wanted,
-        binary_default=bool(parameters.get("binary_data_output", False)),
+        binary_default=_flag(parameters.get("binary_data_output"), "binary_data_output"),
     )
 
 

@@ -300,3 +300,28 @@ def test_json_nested_too_deeply_is_a_400_not_a_500(tmp_path):
     auth = {"Authorization": f"Bearer {TOKEN}"}
     r = _call(app, "POST", "/v2/models/b1/remove", content=_DEEP, headers=auth)
     assert r.status_code == 400 and "nested too deeply" in r.json()["error"]
+
+
+def test_a_bomb_over_pillows_own_limit_is_a_413_too():
+    # 20,000 x 20,000 grey PNG of zeros (~390 KB): over twice Pillow's limit, so Pillow
+    # refuses it inside Image.open, before the server's own header check
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    side = 20_000
+    z, row = zlib.compressobj(9), b"\0" * (side + 1)  # row by row: little memory
+    rows = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", rows)
+        + chunk(b"IEND", b"")
+    )
+    with pytest.raises(ProtocolError) as e:
+        decode_image(png, "bomb.png")
+    assert e.value.status == 413 and "bomb.png" in e.value.message
+    assert "smaller image" in e.value.message
+

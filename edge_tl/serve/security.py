@@ -142,7 +142,10 @@ def decode_image(data: bytes, name: str, limit: int = DEFAULT_MAX_PIXELS) -> Ima
         with decoding(name), Image.open(_Named(data, name)) as f:
             w, h = f.size
     except EdgeTLError as e:
-        raise ProtocolError(400, _reason(e, name)) from None
+        # Pillow's own bomb check (at twice its limit) runs inside Image.open: a bomb
+        # still, so 413 like the server's check below, not 400
+        bomb = isinstance(e, BadImageError) and "decompression bomb" in e.reason
+        raise ProtocolError(413 if bomb else 400, _reason(e, name)) from None
     if w * h > limit:
         raise ProtocolError(
             413,
@@ -156,6 +159,8 @@ def decode_image(data: bytes, name: str, limit: int = DEFAULT_MAX_PIXELS) -> Ima
 
 
 def _reason(e: EdgeTLError, name: str) -> str:
+    if isinstance(e, BadImageError) and "decompression bomb" in e.reason:
+        return f"{name} {e.reason}; send a smaller image"
     if isinstance(e, BadImageError):
         return f"{name} {e.reason}; send an image file (JPEG, PNG, BMP, TIFF, WebP, ...)"
     return str(e)

@@ -325,3 +325,12 @@ def test_a_bomb_over_pillows_own_limit_is_a_413_too():
     assert e.value.status == 413 and "bomb.png" in e.value.message
     assert "smaller image" in e.value.message
 
+
+def test_metrics_labels_stay_bounded_under_a_scan(tmp_path):
+    app = _app(tmp_path)
+    for i in range(5):
+        _call(app, f"SCAN{i}", f"/probe/{i}")
+        _call(app, "GET", f"/v2/models/nope{i}/ready")
+    text = _call(app, "GET", "/metrics").text
+    assert "SCAN" not in text and 'method="other"' in text
+    assert "nope" not in text and "/probe" not in text

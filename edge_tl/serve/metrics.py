@@ -3,7 +3,8 @@
 Metrics (``GET /metrics``, Prometheus' text format, one registry per app):
 
 - ``edge_tl_requests_total{route, method, status}``: requests answered, by the route's
-  template (``/v2/models/{name}/infer``, never the raw path, so the label set stays small);
+  template (``/v2/models/{name}/infer``, never the raw path) and method (one of
+  :data:`METHODS` or ``other``), so the label set stays small under a scan;
 - ``edge_tl_request_seconds{route}``: latency histogram, from the request's arrival to its
   response's start;
 - ``edge_tl_learning_operations_total{model, op, outcome}``: learning calls (learn,
@@ -11,7 +12,8 @@ Metrics (``GET /metrics``, Prometheus' text format, one registry per app):
 - ``edge_tl_images_total{model}``: images answered by ``infer``.
 
 The access log is one JSON object per request on the ``edge_tl.serve.access`` logger:
-time, client address, method, path (without the query), route, status and milliseconds.
+time, client address, method, path (without the query, cut at :data:`MAX_LOGGED_PATH`
+characters), route, status and milliseconds.
 Headers are never logged, so neither is the bearer token. Torch-free.
 """
 
@@ -34,6 +36,11 @@ from prometheus_client import (
 __all__ = ["Metrics"]
 
 _access = logging.getLogger("edge_tl.serve.access")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+"""Methods counted under their own name; any other (``FOOBAR``, a scanner's random word)
+is counted as ``other``, so that requests cannot add label sets without bound."""
+MAX_LOGGED_PATH = 200
+"""Characters of a request's path written to the access log, at most."""
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -95,7 +102,8 @@ class Metrics:
                 template = getattr(route, "path", None) or "(unmatched)"
                 seconds = (status["at"] or time.perf_counter()) - t0
                 method = scope.get("method", "")
-                self.requests.labels(template, method, str(status["code"])).inc()
+                counted = method if method in METHODS else "other"
+                self.requests.labels(template, counted, str(status["code"])).inc()
                 self.latency.labels(template).observe(seconds)
                 client = scope.get("client") or ("", 0)
                 _access.info(
@@ -103,8 +111,8 @@ class Metrics:
                         {
                             "ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                             "client": f"{client[0]}:{client[1]}",
-                            "method": method,
-                            "path": scope.get("path", ""),
+                            "method": method[:16],
+                            "path": scope.get("path", "")[:MAX_LOGGED_PATH],
                             "route": template,
                             "status": status["code"],
                             "ms": round(seconds * 1e3, 2),

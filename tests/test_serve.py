@@ -334,3 +334,21 @@ def test_metrics_labels_stay_bounded_under_a_scan(tmp_path):
     text = _call(app, "GET", "/metrics").text
     assert "SCAN" not in text and 'method="other"' in text
     assert "nope" not in text and "/probe" not in text
+
+
+def test_a_port_in_use_or_out_of_range_is_one_line_before_anything_starts():
+    import socket
+
+    from edge_tl.serve import check_listen
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(EdgeTLError, match=f"cannot listen on 127.0.0.1:{port}.*another --port"):
+            check_listen("127.0.0.1", port)
+    with pytest.raises(EdgeTLError, match="--port must be in 0..65535"):
+        check_listen("127.0.0.1", 70000)
+    with pytest.raises(EdgeTLError, match="not an address of this machine"):
+        check_listen("no-such-host.invalid", 8080)
+    check_listen("127.0.0.1", 0)  # free: no error

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -30,7 +31,15 @@ from typing import Any
 
 from edge_tl.serve.app import ServeConfig, create_app
 
-__all__ = ["CONFIG_ENV", "ServeConfig", "app_from_env", "create_app", "log_json", "run"]
+__all__ = [
+    "CONFIG_ENV",
+    "ServeConfig",
+    "app_from_env",
+    "check_listen",
+    "create_app",
+    "log_json",
+    "run",
+]
 
 CONFIG_ENV = "EDGE_TL_SERVE_CONFIG"
 """How ``--workers N`` hands the configuration to each worker process (JSON)."""
@@ -75,6 +84,43 @@ def app_from_env() -> Any:
     return create_app(ServeConfig(**raw))
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_listen(host: str, port: int) -> None:
+    """Fail early, in one line, when the server could not listen on ``host:port``.
+
+    Raises:
+        EdgeTLError: ``port`` outside 0..65535, or the address in use or not this
+            machine's (uvicorn would otherwise print a traceback, or log the error after
+            starting up and exit with another status).
+    """
+    import socket
+
+    from edge_tl.errors import EdgeTLError
+
+    if not 0 <= port <= 65535:
+        raise EdgeTLError(f"--port must be in 0..65535, not {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise EdgeTLError(f"--host {host!r} is not an address of this machine ({e})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            fix = (
+                "pick another --port, or stop the process that holds it"
+                if e.errno == errno.EADDRINUSE
+                else "give --host an address of this machine (127.0.0.1, 0.0.0.0, ...)"
+            )
+            raise EdgeTLError(
+                f"cannot listen on {host}:{port} ({e.strerror or e}); {fix}"
+            ) from None
+
+
 def run(
     config: ServeConfig,
     host: str = "127.0.0.1",
@@ -101,7 +147,15 @@ def run(
     for flag, f in (("--ssl-certfile", ssl_certfile), ("--ssl-keyfile", ssl_keyfile)):
         if f is not None and not Path(f).is_file():
             raise EdgeTLError(f"{flag} {f} does not exist; pass a PEM file")
+    check_listen(host, port)
     log_json()
+    if host not in LOOPBACK and ssl_certfile is None:
+        logging.getLogger("edge_tl.serve").warning(
+            "listening on %s without TLS: requests, the bearer token among them, cross the "
+            "network in clear text; pass --ssl-certfile/--ssl-keyfile or put the server "
+            "behind a TLS reverse proxy",
+            host,
+        )
     app = create_app(config)  # checks the bundles, names and token before listening
     common: dict[str, Any] = {
         "host": host,

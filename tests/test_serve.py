@@ -352,3 +352,28 @@ def test_a_port_in_use_or_out_of_range_is_one_line_before_anything_starts():
     with pytest.raises(EdgeTLError, match="not an address of this machine"):
         check_listen("no-such-host.invalid", 8080)
     check_listen("127.0.0.1", 0)  # free: no error
+
+
+def test_a_server_logs_only_json_lines():
+    import logging
+
+    from edge_tl.serve import JSON_LOGGERS, log_json
+
+    saved = {
+        n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate) for n in JSON_LOGGERS
+    }
+    try:
+        log_json()
+        for name in JSON_LOGGERS:  # python-multipart's warning on a bad form among them
+            log = logging.getLogger(name)
+            assert log.handlers and not log.propagate, name
+            line = log.handlers[0].format(
+                logging.LogRecord(name, logging.WARNING, "", 0, "Expected boundary", None, None)
+            )
+            assert json.loads(line)["msg"] == "Expected boundary"
+    finally:
+        for name, (handlers, propagate) in saved.items():
+            logging.getLogger(name).handlers, logging.getLogger(name).propagate = (
+                handlers,
+                propagate,
+            )

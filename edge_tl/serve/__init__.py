@@ -44,6 +44,7 @@ __all__ = [
 CONFIG_ENV = "EDGE_TL_SERVE_CONFIG"
 """How ``--workers N`` hands the configuration to each worker process (JSON)."""
 GRACEFUL_SECONDS = 30
+QUIET_ENV = "EDGE_TL_QUIET"
 
 
 class _JsonLines(logging.Formatter):
@@ -64,9 +65,16 @@ class _JsonLines(logging.Formatter):
         )
 
 
+JSON_LOGGERS = ("edge_tl", "edge_tl.serve", "uvicorn", "uvicorn.error", "python_multipart")
+"""Loggers written as JSON lines by a server: its own, the runtime's (a warning while
+learning), uvicorn's, and python-multipart's (it logs a warning for a malformed form,
+which would otherwise reach stderr as a bare line among the JSON ones)."""
+
+
 def log_json(level: int = logging.INFO) -> None:
-    """The server's own logs and uvicorn's as JSON lines on stderr (idempotent)."""
-    for name in ("edge_tl.serve", "uvicorn", "uvicorn.error"):
+    """The server's own logs, the runtime's, uvicorn's and python-multipart's as JSON
+    lines on stderr (idempotent)."""
+    for name in JSON_LOGGERS:
         log = logging.getLogger(name)
         if not any(isinstance(h.formatter, _JsonLines) for h in log.handlers):
             handler = logging.StreamHandler(sys.stderr)
@@ -148,6 +156,9 @@ def run(
         if f is not None and not Path(f).is_file():
             raise EdgeTLError(f"{flag} {f} does not exist; pass a PEM file")
     check_listen(host, port)
+    # the runtime's progress bars (embedding support images, ...) would write bare lines
+    # among the JSON ones at every learning call; workers inherit this
+    os.environ[QUIET_ENV] = "1"
     log_json()
     if host not in LOOPBACK and ssl_certfile is None:
         logging.getLogger("edge_tl.serve").warning(

@@ -377,3 +377,17 @@ def test_a_server_logs_only_json_lines():
                 handlers,
                 propagate,
             )
+
+
+def test_a_request_of_many_large_images_is_refused_before_any_is_decoded():
+    from edge_tl.serve.security import decode_images
+
+    buf = io.BytesIO()
+    Image.new("L", (3000, 2000)).save(buf, "PNG")  # 6 MP of zeros, a few KB
+    big = buf.getvalue()
+    assert len(decode_images([("a.png", big), ("b.png", big)], 6_000_000, 12_000_000)) == 2
+    with pytest.raises(ProtocolError) as e:
+        decode_images([(f"{i}.png", big) for i in range(64)], 6_000_000, 12_000_000)
+    assert e.value.status == 413 and "in all (at 2.png)" in e.value.message
+    # the budget always lets one image of the largest allowed size through
+    assert len(decode_images([("a.png", big)], limit=6_000_000, budget=1)) == 1

@@ -42,7 +42,7 @@ from edge_tl.serve.security import (
     DEFAULT_MAX_PIXELS,
     BodyLimit,
     check_bearer,
-    decode_image,
+    decode_images,
     read_token,
 )
 
@@ -238,10 +238,8 @@ def create_app(config: ServeConfig, load: bool = True) -> FastAPI:
         parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
 
         def work() -> tuple[bytes, int | None]:
-            images = [
-                decode_image(b, f"image {i}", config.max_pixels)
-                for i, b in enumerate(parsed.images)
-            ]
+            named = [(f"image {i}", b) for i, b in enumerate(parsed.images)]
+            images = decode_images(named, config.max_pixels)
             tensors, version = served.infer(images, parsed.parameters)
             metrics.images.labels(name).inc(len(images))
             return encode_response(name, str(version or 0), tensors, parsed)

@@ -39,7 +39,7 @@ from edge_tl.errors import EdgeTLError
 from edge_tl.serve.metrics import Metrics
 from edge_tl.serve.models import Registry, ServedModel
 from edge_tl.serve.protocol import ProtocolError, load_json
-from edge_tl.serve.security import check_bearer, decode_image, server_label
+from edge_tl.serve.security import check_bearer, decode_images, server_label
 
 __all__ = ["MAX_UPLOAD_IMAGES", "read_form", "router"]
 
@@ -214,9 +214,7 @@ def router(registry: Registry, metrics: Metrics, token: str | None) -> APIRouter
         if not files:
             raise ProtocolError(400, "the form has no image files named 'images'")
         config = request.app.state.config
-        decoded = await run_in_threadpool(
-            lambda: [decode_image(data, name, config.max_pixels) for name, data in files]
-        )
+        decoded = await run_in_threadpool(decode_images, files, config.max_pixels)
         return label, decoded
 
     async def refused_on_error(name: str, op: str, pending: Any) -> Any:

@@ -37,10 +37,12 @@ from edge_tl.serve.protocol import ProtocolError
 __all__ = [
     "DEFAULT_MAX_BODY_MB",
     "DEFAULT_MAX_PIXELS",
+    "MAX_REQUEST_PIXELS",
     "MIN_TOKEN_CHARS",
     "BodyLimit",
     "check_bearer",
     "decode_image",
+    "decode_images",
     "read_token",
     "server_label",
 ]
@@ -49,6 +51,9 @@ MIN_TOKEN_CHARS = 16
 DEFAULT_MAX_BODY_MB = 32.0
 DEFAULT_MAX_PIXELS = 40_000_000
 """Pixels of one uploaded image, at most (a 40 MP camera frame; 120 MB decoded as RGB)."""
+MAX_REQUEST_PIXELS = 400_000_000
+"""Pixels of all the images of one request together, at most (about 1.2 GB decoded as
+RGB; e.g. 200 phone photos scaled to 1600 x 1200, or ten 40 MP frames)."""
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -127,6 +132,54 @@ class _Named(io.BytesIO):
     __repr__ = __str__
 
 
+def decode_images(
+    items: list[tuple[str, bytes]],
+    limit: int = DEFAULT_MAX_PIXELS,
+    budget: int = MAX_REQUEST_PIXELS,
+) -> list[Image.Image]:
+    """Every ``(name, bytes)`` of one request decoded (:func:`decode_image`), once the
+    pixels of all of them together, read from their headers, are within ``budget``
+    (at least ``limit``, so that one image of the largest size always fits).
+
+    Without it, 64 small PNGs that each claim 36 megapixels (a 3 MB infer request, no
+    token needed) would be decoded together into gigabytes.
+
+    Raises:
+        ProtocolError: as :func:`decode_image`; 413 for images over ``budget`` pixels in
+            all, before any of them is decoded.
+    """
+    budget = max(budget, min(limit, max_pixels()))
+    total = 0
+    for name, data in items:
+        w, h = _size(data, name)
+        total += w * h
+        if total > budget:
+            raise ProtocolError(
+                413,
+                f"the {len(items)} images of this request hold over {budget:,} pixels in all "
+                f"(at {name}); send fewer images per request, or smaller ones",
+            )
+    return [decode_image(data, name, limit) for name, data in items]
+
+
+def _size(data: bytes, name: str) -> tuple[int, int]:
+    """``(width, height)`` of an uploaded image, from its header (nothing decoded).
+
+    Raises:
+        ProtocolError: 400 for empty data or bytes that are not an image; 413 for one over
+            twice Pillow's limit (Pillow's own bomb check runs inside ``Image.open``).
+    """
+    if not data:
+        raise ProtocolError(400, f"{name} is empty; send an image file (JPEG, PNG, ...)")
+    try:
+        with decoding(name), Image.open(_Named(data, name)) as f:
+            w, h = f.size
+    except EdgeTLError as e:
+        bomb = isinstance(e, BadImageError) and "decompression bomb" in e.reason
+        raise ProtocolError(413 if bomb else 400, _reason(e, name)) from None
+    return w, h
+
+
 def decode_image(data: bytes, name: str, limit: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """An uploaded image file's bytes -> 8-bit RGB or grey, decoded in memory.
 
@@ -135,17 +188,8 @@ def decode_image(data: bytes, name: str, limit: int = DEFAULT_MAX_PIXELS) -> Ima
             over ``limit`` pixels (checked from its header, before decoding), each naming
             ``name``.
     """
-    if not data:
-        raise ProtocolError(400, f"{name} is empty; send an image file (JPEG, PNG, ...)")
     limit = min(limit, max_pixels())
-    try:
-        with decoding(name), Image.open(_Named(data, name)) as f:
-            w, h = f.size
-    except EdgeTLError as e:
-        # Pillow's own bomb check (at twice its limit) runs inside Image.open: a bomb
-        # still, so 413 like the server's check below, not 400
-        bomb = isinstance(e, BadImageError) and "decompression bomb" in e.reason
-        raise ProtocolError(413 if bomb else 400, _reason(e, name)) from None
+    w, h = _size(data, name)
     if w * h > limit:
         raise ProtocolError(
             413,

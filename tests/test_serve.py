@@ -204,6 +204,8 @@ def _call(app, method, url, **kw):
 def test_not_ready_until_loaded_and_errors_are_one_line_json(tmp_path):
     app = _app(tmp_path, max_body_mb=0.01)
     assert _call(app, "GET", "/v2/health/live").json() == {"live": True}
+    assert _call(app, "HEAD", "/v2/health/live").status_code == 200  # load balancers' probe
+    assert _call(app, "HEAD", "/v2/health/ready").status_code == 503
     r = _call(app, "GET", "/v2/health/ready")
     assert r.status_code == 503 and r.json()["ready"] is False
     meta = _call(app, "GET", "/v2").json()

@@ -150,12 +150,15 @@ def create_app(config: ServeConfig, load: bool = True) -> FastAPI:
             check_bearer(request.headers.get("authorization"), token, "inference")
 
     # ---- health and metadata ----------------------------------------------------------
+    # HEAD too: load balancers' health checks (HAProxy, ...) often send it
     @app.get("/v2/health/live", tags=["health"])
+    @app.head("/v2/health/live", include_in_schema=False)
     async def live() -> dict[str, bool]:
         """Live: the process answers."""
         return {"live": True}
 
     @app.get("/v2/health/ready", tags=["health"])
+    @app.head("/v2/health/ready", include_in_schema=False)
     async def ready() -> JSONResponse:
         """Ready (200) once every bundle is loaded and passed its self-test; 503 before."""
         if registry.ready:
@@ -179,6 +182,7 @@ def create_app(config: ServeConfig, load: bool = True) -> FastAPI:
         return await run_in_threadpool(registry.get(name).metadata, __version__)
 
     @app.get("/v2/models/{name}/ready", tags=["health"])
+    @app.head("/v2/models/{name}/ready", include_in_schema=False)
     async def model_ready(name: str) -> JSONResponse:
         """200 when the model is loaded, 503 while it loads or when it failed."""
         served = registry.get(name)

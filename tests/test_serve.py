@@ -129,8 +129,10 @@ def test_outputs_come_back_in_json_or_binary_as_asked():
     body, n = encode_response("m", "1", tensors, InferRequest(images=[], binary_default=True))
     raw = body[n:]
     assert raw[:4] == struct.pack("<I", 1) and raw[4:5] == b"a"
-    with pytest.raises(ProtocolError, match="unknown output 'map'"):
+    with pytest.raises(ProtocolError, match="unknown output 'map'.*add \"map\": true"):
         encode_response("m", "1", tensors, InferRequest(images=[], outputs={"map": False}))
+    with pytest.raises(ProtocolError, match="unknown output 'nope'; this request answers"):
+        encode_response("m", "1", tensors, InferRequest(images=[], outputs={"nope": False}))
 
 
 # ---- security --------------------------------------------------------------------------

@@ -47,6 +47,14 @@ MAX_IMAGES = 64
 """Images in one infer request, at most (a camera sends one; a batch of a few is fine)."""
 
 
+OPTIONAL_OUTPUTS = {
+    "top_k_labels": '"top_k": K',
+    "top_k_scores": '"top_k": K',
+    "map": '"map": true',
+}
+"""Outputs in a model's metadata that a request gets only with a parameter."""
+
+
 class ProtocolError(Exception):
     """A request the server refuses: ``status`` (400, 401, 404, 413, ...) and a one-line
     ``message``, answered as the protocol's ``{"error": message}``."""
@@ -294,9 +302,11 @@ def encode_response(
     else:
         unknown = [n for n in request.outputs if n not in by_name]
         if unknown:
+            hint = OPTIONAL_OUTPUTS.get(unknown[0])
             raise ProtocolError(
                 400,
-                f"unknown output {unknown[0]!r}; this model answers {', '.join(by_name)}",
+                f"unknown output {unknown[0]!r}; this request answers {', '.join(by_name)}"
+                + (f" (add {hint} to the request's 'parameters' for it)" if hint else ""),
             )
         chosen = [(by_name[n], b) for n, b in request.outputs.items()]
     outputs, tail = [], []

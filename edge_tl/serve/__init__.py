@@ -44,6 +44,9 @@ __all__ = [
 CONFIG_ENV = "EDGE_TL_SERVE_CONFIG"
 """How ``--workers N`` hands the configuration to each worker process (JSON)."""
 GRACEFUL_SECONDS = 30
+MAX_CONNECTIONS = 256
+"""Open connections and tasks at once; uvicorn answers 503 beyond it (a client that opens
+connections without end would otherwise hold the server's memory and file handles)."""
 QUIET_ENV = "EDGE_TL_QUIET"
 
 
@@ -174,6 +177,7 @@ def run(
         "log_config": None,
         "access_log": False,  # the app writes its own JSON access log, without headers
         "timeout_graceful_shutdown": GRACEFUL_SECONDS,
+        "limit_concurrency": MAX_CONNECTIONS,
         "ssl_certfile": None if ssl_certfile is None else str(ssl_certfile),
         "ssl_keyfile": None if ssl_keyfile is None else str(ssl_keyfile),
     }

@@ -3,21 +3,27 @@ field update.
 
 On ``../shared/data/magnetic_tile`` (MVTec layout; 679 good training images, 273 good and
 392 defective test images with pixel masks): the pretrained EfficientNet-Lite0 exported as an
-ONNX FP32 and an ORT INT8 bundle (INT8 calibrated on ``train/good``: the camera's own good
+ONNX FP32 and an ORT INT8 bundle at each input size of ``--sizes`` (224, its own, and 320 by
+``edge-tl export --image-size 320``; INT8 calibrated on ``train/good``: the camera's own good
 parts), every image's backbone outputs computed once per bundle, then memory banks built and
 scored with the shipped code (``edge_tl.runtime.anomaly``):
 
-- image and pixel AUROC, F1 and false-alarm rate at the calibrated threshold (target 1 %),
-  FP32 vs INT8, the default coreset (10 %) vs the full bank vs 1 %, a 2 MB cap, two
-  stages (strides 8 + 16) instead of one, and the reference pipeline (two stages, random
-  10 % of the patches, raw distances, no calibration);
-- latency per image at batch 1 (INT8): decode + resize, engine, search + map, map resized
-  to the image, against the engine alone;
+- image and pixel AUROC (also for the raw distance map, before the per-position
+  normalisation), F1 and the false-alarm rate on the 273 held-out good test tiles at the
+  threshold calibrated for 1 % on ``train/good``, FP32 vs INT8 at each size; then (not with
+  ``--core``) the full bank, k-centre 25 %, a 2 MB cap, two stages (strides 8 + 16) instead
+  of one, and the reference pipeline (two stages, random 10 % of the patches, raw
+  distances, no calibration);
+- image AUROC per defect type (blowhole, break, crack, fray, uneven; each type's test
+  tiles against the 273 good ones) for every bank;
+- latency per image at batch 1 (INT8, 224): decode + resize, engine, search + map, map
+  resized to the image, against the engine alone;
 - field update: a bank built without the wide tiles (an unseen product variant), then
   ``add`` of 30 wide good images: false alarms on the wide good test images and AUROC
   before and after.
 
-    .venv/bin/python benchmarks/anomaly.py [--work /tmp/edge_tl_anomaly] [--json out.json]
+    .venv/bin/python benchmarks/anomaly.py [--core] [--sizes 224,320] [--skip-latency]
+        [--work /tmp/edge_tl_anomaly] [--json out.json]
 
 Reference to beat (hand-written pipeline, same weights, FP32, two stages, 3x3 pooling,
 random 10 % bank): image AUROC 0.940, pixel AUROC 0.839; with a 10 % greedy coreset
@@ -50,15 +56,23 @@ RECIPES = {"fp32": "onnx-fp32", "int8": "ort-int8"}
 STAGES = ("features_s8", "features_s16")
 
 
-def bundles(work: Path) -> dict[str, Path]:
+def bundles(work: Path, size: int = 224) -> dict[str, Path]:
+    """FP32 and INT8 bundles of the pretrained backbone at input ``size`` (exported once)."""
     out = {}
     for precision, recipe in RECIPES.items():
-        path = work / f"magnetic_tile-{precision}"
+        tag = "" if size == 224 else f"{size}-"
+        path = work / f"magnetic_tile-{tag}{precision}"
         if not (path / "manifest.json").is_file():
             from edge_tl.export import export_bundle
 
             print(f"  exporting {path.name} ({recipe}, calibrated on train/good)", flush=True)
-            export_bundle(path, recipe, backbone="efficientnet_lite0", calib=DATA / "train/good")
+            export_bundle(
+                path,
+                recipe,
+                backbone="efficientnet_lite0",
+                calib=DATA / "train/good",
+                image_size=0 if size == 224 else size,
+            )
         out[precision] = path
     return out
 
@@ -104,7 +118,19 @@ class Test:
         out = {"image_auroc": ev.auroc(scores, self.y), "pixel_auroc": pix.value()}
         if thr is not None:
             out.update(ev.at_threshold(scores, self.y, thr))
+        defects = np.array([it.defect for it in self.items])
+        out["per_defect"] = {
+            d: ev.auroc(scores[sel], self.y[sel])
+            for d in sorted(set(defects) - {an.GOOD})
+            for sel in [(defects == d) | (defects == an.GOOD)]
+        }
         return out
+
+    def pixel_auroc(self, maps: np.ndarray) -> float:
+        pix = ev.PixelAuroc(float(maps.min()), float(maps.max()))
+        for g, mask, size in zip(maps, self.masks, self.sizes, strict=True):
+            pix.update(pc.resize_map(g, size), mask)
+        return pix.value()
 
 
 def run_bank(train: np.ndarray, test_f: np.ndarray, test: Test, grid, **kw) -> dict:
@@ -114,8 +140,10 @@ def run_bank(train: np.ndarray, test_f: np.ndarray, test: Test, grid, **kw) -> d
     t0 = time.perf_counter()
     scores, maps = state.score(test_f)
     score_ms = (time.perf_counter() - t0) / len(test_f) * 1e3
+    raw = state.distances(test_f)  # the distance map before the per-position normalisation
     return {
         **test.metrics(scores, maps, state.threshold),
+        "pixel_auroc_raw_map": test.pixel_auroc(raw),
         "bank_patches": len(state.bank),
         "bank_mb": state.bank_mb,
         "build_s": build_s,
@@ -222,57 +250,97 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/edge_tl_anomaly"))
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument(
+        "--sizes",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[224, 320],
+        help="input sizes to export and score at (bundles exported with --image-size)",
+    )
+    ap.add_argument(
+        "--core",
+        action="store_true",
+        help="only the default bank at each size (FP32 and INT8) and the field update",
+    )
+    ap.add_argument("--skip-latency", action="store_true")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     train_paths, _ = an.good_images(DATA)
     test = Test()
-    paths = bundles(args.work)
     res: dict = {"banks": {}}
     o = {}
-    for precision, bundle in paths.items():
-        o[precision] = (
-            outputs(bundle, train_paths, args.work, "train"),
-            outputs(bundle, test.paths, args.work, "test"),
-        )
-    print("  latency", flush=True)
-    res["latency_int8"] = latency(paths["int8"], feats(o["int8"][0], ("features_s16",)), test)
+    for size in args.sizes:
+        for precision, bundle in bundles(args.work, size).items():
+            o[size, precision] = (
+                outputs(bundle, train_paths, args.work, "train"),
+                outputs(bundle, test.paths, args.work, "test"),
+            )
+    paths = bundles(args.work)
+    if not args.skip_latency:
+        print("  latency", flush=True)
+        s16 = ("features_s16",)
+        res["latency_int8"] = latency(paths["int8"], feats(o[224, "int8"][0], s16), test)
+    s16 = ("features_s16",)
     configs = [
-        ("default: k-centre 10 %", "fp32", ("features_s16",), {}),
-        ("default: k-centre 10 %", "int8", ("features_s16",), {}),
-        ("full bank", "fp32", ("features_s16",), {"coreset": 1.0, "max_mb": 1e4}),
-        ("full bank", "int8", ("features_s16",), {"coreset": 1.0, "max_mb": 1e4}),
-        ("k-centre 1 %", "int8", ("features_s16",), {"coreset": 0.01}),
-        ("k-centre 25 %", "int8", ("features_s16",), {"coreset": 0.25}),
-        ("cap 2 MB", "int8", ("features_s16",), {"max_mb": 2.0}),
-        ("two stages s8+s16, k-centre 10 %", "int8", STAGES, {}),
+        (f"{size} px, k-centre 10 %", size, precision, s16, {})
+        for size in args.sizes
+        for precision in RECIPES
     ]
-    for name, precision, stages, kw in configs:
-        tr, te = o[precision]
-        grid = (28, 28) if "features_s8" in stages else (14, 14)
+    if not args.core:
+        configs += [
+            ("224 px, full bank", 224, "int8", s16, {"coreset": 1.0, "max_mb": 1e4}),
+            ("224 px, k-centre 25 %", 224, "int8", s16, {"coreset": 0.25}),
+            ("224 px, cap 2 MB", 224, "int8", s16, {"max_mb": 2.0}),
+            ("224 px, two stages s8+s16, k-centre 10 %", 224, "int8", STAGES, {}),
+        ]
+    for name, size, precision, stages, kw in configs:
+        tr, te = o[size, precision]
+        grid = tuple(tr[stages[0]].shape[-2:])
         print(f"  {name} ({precision})", flush=True)
         r = run_bank(feats(tr, stages), feats(te, stages), test, grid, stages=stages, **kw)
         res["banks"][f"{name} | {precision}"] = r
-    for precision in ("fp32", "int8"):
-        tr, te = o[precision]
-        print(f"  reference pipeline ({precision})", flush=True)
-        res["banks"][f"reference: 2 stages, random 10 %, raw distance | {precision}"] = reference(
-            feats(tr, STAGES), feats(te, STAGES), test, (28, 28)
-        )
+    if not args.core:
+        for precision in ("fp32", "int8"):
+            tr, te = o[224, precision]
+            print(f"  reference pipeline ({precision})", flush=True)
+            res["banks"][f"reference: 2 stages, random 10 %, raw distance | {precision}"] = (
+                reference(feats(tr, STAGES), feats(te, STAGES), test, (28, 28))
+            )
     print("  field update", flush=True)
-    res["field_update_int8"] = field_update(*o["int8"], test, train_paths)
+    res["field_update_int8"] = field_update(*o[224, "int8"], test, train_paths)
 
-    print("\n| bank | artifact | image AUROC | pixel AUROC | F1 | false alarms (target 1 %) "
-          "| patches | MB | build s |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| bank | artifact | image AUROC | pixel AUROC | pixel AUROC, raw-distance map "
+        "| F1 | false alarms, 273 held-out good (target 1 %) | patches | MB | build s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for key, r in res["banks"].items():
         name, precision = key.split(" | ")
         f1 = f"{r['f1']:.3f}" if "f1" in r else "-"
         far = f"{r['false_alarm_rate']:.1%}" if "false_alarm_rate" in r else "-"
         build = f"{r['build_s']:.0f}" if "build_s" in r else "-"
+        raw = f"{r['pixel_auroc_raw_map']:.4f}" if "pixel_auroc_raw_map" in r else "-"
         print(
-            f"| {name} | {precision} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {f1} | "
-            f"{far} | {r['bank_patches']} | {r['bank_mb']:.1f} | {build} |"
+            f"| {name} | {precision} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {raw} "
+            f"| {f1} | {far} | {r['bank_patches']} | {r['bank_mb']:.1f} | {build} |"
         )
+    defects = sorted(next(iter(res["banks"].values()))["per_defect"])
+    print("\nimage AUROC per defect type (each defect's test tiles against the 273 good ones)")
+    print("| bank | artifact | " + " | ".join(defects) + " |")
+    print("|---|---|" + "---|" * len(defects))
+    for key, r in res["banks"].items():
+        name, precision = key.split(" | ")
+        cells = " | ".join(f"{r['per_defect'][d]:.4f}" for d in defects)
+        print(f"| {name} | {precision} | {cells} |")
+    _print_rest(res)
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1))
+
+
+def _print_rest(res: dict) -> None:
+    """The latency and field-update tables."""
+    if "latency_int8" not in res:
+        _print_field_update(res)
+        return
     lat = res["latency_int8"]
     print(f"\nlatency per image, INT8, batch 1, median ms (bank {lat['bank_patches']} patches)")
     print("| threading | decode+resize | engine | search+map | map to image | total "
@@ -286,6 +354,10 @@ def main() -> None:
             f"{r['search_over_engine_alone']:.2f} |"
         )
     print(f"Model.score end to end: {lat['model_score_ms']:.1f} ms per image")
+    _print_field_update(res)
+
+
+def _print_field_update(res: dict) -> None:
     fu = res["field_update_int8"]
     b, a = fu["before"], fu["after"]
     print(
@@ -299,8 +371,6 @@ def main() -> None:
             f"| {tag} | {r['wide_good_flagged']:.1%} | {r['other_good_flagged']:.1%} | "
             f"{r['image_auroc']:.4f} | {r['wide_image_auroc']:.4f} | {r['bank_patches']} |"
         )
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -225,6 +225,7 @@ def export(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         adapt_bn=args.adapt_bn,
         cache=not args.no_cache,
+        image_size=args.image_size or 0,
     )
     if args.json:
         output.print_json(m.metrics)
@@ -257,6 +258,7 @@ def _export_many(args: argparse.Namespace, key: Any) -> int:
         skip_bad=args.skip_bad,
         adapt_bn=args.adapt_bn,
         cache=not args.no_cache,
+        image_size=args.image_size or 0,
     ):
         results[r.recipe] = r
         if args.json:

@@ -220,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backbone", help="export a pretrained backbone instead of a run")
     e.add_argument("--weights", help="with --backbone: local pretrained weights file")
     e.add_argument(
+        "--image-size",
+        type=int,
+        metavar="N",
+        help="with --backbone: the graph's input size (a multiple of 32; default the "
+        "backbone's own, 224 for efficientnet_lite0); larger inputs give finer anomaly maps "
+        "(`edge-tl anomaly` scores at the bundle's size)",
+    )
+    e.add_argument(
         "--recipe",
         default="onnx-fp32",
         help="recipe name or .toml path; several, comma-separated (onnx-fp32,ort-int8,"

@@ -99,6 +99,7 @@ def export_bundle(
     skip_bad: bool = False,
     adapt_bn: str | Path | None = None,
     cache: bool = True,
+    image_size: int = 0,
 ) -> Manifest:
     """Export a trained run (or a pretrained ``backbone``) into a bundle at ``out``.
 
@@ -134,6 +135,12 @@ def export_bundle(
         cache: keep the run's FP32 graph, decoded images and FP32 reference embeddings in
             ``RUN/.export_cache`` and reuse them (:mod:`edge_tl.export.cache`); False
             computes them afresh and keeps nothing.
+        image_size: with ``backbone``, the input size of the graph (square, a multiple of
+            32 in 32..1024; 0: the backbone's native size). The backbone is convolutional,
+            so a larger input gives finer patch grids (``features_s16`` of a 320 export is
+            20 x 20), which is what ``edge-tl anomaly`` on the bundle then scores at; it
+            is recorded in the manifest's ``preprocess.size``. A run keeps the size it was
+            trained at (``edge-tl train --image-size``).
 
     Returns:
         The bundle's manifest.
@@ -156,6 +163,7 @@ def export_bundle(
             ("--logits", logits),
             ("--skip-bad", skip_bad),
             ("--adapt-bn", adapt_bn),
+            ("--image-size", image_size),
         ):
             if given:
                 raise EdgeTLError(
@@ -166,9 +174,33 @@ def export_bundle(
         return export_text_bundle(out, rec, run, backbone, calib, head_fit, force, sign)
     _check_recipe_args(rec, run, weights, head_fit, adapt_bn)
     check_destination(out, force)
-    with _Work.open(run, backbone, calib, head_fit, weights, skip_bad, adapt_bn, cache) as work:
+    with _Work.open(
+        run, backbone, calib, head_fit, weights, skip_bad, adapt_bn, cache, image_size
+    ) as work:
         work.check_recipe(rec)
         return _export_one(work, out, rec, force, logits, sign)
+
+
+def check_image_size(image_size: int, run: str | Path | None) -> None:
+    """Refuse an export input size the graph cannot take: ``image_size`` must be 0 (the
+    native size) or a multiple of 32 in 32..1024 (the backbone's coarsest stride, so every
+    feature grid covers the input exactly), and only with ``--backbone``.
+
+    Raises:
+        EdgeTLError: naming the value and the fix.
+    """
+    if not image_size:
+        return
+    if run is not None:
+        raise EdgeTLError(
+            f"--image-size {image_size} sets a pretrained backbone's input size; a run keeps "
+            "the size it was trained at: train with `edge-tl train ... --image-size N`"
+        )
+    if not 32 <= image_size <= 1024 or image_size % 32:
+        raise EdgeTLError(
+            f"--image-size {image_size}: pass a multiple of 32 between 32 and 1024 (e.g. 224, "
+            "320, 384), so the stride-16 and stride-32 feature grids cover the input exactly"
+        )
 
 
 @dataclass(frozen=True)
@@ -225,7 +257,7 @@ def export_bundles(
     A recipe that accuracy control refuses is reported in its :class:`BundleResult` and
     the others are still written. ``options`` are :func:`export_bundle`'s (``calib``,
     ``head_fit``, ``force``, ``weights``, ``logits``, ``sign``, ``skip_bad``, ``adapt_bn``,
-    ``cache``).
+    ``cache``, ``image_size``).
 
     Raises:
         EdgeTLError: bad recipes (:func:`parse_recipes`), an existing bundle folder without
@@ -254,6 +286,7 @@ def iter_bundles(
     skip_bad: bool = False,
     adapt_bn: str | Path | None = None,
     cache: bool = True,
+    image_size: int = 0,
 ) -> Iterator[BundleResult]:
     """:func:`export_bundles` one bundle at a time: each recipe's result is yielded as soon
     as it is written (the demo evaluates it before the next export starts). Arguments are
@@ -282,13 +315,16 @@ def iter_bundles(
                     sign=sign,
                     skip_bad=skip_bad,
                     adapt_bn=adapt_bn,
+                    image_size=image_size,
                 ),
             )
         return
     for r in recs:
         _check_recipe_args(r, run, weights, head_fit, adapt_bn)
         check_destination(out_dir / r.name, force)
-    with _Work.open(run, backbone, calib, head_fit, weights, skip_bad, adapt_bn, cache) as work:
+    with _Work.open(
+        run, backbone, calib, head_fit, weights, skip_bad, adapt_bn, cache, image_size
+    ) as work:
         for r in recs:
             work.check_recipe(r)
         for r in recs:
@@ -362,13 +398,19 @@ class _Work:
         skip_bad: bool,
         adapt_bn: str | Path | None,
         cache: bool,
+        image_size: int = 0,
     ) -> Iterator[_Work]:
-        """Open the source (and AdaBN it), list the calibration pool; a temporary work
-        folder lives as long as the context."""
+        """Open the source (and AdaBN it, and set a backbone's input size), list the
+        calibration pool; a temporary work folder lives as long as the context."""
+        check_image_size(image_size, run)
         if run is not None:
             src = open_run(run, calib, head_fit)
         else:
             src = open_backbone(backbone, weights)  # type: ignore[arg-type]
+            if image_size:
+                from edge_tl.backbones import at_size
+
+                at_size(src.features, image_size)
         head_fit = head_fit if src.fit_set is not None else "source"
         adapted = _adapt_bn(src, adapt_bn) if adapt_bn is not None else None
         if adapted is not None and calib is None:  # calibrate on what the bundle will see

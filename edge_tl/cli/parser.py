@@ -315,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--maps", type=Path, metavar="DIR", help="anomaly: write heat-map overlay PNGs here"
     )
+    pr.add_argument(
+        "--search",
+        choices=["fast", "exact"],
+        default=None,
+        help="anomaly: search the bank's inverted lists (fast, default) or every bank patch "
+        "(exact)",
+    )
     add_class_threshold(pr)
     pr.add_argument("--json", action="store_true", help="print the results as JSON")
     pr.set_defaults(func=commands.predict)
@@ -392,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--maps", type=Path, metavar="DIR", help="anomaly: write heat-map overlay PNGs here"
+    )
+    ev.add_argument(
+        "--search",
+        choices=["fast", "exact"],
+        default=None,
+        help="anomaly: search the bank's inverted lists (fast, default) or every bank patch "
+        "(exact)",
     )
     ev.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
     ev.add_argument(

@@ -330,8 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
         "anomaly",
         help="learn what good parts look like, for defect detection (torch-free)",
         description="Build BUNDLE's anomaly bank from GOOD_DIR (a folder of good images, or "
-        "an MVTec-layout folder's train/good): patch features of the backbone, a greedy "
-        "k-centre coreset, exact nearest-neighbour search in numpy. The threshold is "
+        "an MVTec-layout folder's train/good; features streamed, memory bounded): patch "
+        "features of the backbone, a greedy k-centre coreset, nearest-neighbour search in "
+        "numpy (inverted lists; `predict/evaluate --search exact` for the exact one). The "
+        "threshold is "
         "calibrated for --false-alarm on the good images, each scored leave-one-out. --add "
         "grows the current bank with new good images (a new variant, new lighting) and "
         "re-calibrates; --false-alarm alone re-calibrates. Each change is a new version in "

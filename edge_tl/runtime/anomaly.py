@@ -2,7 +2,10 @@
 
 Torch-free. The bundle's backbone gives patch features (:mod:`edge_tl.runtime.patchcore`);
 the device keeps a greedy k-centre coreset of the good images' patches in numpy and scores a
-new image by each patch's distance to its nearest bank patch (exact search, chunked).
+new image by each patch's distance to its nearest bank patch (searched over inverted lists,
+or exactly: :mod:`edge_tl.runtime.search`). :func:`build` takes every image's features at
+once; :func:`edge_tl.runtime.streaming.build_streaming` (what a device runs) one chunk at a
+time.
 
 Calibration needs no separate held-out folder: every good image is scored *leave-one-out*,
 against the bank without the patches it contributed itself, which is how an unseen good

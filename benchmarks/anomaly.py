@@ -12,7 +12,8 @@ scored with the shipped code (``edge_tl.runtime.anomaly``):
   stages (strides 8 + 16) instead of one, and the reference pipeline (two stages, random
   10 % of the patches, raw distances, no calibration);
 - latency per image at batch 1 (INT8): decode + resize, engine, search + map, map resized
-  to the image, against the engine alone;
+  to the image, against the engine alone (the shipped fast search and ``--search exact``;
+  every search candidate side by side: ``benchmarks/anomaly_search.py``);
 - field update: a bank built without the wide tiles (an unseen product variant), then
   ``add`` of 30 wide good images: false alarms on the wide good test images and AUROC
   before and after.
@@ -149,7 +150,12 @@ def latency(bundle: Path, train: np.ndarray, test: Test, repeats: int = 3) -> di
     pre = model.manifest.preprocess
     images = test.paths[:: len(test.paths) // 40][:40]
     out: dict = {"bank_patches": len(state.bank)}
-    for tag, m, blas in (("shipped", model, pc.one_blas_thread), ("defaults", plain, None)):
+    runs = (
+        ("shipped", model, pc.one_blas_thread, an.DEFAULT_SEARCH),
+        ("shipped, --search exact", model, pc.one_blas_thread, "exact"),
+        ("defaults", plain, None, an.DEFAULT_SEARCH),
+    )
+    for tag, m, blas, search in runs:
         parts: dict[str, list[float]] = {"decode": [], "engine": [], "search": [], "resize": []}
         for _ in range(repeats):
             for p in images:
@@ -160,7 +166,7 @@ def latency(bundle: Path, train: np.ndarray, test: Test, repeats: int = 3) -> di
                 o = m.engine.run(x, state.stages)
                 t2 = time.perf_counter()
                 with blas() if blas else contextlib.nullcontext():
-                    _, amap = state.score(pc.patch_features(o, state.stages, state.pool))
+                    _, amap = state.score(pc.patch_features(o, state.stages, state.pool), search)
                 t3 = time.perf_counter()
                 pc.resize_map(amap[0], img.size)
                 t4 = time.perf_counter()
@@ -278,7 +284,7 @@ def main() -> None:
     print("| threading | decode+resize | engine | search+map | map to image | total "
           "| engine alone | search / engine alone |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
-    for tag in ("shipped", "defaults"):
+    for tag in ("shipped", "shipped, --search exact", "defaults"):
         r = lat[tag]
         print(
             f"| {tag} | {r['decode']:.1f} | {r['engine']:.1f} | {r['search']:.1f} | "

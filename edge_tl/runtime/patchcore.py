@@ -104,7 +104,7 @@ def kcenter(
     z = x @ proj
     zsq = np.einsum("ij,ij->i", z, z)
     if centres is not None and len(centres):
-        best = nearest(z, centres @ proj)
+        best = nearest(z, centres @ proj, chunk=2048, rows=1024)  # 8 MB of distances at most
         first = int(best.argmax())
     else:
         best = np.full(n, np.inf, np.float32)

@@ -103,8 +103,8 @@ def leave_one_out(
     aug: np.ndarray,
     owner: np.ndarray,
     grid: tuple[int, int],
-    chunk: int = 4096,
-    rows: int = 2048,
+    chunk: int = 2048,
+    rows: int = 1024,
 ) -> np.ndarray:
     """Distance maps ``float32[N, h, w]`` of standardised images ``x[N, P, C]`` (image ids
     ``ids``) to the bank without each image's own patches (``aug``: the bank's
@@ -186,17 +186,18 @@ def build_streaming(
         scale = (1.0 / (stats.std + 1e-6)).astype(np.float32)
         k = min(max(1, round(coreset * n * p)), an._cap_rows(max_mb, c))
         quotas = _quotas([s[0] * p for s in spill.shapes], k)
-        bank = np.zeros((0, c), np.float32)
-        owner = np.zeros(0, np.int32)
-        first = 0
+        bank = np.empty((k, c), np.float32)  # filled in place: no growing copies
+        owner = np.empty(k, np.int32)
+        first = filled = 0
         for feats, quota in zip(spill.chunks(), quotas, strict=True):
             flat = ((feats - mean) * scale).reshape(-1, c)
             if quota >= len(flat):
                 pick = np.arange(len(flat))
             else:
-                pick = np.sort(pc.kcenter(flat, quota, centres=bank if len(bank) else None))
-            bank = np.concatenate([bank, flat[pick]])
-            owner = np.concatenate([owner, (first + pick // p).astype(np.int32)])
+                pick = np.sort(pc.kcenter(flat, quota, centres=bank[:filled] if filled else None))
+            bank[filled : filled + len(pick)] = flat[pick]
+            owner[filled : filled + len(pick)] = first + pick // p
+            filled += len(pick)
             first += len(feats)
         aug = bs.augmented(bank)
         loo, first = [], 0

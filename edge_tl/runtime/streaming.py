@@ -39,8 +39,11 @@ from edge_tl.runtime.anomaly import AnomalyState
 
 __all__ = ["CHUNK_IMAGES", "RunningStats", "build_streaming", "leave_one_out"]
 
-CHUNK_IMAGES = 32
-"""Good images per chunk (32 x 196 x 112 float32 = 2.8 MB at the default geometry)."""
+CHUNK_IMAGES = 128
+"""Good images per chunk (128 x 196 x 112 float32 = 11 MB at the default geometry): up to
+this many images the coreset is chosen as by the all-in-memory build (on float16-rounded
+features); beyond, chunk by chunk (with chunks of 32 images, a bank of 60 real tiles lost
+4 pt image AUROC on a 56-image test subset: 0.816 -> 0.775)."""
 
 
 class RunningStats:

@@ -72,7 +72,7 @@ def test_streaming_build_equals_in_memory_build_with_the_whole_bank(tmp_path):
     feats = (rng.normal(size=(40, 49, 16)) * rng.uniform(0.5, 3, 16) + 2).astype(np.float32)
     ref = an.build(feats, (7, 7), coreset=1.0)
     chunks = (feats[i : i + 7] for i in range(0, 40, 7))  # uneven last chunk
-    got = st.build_streaming(chunks, (7, 7), coreset=1.0, work_dir=tmp_path, spill_dtype=np.float32)
+    got = st.build_streaming(chunks, (7, 7), coreset=1.0, work_dir=tmp_path)
     assert np.allclose(got.mean, ref.mean, atol=1e-5) and np.allclose(got.scale, ref.scale)
     assert np.allclose(got.bank, ref.bank, atol=1e-5) and np.array_equal(got.owner, ref.owner)
     assert np.allclose(got.loo_maps, ref.loo_maps, atol=1e-4)
@@ -137,8 +137,7 @@ def test_streaming_build_is_close_to_the_in_memory_build_on_real_tiles(tile_feat
     got = st.build_streaming((train[i : i + 10] for i in range(0, 48, 10)), (14, 14))
     assert len(got.bank) == len(ref.bank)
     assert np.allclose(got.mean, ref.mean, rtol=1e-3, atol=1e-3)
-    # another coreset (chunk by chunk) and float16 spill: the leave-one-out distances of
-    # the good images stay close (measured: median ratio 1.00, threshold within 5 %)
+    # another coreset (chunk by chunk): the good images' leave-one-out distances stay close
     ratio = np.median(got.loo_maps / ref.loo_maps)
     assert 0.95 < ratio < 1.05
     assert got.threshold == pytest.approx(ref.threshold, rel=0.15)

@@ -8,7 +8,9 @@ time and gives the same kind of bank in three passes:
 1. the chunks as they come from the engine: a running per-channel mean and variance
    (Chan, Golub & LeVeque's pairwise update, "Algorithms for computing the sample
    variance", 1983; Welford's for one chunk), each chunk spilled to an unlinked temporary
-   file (float16 by default: half the bytes, relative error 5e-4 on the features);
+   file (float32 by default, so that up to :data:`CHUNK_IMAGES` images the bank is the
+   all-in-memory build's; ``spill_dtype=np.float16`` halves the file at a relative error
+   of 5e-4 on the features);
 2. the spilled chunks, standardised: the k-centre coreset grown chunk by chunk, each chunk
    started from the bank so far (as :func:`~edge_tl.runtime.anomaly.add` grows a bank),
    with a share of the total ``min(coreset x N x P, --max-mb)`` patches proportional to
@@ -16,7 +18,7 @@ time and gives the same kind of bank in three passes:
 3. the spilled chunks again: leave-one-out calibration against the final bank.
 
 Memory: one chunk (:data:`CHUNK_IMAGES` images) plus the bank and a block of distances,
-whatever ``N``; the spill file lives on disk (``N x P x C`` float16: 30 MB for 679 images)
+whatever ``N``; the spill file lives on disk (``N x P x C`` float32: 60 MB for 679 images)
 and is gone when the build ends. ``benchmarks/anomaly_memory.py`` measures peak RSS against
 ``N`` and the AUROC against the all-in-memory build.
 """
@@ -41,8 +43,7 @@ __all__ = ["CHUNK_IMAGES", "RunningStats", "build_streaming", "leave_one_out"]
 
 CHUNK_IMAGES = 128
 """Good images per chunk (128 x 196 x 112 float32 = 11 MB at the default geometry): up to
-this many images the coreset is chosen as by the all-in-memory build (on float16-rounded
-features); beyond, chunk by chunk (with chunks of 32 images, a bank of 60 real tiles lost
+this many images the bank is the all-in-memory build's (up to float rounding); beyond, chunk by chunk (with chunks of 32 images, a bank of 60 real tiles lost
 4 pt image AUROC on a 56-image test subset: 0.816 -> 0.775)."""
 
 
@@ -94,7 +95,7 @@ class _Spill:
         self.file.seek(0)
         for shape in self.shapes:
             x = np.fromfile(self.file, self.dtype, int(np.prod(shape)))
-            yield x.reshape(shape).astype(np.float32)
+            yield x.reshape(shape).astype(np.float32, copy=False)
 
     def close(self) -> None:
         self.file.close()
@@ -153,7 +154,7 @@ def build_streaming(
     sigma: float = an.DEFAULT_SIGMA,
     digests: np.ndarray | None = None,
     work_dir: str | Path | None = None,
-    spill_dtype: type = np.float16,
+    spill_dtype: type = np.float32,
 ) -> AnomalyState:
     """A bank from good images' patch features given as chunks ``float32[m, P, C]`` (any
     iterable: features are computed as they are asked for), in bounded memory (see the

@@ -43,8 +43,9 @@ __all__ = ["CHUNK_IMAGES", "RunningStats", "build_streaming", "leave_one_out"]
 
 CHUNK_IMAGES = 128
 """Good images per chunk (128 x 196 x 112 float32 = 11 MB at the default geometry): up to
-this many images the bank is the all-in-memory build's (up to float rounding); beyond, chunk by chunk (with chunks of 32 images, a bank of 60 real tiles lost
-4 pt image AUROC on a 56-image test subset: 0.816 -> 0.775)."""
+this many images the bank is the all-in-memory build's (up to float rounding); beyond,
+it is chosen chunk by chunk (with chunks of 32 images, a bank of 60 real tiles lost 4 pt
+image AUROC on a 56-image test subset: 0.816 -> 0.775)."""
 
 
 class RunningStats:

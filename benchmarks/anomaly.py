@@ -17,7 +17,8 @@ scored with the shipped code (``edge_tl.runtime.anomaly``):
 - image AUROC per defect type (blowhole, break, crack, fray, uneven; each type's test
   tiles against the 273 good ones) for every bank;
 - latency per image at batch 1 (INT8, 224): decode + resize, engine, search + map, map
-  resized to the image, against the engine alone;
+  resized to the image, against the engine alone (the shipped fast search and ``--search
+  exact``; every search candidate side by side: ``benchmarks/anomaly_search.py``);
 - field update: a bank built without the wide tiles (an unseen product variant), then
   ``add`` of 30 wide good images: false alarms on the wide good test images and AUROC
   before and after.
@@ -177,7 +178,12 @@ def latency(bundle: Path, train: np.ndarray, test: Test, repeats: int = 3) -> di
     pre = model.manifest.preprocess
     images = test.paths[:: len(test.paths) // 40][:40]
     out: dict = {"bank_patches": len(state.bank)}
-    for tag, m, blas in (("shipped", model, pc.one_blas_thread), ("defaults", plain, None)):
+    runs = (
+        ("shipped", model, pc.one_blas_thread, an.DEFAULT_SEARCH),
+        ("shipped, --search exact", model, pc.one_blas_thread, "exact"),
+        ("defaults", plain, None, an.DEFAULT_SEARCH),
+    )
+    for tag, m, blas, search in runs:
         parts: dict[str, list[float]] = {"decode": [], "engine": [], "search": [], "resize": []}
         for _ in range(repeats):
             for p in images:
@@ -188,7 +194,7 @@ def latency(bundle: Path, train: np.ndarray, test: Test, repeats: int = 3) -> di
                 o = m.engine.run(x, state.stages)
                 t2 = time.perf_counter()
                 with blas() if blas else contextlib.nullcontext():
-                    _, amap = state.score(pc.patch_features(o, state.stages, state.pool))
+                    _, amap = state.score(pc.patch_features(o, state.stages, state.pool), search)
                 t3 = time.perf_counter()
                 pc.resize_map(amap[0], img.size)
                 t4 = time.perf_counter()
@@ -346,7 +352,7 @@ def _print_rest(res: dict) -> None:
     print("| threading | decode+resize | engine | search+map | map to image | total "
           "| engine alone | search / engine alone |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
-    for tag in ("shipped", "defaults"):
+    for tag in ("shipped", "shipped, --search exact", "defaults"):
         r = lat[tag]
         print(
             f"| {tag} | {r['decode']:.1f} | {r['engine']:.1f} | {r['search']:.1f} | "

@@ -184,6 +184,16 @@ def test_bank_from_good_tiles_finds_real_defects_and_writes_maps(bundle, tiles, 
     res = cli("predict", bundle, img, "--classify", "--json")
     assert res.returncode == 0 and "label" in json.loads(res.stdout)[0]
 
+    # --search exact compares every bank patch: a score at least as low as the fast one's
+    # (the fast search's distances are upper bounds), and evaluate says which it used
+    exact = json.loads(cli("predict", bundle, img, "--json", "--search", "exact").stdout)[0]
+    assert exact["score"] <= one["score"] + 1e-4 and exact["threshold"] == one["threshold"]
+    res = cli("evaluate", bundle, tiles["mvtec"], "--json", "--search", "exact")
+    assert res.returncode == 0, res.stderr
+    ev_exact = json.loads(res.stdout)
+    assert ev["bank"]["search"] == "fast" and ev_exact["bank"]["search"] == "exact"
+    assert abs(ev_exact["image_auroc"] - ev["image_auroc"]) <= 0.05, (ev, ev_exact)
+
 
 @pytest.mark.slow
 def test_field_update_flags_an_unseen_good_variant_less_and_rolls_back(bundle, tiles):
@@ -280,4 +290,8 @@ def test_bundle_without_a_bank_says_how_to_build_one(bundles, tiles):
     )
     for args in calls:
         _one_line_error(cli(args[0], bundles["ort-int8"], *args[1:]), "edge-tl anomaly")
+    img = next((tiles["mvtec"] / "test/break").iterdir())
+    _one_line_error(
+        cli("predict", bundles["ort-int8"], img, "--search", "exact"), "--search", "has none"
+    )
     assert not (bundles["ort-int8"] / "anomaly").exists()

@@ -290,6 +290,18 @@ def _export_many(args: argparse.Namespace, key: Any) -> int:
     return 0
 
 
+def _search(model: Any, search: str | None) -> None:
+    """Set how the anomaly bank is searched (``--search``); refused on a bundle without one."""
+    if search is None:
+        return
+    if model.modality == "text" or model.detector.state is None:
+        raise EdgeTLError(
+            f"--search {search} picks how an anomaly bank is searched; bundle {model.path} "
+            f"has none (build one with `edge-tl anomaly {model.path} GOOD_DIR`)"
+        )
+    model.detector.search = search
+
+
 def predict(args: argparse.Namespace) -> int:
     from edge_tl.runtime import Model
 
@@ -302,6 +314,7 @@ def predict(args: argparse.Namespace) -> int:
         raise model.wrong_input("--text/--text-file give texts")
     if args.images and model.modality == "text":
         raise model.wrong_input(f"{args.images[0]} was given as an image")
+    _search(model, args.search)
     results = model.predict(
         texts or [str(p) for p in args.images],
         top_k=args.top_k,
@@ -543,6 +556,7 @@ def evaluate(args: argparse.Namespace) -> int:
         from edge_tl.multitask import parse_tasks
 
         data = open_dataset(args.data, args.skip_bad, tasks=parse_tasks(args.tasks))
+    _search(model, args.search)
     res = model.evaluate(
         data,
         split=args.split,

@@ -323,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--maps", type=Path, metavar="DIR", help="anomaly: write heat-map overlay PNGs here"
     )
+    pr.add_argument(
+        "--search",
+        choices=["fast", "exact"],
+        default=None,
+        help="anomaly: search the bank's inverted lists (fast, default) or every bank patch "
+        "(exact)",
+    )
     add_class_threshold(pr)
     pr.add_argument("--json", action="store_true", help="print the results as JSON")
     pr.set_defaults(func=commands.predict)
@@ -331,8 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
         "anomaly",
         help="learn what good parts look like, for defect detection (torch-free)",
         description="Build BUNDLE's anomaly bank from GOOD_DIR (a folder of good images, or "
-        "an MVTec-layout folder's train/good): patch features of the backbone, a greedy "
-        "k-centre coreset, exact nearest-neighbour search in numpy. The threshold is "
+        "an MVTec-layout folder's train/good; features streamed, memory bounded): patch "
+        "features of the backbone, a greedy k-centre coreset, nearest-neighbour search in "
+        "numpy (inverted lists; `predict/evaluate --search exact` for the exact one). The "
+        "threshold is "
         "calibrated for --false-alarm on the good images, each scored leave-one-out. --add "
         "grows the current bank with new good images (a new variant, new lighting) and "
         "re-calibrates; --false-alarm alone re-calibrates. Each change is a new version in "
@@ -400,6 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--maps", type=Path, metavar="DIR", help="anomaly: write heat-map overlay PNGs here"
+    )
+    ev.add_argument(
+        "--search",
+        choices=["fast", "exact"],
+        default=None,
+        help="anomaly: search the bank's inverted lists (fast, default) or every bank patch "
+        "(exact)",
     )
     ev.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
     ev.add_argument(

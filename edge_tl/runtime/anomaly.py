@@ -2,7 +2,10 @@
 
 Torch-free. The bundle's backbone gives patch features (:mod:`edge_tl.runtime.patchcore`);
 the device keeps a greedy k-centre coreset of the good images' patches in numpy and scores a
-new image by each patch's distance to its nearest bank patch (exact search, chunked).
+new image by each patch's distance to its nearest bank patch (searched over inverted lists,
+or exactly: :mod:`edge_tl.runtime.search`). :func:`build` takes every image's features at
+once; :func:`edge_tl.runtime.streaming.build_streaming` (what a device runs) one chunk at a
+time.
 
 Calibration needs no separate held-out folder: every good image is scored *leave-one-out*,
 against the bank without the patches it contributed itself, which is how an unseen good
@@ -49,6 +52,7 @@ import numpy as np
 from edge_tl.errors import EdgeTLError
 from edge_tl.images import SKIPPED, Skipped, decode_ahead, folder_images
 from edge_tl.runtime import patchcore as pc
+from edge_tl.runtime import search as bs
 from edge_tl.runtime.preprocess import ImageLike, load_image
 from edge_tl.runtime.versions import StoreKind, VersionedStore
 from edge_tl.spec import IMAGE_EXTENSIONS, Manifest
@@ -60,6 +64,7 @@ __all__ = [
     "DEFAULT_FALSE_ALARM",
     "DEFAULT_MAX_MB",
     "DEFAULT_POOL",
+    "DEFAULT_SEARCH",
     "DEFAULT_STAGES",
     "GOOD",
     "AnomalyState",
@@ -68,6 +73,7 @@ __all__ = [
     "build",
     "calibration_warning",
     "check_features",
+    "check_search",
     "check_settings",
     "good_images",
     "image_digest",
@@ -82,6 +88,9 @@ DEFAULT_POOL = 3
 DEFAULT_CORESET = 0.10
 DEFAULT_MAX_MB = 16.0
 DEFAULT_FALSE_ALARM = 0.01
+DEFAULT_SEARCH = "fast"
+"""Scoring searches the bank's inverted lists (:mod:`edge_tl.runtime.search`); ``"exact"``
+compares every bank patch (``--search exact``)."""
 DEFAULT_SIGMA = 1.0
 """Gaussian smoothing of the distance map, in grid cells."""
 PRIOR_IMAGES = 10
@@ -116,17 +125,36 @@ class AnomalyState:
     in ``loo_maps`` order; empty for banks written before they were kept."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_bank_sq", np.einsum("ij,ij->i", self.bank, self.bank))
         mu, sd = _position_stats(self.loo_maps)
         object.__setattr__(self, "_pos", (mu, sd))
         object.__setattr__(self, "loo_scores", _calibration_scores(self.loo_maps))
+        object.__setattr__(self, "_search", {})
 
     # ---- scoring ----------------------------------------------------------------------
-    def distances(self, feats: np.ndarray) -> np.ndarray:
+    def nearest(self, q: np.ndarray, search: str = DEFAULT_SEARCH) -> np.ndarray:
+        """Squared distance ``float32[M]`` from standardised patches ``q[M, C]`` to the bank:
+        ``search="exact"`` over every bank patch, ``"fast"`` over the inverted lists of
+        :class:`~edge_tl.runtime.search.BankIndex` (an upper bound, equal when the nearest
+        patch lies in a probed list). Each is prepared once per bank, on first use.
+
+        Raises:
+            EdgeTLError: an unknown ``search``.
+        """
+        check_search(search)
+        cache = self._search  # type: ignore[attr-defined]
+        if search == "exact":
+            if "exact" not in cache:
+                cache["exact"] = bs.augmented(self.bank)
+            return bs.exact(q, cache["exact"])
+        if "fast" not in cache:
+            cache["fast"] = bs.BankIndex(self.bank)
+        return cache["fast"].nearest(q)
+
+    def distances(self, feats: np.ndarray, search: str = DEFAULT_SEARCH) -> np.ndarray:
         """``float32[N, P, C]`` raw patch features -> smoothed distance maps ``[N, h, w]``."""
         n = len(feats)
         q = (feats.reshape(-1, feats.shape[-1]) - self.mean) * self.scale
-        d = np.sqrt(pc.nearest(q, self.bank, self._bank_sq))  # type: ignore[attr-defined]
+        d = np.sqrt(self.nearest(q, search))
         return pc.blur(d.reshape(n, *self.grid), self.sigma)
 
     def normalise(self, dist: np.ndarray) -> np.ndarray:
@@ -134,9 +162,11 @@ class AnomalyState:
         mu, sd = self._pos  # type: ignore[attr-defined]
         return (dist - mu) / sd
 
-    def score(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(image scores[N], anomaly maps[N, h, w])``."""
-        maps = self.normalise(self.distances(feats))
+    def score(
+        self, feats: np.ndarray, search: str = DEFAULT_SEARCH
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(image scores[N], anomaly maps[N, h, w])`` (``search``: see :meth:`nearest`)."""
+        maps = self.normalise(self.distances(feats, search))
         return maps.reshape(len(maps), -1).max(1), maps
 
     @property
@@ -474,6 +504,12 @@ def check_features(stages: tuple[str, ...], pool: int) -> None:
         )
     if pool < 1 or pool % 2 == 0:
         raise EdgeTLError(f"--pool must be an odd neighbourhood size (1, 3, 5, ...), not {pool}")
+
+
+def check_search(search: str) -> None:
+    """Refuse a search other than ``fast`` and ``exact``."""
+    if search not in bs.SEARCHES:
+        raise EdgeTLError(f"--search {search!r}: use one of {', '.join(bs.SEARCHES)}")
 
 
 def check_settings(coreset: float, max_mb: float, false_alarm: float) -> None:

@@ -26,7 +26,8 @@ import numpy as np
 
 from edge_tl.errors import EdgeTLError
 from edge_tl.images import SKIPPED, Skipped
-from edge_tl.runtime import anomaly, evaluation, patchcore
+from edge_tl.progress import progress
+from edge_tl.runtime import anomaly, evaluation, patchcore, streaming
 from edge_tl.runtime.anomaly import AnomalyState
 from edge_tl.runtime.overlay import write_overlay
 from edge_tl.runtime.preprocess import ImageLike, load_image, to_input
@@ -137,6 +138,9 @@ class AnomalyDetector:
         self.store = anomaly.bank_store(model.path, model.manifest)
         self._state: AnomalyState | None = None
         self._loaded = False
+        self.search = anomaly.DEFAULT_SEARCH
+        """How :meth:`predict` and :meth:`evaluate` search the bank: ``"fast"`` (inverted
+        lists) or ``"exact"`` (every bank patch); see :mod:`edge_tl.runtime.search`."""
 
     @property
     def state(self) -> AnomalyState | None:
@@ -187,11 +191,19 @@ class AnomalyDetector:
         anomaly.check_settings(coreset, max_mb, false_alarm)
         paths, skipped = _paths(good, skip_bad)
         paths, digests, dropped = anomaly.unique_images(paths)
-        feats = self._model.patch_features(
-            paths, stages, pool, desc="patch features of good images"
+        if len(paths) < 2:
+            raise EdgeTLError(
+                f"an anomaly bank needs at least 2 good images (got {len(paths)}); each one "
+                "is scored against the others to calibrate the threshold"
+            )
+        per = streaming.CHUNK_IMAGES
+        starts = range(0, len(paths), per)
+        chunks = (  # features of one chunk of images at a time (bounded memory)
+            self._model.patch_features(paths[i : i + per], stages, pool)
+            for i in progress(starts, desc="patch features of good images")
         )
-        state = anomaly.build(
-            feats,
+        state = streaming.build_streaming(
+            chunks,
             self._grid(stages),
             stages,
             pool,
@@ -199,6 +211,7 @@ class AnomalyDetector:
             max_mb,
             false_alarm,
             digests=digests,
+            work_dir=self.store.dir if self.store.dir.is_dir() else self._model.path,
         )
         return self._commit(_noting(_with_copies(state, dropped), skipped), "build")
 
@@ -315,6 +328,7 @@ class AnomalyDetector:
         that name from an earlier call is replaced).
         """
         state = self.require()
+        anomaly.check_search(self.search)
         engine, pre = self._model.engine, self._model.manifest.preprocess
         thr = state.threshold
         _check_maps_dir(maps_dir)
@@ -325,7 +339,7 @@ class AnomalyDetector:
             x = to_input(load_image(src, pre) if pre.draft else img, pre)[None]
             feats = patchcore.patch_features(engine.run(x, state.stages), state.stages, state.pool)
             with patchcore.one_blas_thread():
-                s, m = state.score(feats)
+                s, m = state.score(feats, self.search)
             score = round(float(s[0]), 4)
             name = str(src) if not hasattr(src, "size") else "<image>"
             up = patchcore.resize_map(m[0], img.size) if maps or maps_dir is not None else None
@@ -350,6 +364,7 @@ class AnomalyDetector:
         (``<defect>_<image stem>.png``, ``_2``, ... for stems met twice). ``skip_bad`` leaves
         bad images out (listed in ``skipped``)."""
         state = self.require()
+        anomaly.check_search(self.search)
         _check_maps_dir(maps_dir)
         items, skipped = evaluation.mvtec_test(folder, skip_bad)
         paths = [it.path for it in items]
@@ -357,7 +372,9 @@ class AnomalyDetector:
         t0 = time.perf_counter()
         scores, grids = [], []
         for feats in self._model.batches(paths, state.stages, batch_size, "scoring"):
-            s, m = state.score(patchcore.patch_features(feats, state.stages, state.pool))
+            s, m = state.score(
+                patchcore.patch_features(feats, state.stages, state.pool), self.search
+            )
             scores.append(s)
             grids.append(m)
         seconds = time.perf_counter() - t0
@@ -392,7 +409,7 @@ class AnomalyDetector:
             n_good=int((y == 0).sum()),
             n_defective=int(y.sum()),
             per_defect_auroc=per_defect,
-            bank=state.summary(),
+            bank={**state.summary(), "search": self.search},
             ms_per_image=round(1000 * seconds / len(items), 1),
             maps=None if maps_dir is None else str(maps_dir),
             bundle=str(self._model.path),

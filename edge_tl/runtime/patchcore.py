@@ -104,7 +104,7 @@ def kcenter(
     z = x @ proj
     zsq = np.einsum("ij,ij->i", z, z)
     if centres is not None and len(centres):
-        best = nearest(z, centres @ proj)
+        best = nearest(z, centres @ proj, chunk=2048, rows=1024)  # 8 MB of distances at most
         first = int(best.argmax())
     else:
         best = np.full(n, np.inf, np.float32)
@@ -122,20 +122,26 @@ def kcenter(
 
 
 def nearest(
-    q: np.ndarray, bank: np.ndarray, bank_sq: np.ndarray | None = None, chunk: int = 4096
+    q: np.ndarray,
+    bank: np.ndarray,
+    bank_sq: np.ndarray | None = None,
+    chunk: int = 4096,
+    rows: int = 4096,
 ) -> np.ndarray:
     """Exact squared Euclidean distance from each row of ``q`` to its nearest row of
-    ``bank``; ``bank`` is read in chunks of ``chunk`` rows, so memory stays
-    ``len(q) x chunk`` floats whatever the bank's size."""
+    ``bank``; ``q`` is read in blocks of ``rows`` and ``bank`` in chunks of ``chunk`` rows,
+    so memory stays ``rows x chunk`` floats whatever the sizes."""
     q = np.ascontiguousarray(q, np.float32)
     if bank_sq is None:
         bank_sq = np.einsum("ij,ij->i", bank, bank)
     best = np.full(len(q), np.inf, np.float32)
-    for s in range(0, len(bank), chunk):
-        g = q @ bank[s : s + chunk].T
-        g *= -2.0
-        g += bank_sq[s : s + chunk]
-        np.minimum(best, g.min(1), out=best)
+    for r in range(0, len(q), rows):
+        top = best[r : r + rows]
+        for s in range(0, len(bank), chunk):
+            g = q[r : r + rows] @ bank[s : s + chunk].T
+            g *= -2.0
+            g += bank_sq[s : s + chunk]
+            np.minimum(top, g.min(1), out=top)
     best += np.einsum("ij,ij->i", q, q)
     return np.maximum(best, 0.0)
 

@@ -44,7 +44,7 @@ from edge_tl.bundle import check_destination
 from edge_tl.data import open_dataset, split
 from edge_tl.errors import EdgeTLError
 from edge_tl.train.config import TrainConfig
-from edge_tl.train.runs import RUN_FILE, checkpoint_path
+from edge_tl.train.runs import RUN_FILE, checkpoint_path, start_work
 
 __all__ = [
     "AUTO",
@@ -261,13 +261,7 @@ def train_auto(
         )
     check_destination(out, force, "run folder")
     work = work_path(out)
-    if work.exists() and not resume:
-        if not force:
-            raise EdgeTLError(
-                f"an interrupted auto run left {work}; pass --resume to continue it or "
-                "--force to start over"
-            )
-        shutil.rmtree(work)
+    start_work(work, resume, force, "auto run")
     ds = open_dataset(data, skip_bad, tasks=config.tasks or None)
     parts = split(ds, config.split)
     per_class, val_per_class = (

@@ -23,7 +23,7 @@ from edge_tl.errors import EdgeTLError
 from edge_tl.progress import log_to_stderr, logging_to_stderr
 from edge_tl.spec import STRATEGIES
 from edge_tl.train.config import TrainConfig
-from edge_tl.train.runs import RUN_FILE
+from edge_tl.train.runs import RUN_FILE, start_work
 from edge_tl.train.text_config import TEXT_STRATEGIES, TextTrainConfig
 
 __all__ = [
@@ -121,13 +121,7 @@ def compare(
 
         chosen = select_summary(select, base.backbone, data)
     work = partial_path(out)
-    if work.exists() and not resume:
-        if not force:
-            raise EdgeTLError(
-                f"an interrupted comparison left {work}; pass --resume to continue it or "
-                "--force to start over"
-            )
-        shutil.rmtree(work)
+    start_work(work, resume, force, "comparison")
     (work / "runs").mkdir(parents=True, exist_ok=True)
     rows = []
     ctx = multiprocessing.get_context("spawn")

@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ __all__ = [
     "load_checkpoint",
     "load_run",
     "save_checkpoint",
+    "start_work",
     "write_run",
 ]
 
@@ -48,6 +50,21 @@ HEAD_FILE = "head.npz"
 CHECKPOINT_SUFFIX = ".checkpoint.pt"
 # Settings that may change between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = ("workers", "compile", "onnx_cache", "device")
+
+
+def start_work(work: Path, resume: bool, force: bool, what: str) -> None:
+    """Keep an interrupted ``what``'s work folder for ``resume``, remove it with ``force``.
+
+    Raises:
+        EdgeTLError: ``work`` exists and neither ``resume`` nor ``force`` was asked for.
+    """
+    if work.exists() and not resume:
+        if not force:
+            raise EdgeTLError(
+                f"an interrupted {what} left {work}; pass --resume to continue it or "
+                "--force to start over"
+            )
+        shutil.rmtree(work)
 
 
 def checkpoint_path(out: str | Path) -> Path:

@@ -4,13 +4,13 @@ build (``AnomalyDetector.fit``: one chunk of features at a time, see
 ``edge_tl/runtime/streaming.py``), side by side, each build in a fresh process.
 
 On ``../shared/data/magnetic_tile``'s 679 good training tiles through the pretrained
-EfficientNet-Lite0 ORT INT8 bundle (default bank: stride-16 features, k-centre 10 %, cap
-16 MB). Above 679 images the extra good images are the tiles flipped left-right, then
-flipped top-bottom, then turned 180 degrees (written once to ``--work``): distinct pictures
-(a pixel-equal copy would be dropped by the duplicate check) of the same kind of part.
-Peak RSS is the process's ``ru_maxrss``; "before" is the RSS with the bundle loaded and
-nothing built. With ``--evaluate`` the banks built from the 679 real tiles are also scored
-on the test set (image / pixel AUROC, false alarms at the 1 % threshold).
+EfficientNet-Lite0 ORT INT8 bundle (default bank: stride-16 features, k-centre 50 %, cap 16
+MB at half precision). Above 679 images the extra good images are the tiles flipped left-
+right, then flipped top-bottom, then turned 180 degrees (written once to ``--work``):
+distinct pictures (a pixel-equal copy would be dropped by the duplicate check) of the same
+kind of part. Peak RSS is the process's ``ru_maxrss``; "before" is the RSS with the bundle
+loaded and nothing built. With ``--evaluate`` the banks built from the 679 real tiles are
+also scored on the test set (image / pixel AUROC, false alarms at the 1 % threshold).
 
     .venv/bin/python benchmarks/anomaly_memory.py [--sizes 100,300,679,1000,2000]
         [--builds memory,streaming] [--evaluate] [--work /tmp/edge_tl_anomaly]

@@ -75,6 +75,7 @@ def test_calibration_scores_each_good_image_without_its_own_patches():
     x = (feats - state.mean) * state.scale
     for i in range(6):
         others = np.concatenate([x[j] for j in range(6) if j != i])
+        others = others.astype(an.BANK_DTYPE).astype(np.float32)  # as the bank keeps them
         d = np.sqrt(((x[i][:, None] - others[None]) ** 2).sum(-1).min(1))
         assert np.allclose(state.loo_maps[i].ravel(), d, atol=1e-4)
     # the threshold lets through all but the target share of those leave-one-out scores,
@@ -89,13 +90,38 @@ def test_calibration_scores_each_good_image_without_its_own_patches():
 def test_cap_bounds_the_bank_and_add_keeps_it():
     rng = np.random.default_rng(5)
     feats = rng.normal(size=(20, 49, 32)).astype(np.float32)
-    cap_mb = 100 * 32 * 4 / 1e6  # 100 patches
+    cap_mb = 100 * 32 * 2 / 1e6  # 100 half-precision patches
     state = an.build(feats, (7, 7), coreset=0.5, max_mb=cap_mb)
     assert len(state.bank) == 100 and state.bank_mb <= cap_mb
     grown = an.add(state, rng.normal(size=(5, 49, 32)).astype(np.float32) + 3)
     assert len(grown.bank) == 100 and len(grown.loo_maps) == 25
     with pytest.raises(EdgeTLError, match="at least 2 good images"):
         an.build(feats[:1], (7, 7))
+
+
+def test_bank_is_kept_in_half_precision_and_older_single_precision_banks_still_score(tmp_path):
+    rng = np.random.default_rng(6)
+    feats = rng.normal(size=(8, 25, 16)).astype(np.float32)
+    state = an.build(feats, (5, 5), coreset=0.5)
+    assert state.bank.dtype == np.float16 and state.bank_mb == len(state.bank) * 16 * 2 / 1e6
+    np.savez(tmp_path / "v.npz", **state.to_arrays())
+    with np.load(tmp_path / "v.npz") as z:
+        again = an.AnomalyState.from_arrays(z, "v.npz")
+    assert again.bank.dtype == np.float16 and np.array_equal(again.bank, state.bank)
+    # a bank written in single precision before loads as it was and scores the same
+    old = {**state.to_arrays(), "bank": state.bank.astype(np.float32)}
+    np.savez(tmp_path / "old.npz", **old)
+    with np.load(tmp_path / "old.npz") as z:
+        single = an.AnomalyState.from_arrays(z, "old.npz")
+    q = rng.normal(size=(3, 25, 16)).astype(np.float32)
+    assert single.bank.dtype == np.float32
+    assert np.allclose(single.score(q, "exact")[1], state.score(q, "exact")[1], atol=1e-5)
+    grown = an.add(single, q)  # growing it keeps its precision
+    assert grown.bank.dtype == np.float32 and len(grown.bank) > len(single.bank)
+    with np.load(tmp_path / "old.npz") as z:
+        bad = {**{k: z[k] for k in z.files}, "bank": z["bank"].astype(np.int8)}
+    with pytest.raises(EdgeTLError, match="not an edge_tl anomaly bank"):
+        an.AnomalyState.from_arrays(bad, "bad.npz")
 
 
 # ---- real images ----------------------------------------------------------------------
@@ -151,15 +177,17 @@ def test_bank_from_good_tiles_finds_real_defects_and_writes_maps(bundle, tiles, 
     assert res.returncode == 0, res.stderr
     bank = json.loads(res.stdout)
     assert bank["images"] == 60 and bank["version"] == 1
-    assert bank["bank_patches"] == round(0.1 * 60 * 14 * 14)
+    assert bank["bank_patches"] == round(an.DEFAULT_CORESET * 60 * 14 * 14)
     maps = tmp_path / "maps"
     res = cli("evaluate", bundle, tiles["mvtec"], "--json", "--maps", maps)
     assert res.returncode == 0, res.stderr
     ev = json.loads(res.stdout)
     # 32 good vs 24 defective real tiles, chance 0.5; the bank has 60 tiles and none of the
     # wide variant that half the good test tiles are (the field-update test adds them).
-    # Measured on this subset: image AUROC 0.831, pixel 0.710 (the full set: 0.971 / 0.843)
-    assert ev["image_auroc"] >= 0.80, ev
+    # Measured on this subset: image AUROC 0.788, pixel 0.755 (with a 10 % coreset 0.831 /
+    # 0.710: on 60 or 150 good tiles the coreset share moves AUROC by under 1 pt either
+    # way, on all 679 it adds 1 pt; the full set: 0.981 / 0.811)
+    assert ev["image_auroc"] >= 0.75, ev
     assert ev["pixel_auroc"] >= 0.68, ev
     assert ev["n_good"] == 32 and ev["n_defective"] == 24
     # at the threshold calibrated for 1 % on 60 good training tiles (too few for 1 %: the

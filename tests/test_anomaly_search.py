@@ -74,9 +74,12 @@ def test_streaming_build_equals_in_memory_build_with_the_whole_bank(tmp_path):
     chunks = (feats[i : i + 7] for i in range(0, 40, 7))  # uneven last chunk
     got = st.build_streaming(chunks, (7, 7), coreset=1.0, work_dir=tmp_path)
     assert np.allclose(got.mean, ref.mean, atol=1e-5) and np.allclose(got.scale, ref.scale)
-    assert np.allclose(got.bank, ref.bank, atol=1e-5) and np.array_equal(got.owner, ref.owner)
-    assert np.allclose(got.loo_maps, ref.loo_maps, atol=1e-4)
-    assert got.threshold == pytest.approx(ref.threshold, abs=1e-4)
+    # equal up to one step of half precision (the running mean differs in the last bits)
+    half = float(np.finfo(np.float16).eps)
+    assert np.allclose(got.bank, ref.bank, rtol=half, atol=half)
+    assert np.array_equal(got.owner, ref.owner)
+    assert np.allclose(got.loo_maps, ref.loo_maps, atol=4 * half)
+    assert got.threshold == pytest.approx(ref.threshold, abs=4 * half)
     assert list(tmp_path.iterdir()) == []  # the spill file is gone
 
 
@@ -86,7 +89,7 @@ def test_streaming_build_keeps_the_coreset_share_and_the_cap():
     state = st.build_streaming((feats[i : i + 4] for i in range(0, 30, 4)), (7, 7), coreset=0.1)
     assert len(state.bank) == round(0.1 * 30 * 49)
     assert set(np.unique(state.owner)) <= set(range(30))
-    cap_mb = 100 * 32 * 4 / 1e6
+    cap_mb = 100 * 32 * 2 / 1e6  # 100 half-precision patches
     capped = st.build_streaming(
         (feats[i : i + 4] for i in range(0, 30, 4)), (7, 7), coreset=0.5, max_mb=cap_mb
     )

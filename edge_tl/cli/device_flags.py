@@ -91,10 +91,13 @@ def add_device_commands(sub: argparse._SubParsersAction) -> None:
         "--coreset",
         type=float,
         default=None,
-        help="share of the good patches kept in the bank (default 0.1)",
+        help="share of the good patches kept in the bank (default 0.5)",
     )
     an.add_argument(
-        "--max-mb", type=float, default=None, help="cap on the bank's size in MB (default 16)"
+        "--max-mb",
+        type=float,
+        default=None,
+        help="cap on the bank's size in MB, at half precision (default 16)",
     )
     an.add_argument(
         "--false-alarm",

@@ -88,8 +88,9 @@ def _list_sums(label: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
 class BankIndex:
     """A bank split into inverted lists by k-means, for the fast search (see the module).
 
-    ``bank``: ``float32[K, C]``; about ``list_size`` patches per list. Building is a few
-    k-means passes over the bank (tens of ms for 13,000 x 112), done once per bank.
+    ``bank``: ``float[K, C]`` (the index keeps a float32 copy); about ``list_size``
+    patches per list. Building is a few k-means passes over the bank (tens of ms for
+    13,000 x 112), done once per bank.
     """
 
     def __init__(

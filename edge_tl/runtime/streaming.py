@@ -191,7 +191,7 @@ def build_streaming(
         scale = (1.0 / (stats.std + 1e-6)).astype(np.float32)
         k = min(max(1, round(coreset * n * p)), an._cap_rows(max_mb, c))
         quotas = _quotas([s[0] * p for s in spill.shapes], k)
-        bank = np.empty((k, c), np.float32)  # filled in place: no growing copies
+        bank = np.empty((k, c), an.BANK_DTYPE)  # filled in place: no growing copies
         owner = np.empty(k, np.int32)
         first = filled = 0
         for feats, quota in zip(spill.chunks(), quotas, strict=True):

@@ -5,8 +5,8 @@ build (``AnomalyDetector.fit``: one chunk of features at a time, see
 
 On ``../shared/data/magnetic_tile``'s 679 good training tiles through the pretrained
 EfficientNet-Lite0 ORT INT8 bundle (default bank: stride-16 features, k-centre 50 %, cap 16
-MB at half precision). Above 679 images the extra good images are the tiles flipped left-
-right, then flipped top-bottom, then turned 180 degrees (written once to ``--work``):
+MB at half precision). Above 679 images the extra good images are the tiles flipped
+left-right, then flipped top-bottom, then turned 180 degrees (written once to ``--work``):
 distinct pictures (a pixel-equal copy would be dropped by the duplicate check) of the same
 kind of part. Peak RSS is the process's ``ru_maxrss``; "before" is the RSS with the bundle
 loaded and nothing built. With ``--evaluate`` the banks built from the 679 real tiles are

@@ -118,21 +118,33 @@ class BankIndex:
     def lists(self) -> int:
         return len(self.centres)
 
-    def nearest(self, q: np.ndarray, nprobe: int = DEFAULT_NPROBE) -> np.ndarray:
+    def nearest(self, q: np.ndarray, nprobe: int = DEFAULT_NPROBE, rows: int = 4096) -> np.ndarray:
         """Squared distance ``float32[N]`` from each row of ``q`` to the nearest patch of its
-        ``nprobe`` nearest lists (>= the exact distance; equal with ``nprobe >= lists``)."""
+        ``nprobe`` nearest lists (>= the exact distance; equal with ``nprobe >= lists``).
+        Queries are taken ``rows`` at a time (memory: ``rows x nprobe`` query copies)."""
         q = np.ascontiguousarray(q, np.float32)
         if nprobe >= self.lists:
             return exact(q, self.aug)
-        qa = _with_one(q)
-        near = qa @ self.centres_aug  # [N, lists], larger is nearer
-        probe = np.argpartition(-near, nprobe - 1, axis=1)[:, :nprobe]
-        hit = np.zeros((self.lists, len(q)), bool)
-        hit[probe, np.arange(len(q))[:, None]] = True
-        best = np.full(len(q), -np.inf, np.float32)
-        for j in np.flatnonzero(hit.any(1)):
-            rows = np.flatnonzero(hit[j])
-            g = qa[rows] @ self.aug[:, self.starts[j] : self.starts[j + 1]]
-            best[rows] = np.maximum(best[rows], g.max(1))
+        best = np.empty(len(q), np.float32)
+        for r in range(0, len(q), rows):
+            best[r : r + rows] = self._best(_with_one(q[r : r + rows]), nprobe)
         d = np.einsum("ij,ij->i", q, q) - 2.0 * best
         return np.maximum(d, 0.0)
+
+    def _best(self, qa: np.ndarray, nprobe: int) -> np.ndarray:
+        """``max q.b - |b|^2 / 2`` over the probed lists, for augmented queries ``qa``."""
+        near = qa @ self.centres_aug  # [N, lists], larger is nearer
+        probe = np.argpartition(-near, nprobe - 1, axis=1)[:, :nprobe].ravel()
+        # the (query, list) pairs sorted by list: per list one product over contiguous
+        # rows (10 % faster at batch 1 than selecting each list's queries with a mask)
+        order = np.argsort(probe, kind="stable")
+        lists, who = probe[order], order // nprobe
+        pairs = qa[who]
+        cuts = (np.flatnonzero(np.diff(lists)) + 1).tolist()
+        found = np.empty(len(order), np.float32)
+        for a, b in zip([0, *cuts], [*cuts, len(order)], strict=True):
+            j = lists[a]
+            found[a:b] = (pairs[a:b] @ self.aug[:, self.starts[j] : self.starts[j + 1]]).max(1)
+        best = np.full(len(qa), -np.inf, np.float32)
+        np.maximum.at(best, who, found)
+        return best

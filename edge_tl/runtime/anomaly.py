@@ -334,18 +334,8 @@ def _leave_one_out(
     x: np.ndarray, ids: np.ndarray, bank: np.ndarray, owner: np.ndarray, grid: tuple[int, int]
 ) -> np.ndarray:
     """Distance maps of standardised images ``x[N, P, C]`` (image ids ``ids``) to the bank
-    without each image's own patches."""
-    bank = np.asarray(bank, np.float32)  # computed in single precision, as scoring is
-    bank_sq = np.einsum("ij,ij->i", bank, bank)
-    out = np.empty((len(x), grid[0] * grid[1]), np.float32)
-    for i, (q, own) in enumerate(zip(x, ids, strict=True)):
-        g = q @ bank.T
-        g *= -2.0
-        g += bank_sq
-        g[:, owner == own] = np.inf
-        d = g.min(1) + np.einsum("ij,ij->i", q, q)
-        out[i] = np.sqrt(np.maximum(d, 0.0))
-    return out.reshape(len(x), *grid)
+    without each image's own patches (:func:`~edge_tl.runtime.search.leave_one_out`)."""
+    return bs.leave_one_out(x, ids, bs.augmented(bank), owner, grid)
 
 
 def build(

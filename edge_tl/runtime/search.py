@@ -18,7 +18,15 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DEFAULT_NPROBE", "LIST_SIZE", "SEARCHES", "BankIndex", "augmented", "exact"]
+__all__ = [
+    "DEFAULT_NPROBE",
+    "LIST_SIZE",
+    "SEARCHES",
+    "BankIndex",
+    "augmented",
+    "exact",
+    "leave_one_out",
+]
 
 SEARCHES = ("fast", "exact")
 """``fast``: inverted lists (:class:`BankIndex`); ``exact``: every bank patch."""
@@ -59,6 +67,42 @@ def exact(q: np.ndarray, aug: np.ndarray, chunk: int = 4096, rows: int = 4096) -
         best[r : r + rows] = top
     d = np.einsum("ij,ij->i", q, q) - 2.0 * best
     return np.maximum(d, 0.0)
+
+
+def leave_one_out(
+    x: np.ndarray,
+    ids: np.ndarray,
+    aug: np.ndarray,
+    owner: np.ndarray,
+    grid: tuple[int, int],
+    chunk: int = 2048,
+    rows: int = 1024,
+) -> np.ndarray:
+    """Distance maps ``float32[N, h, w]`` of standardised images ``x[N, P, C]`` (image ids
+    ``ids``) to the bank without each image's own patches (``aug``: the bank's
+    :func:`augmented`, ``owner``: each bank patch's image).
+
+    ``rows // P`` images per matrix product, memory ``rows x chunk`` floats: the calibration
+    of :func:`edge_tl.runtime.anomaly.build`, ``add`` and the streaming build."""
+    n, p, c = x.shape
+    per = max(1, rows // p)
+    out = np.empty((n, p), np.float32)
+    for a in range(0, n, per):
+        q = x[a : a + per].reshape(-1, c)
+        qa = np.empty((len(q), c + 1), np.float32)
+        qa[:, :c], qa[:, c] = q, 1.0
+        top = np.full(len(q), -np.inf, np.float32)
+        for s in range(0, aug.shape[1], chunk):
+            g = qa @ aug[:, s : s + chunk]
+            own = owner[s : s + chunk]
+            for j, image in enumerate(ids[a : a + per]):
+                cols = np.flatnonzero(own == image)
+                if len(cols):
+                    g[j * p : (j + 1) * p, cols] = -np.inf
+            np.maximum(top, g.max(1), out=top)
+        d = np.einsum("ij,ij->i", q, q) - 2.0 * top
+        out[a : a + per] = np.sqrt(np.maximum(d, 0.0)).reshape(-1, p)
+    return out.reshape(n, *grid)
 
 
 def _kmeans(x: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray:

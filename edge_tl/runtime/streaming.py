@@ -39,7 +39,7 @@ from edge_tl.runtime import patchcore as pc
 from edge_tl.runtime import search as bs
 from edge_tl.runtime.anomaly import AnomalyState
 
-__all__ = ["CHUNK_IMAGES", "RunningStats", "build_streaming", "leave_one_out"]
+__all__ = ["CHUNK_IMAGES", "RunningStats", "build_streaming"]
 
 CHUNK_IMAGES = 128
 """Good images per chunk (128 x 196 x 112 float32 = 11 MB at the default geometry): up to
@@ -100,42 +100,6 @@ class _Spill:
 
     def close(self) -> None:
         self.file.close()
-
-
-def leave_one_out(
-    x: np.ndarray,
-    ids: np.ndarray,
-    aug: np.ndarray,
-    owner: np.ndarray,
-    grid: tuple[int, int],
-    chunk: int = 2048,
-    rows: int = 1024,
-) -> np.ndarray:
-    """Distance maps ``float32[N, h, w]`` of standardised images ``x[N, P, C]`` (image ids
-    ``ids``) to the bank without each image's own patches (``aug``: the bank's
-    :func:`~edge_tl.runtime.search.augmented`, ``owner``: each bank patch's image).
-
-    The same figures as the per-image loop of :func:`edge_tl.runtime.anomaly.build`, with
-    ``rows // P`` images per matrix product and memory ``rows x chunk`` floats."""
-    n, p, c = x.shape
-    per = max(1, rows // p)
-    out = np.empty((n, p), np.float32)
-    for a in range(0, n, per):
-        q = x[a : a + per].reshape(-1, c)
-        qa = np.empty((len(q), c + 1), np.float32)
-        qa[:, :c], qa[:, c] = q, 1.0
-        top = np.full(len(q), -np.inf, np.float32)
-        for s in range(0, aug.shape[1], chunk):
-            g = qa @ aug[:, s : s + chunk]
-            own = owner[s : s + chunk]
-            for j, image in enumerate(ids[a : a + per]):
-                cols = np.flatnonzero(own == image)
-                if len(cols):
-                    g[j * p : (j + 1) * p, cols] = -np.inf
-            np.maximum(top, g.max(1), out=top)
-        d = np.einsum("ij,ij->i", q, q) - 2.0 * top
-        out[a : a + per] = np.sqrt(np.maximum(d, 0.0)).reshape(-1, p)
-    return out.reshape(n, *grid)
 
 
 def _quotas(sizes: list[int], k: int) -> list[int]:
@@ -208,7 +172,7 @@ def build_streaming(
         loo, first = [], 0
         for feats in spill.chunks():
             x = ((feats - mean) * scale).astype(np.float32)
-            loo.append(leave_one_out(x, np.arange(first, first + len(x)), aug, owner, grid))
+            loo.append(bs.leave_one_out(x, np.arange(first, first + len(x)), aug, owner, grid))
             first += len(x)
     finally:
         spill.close()

@@ -43,8 +43,9 @@ def test_fast_search_is_exact_with_every_list_and_an_upper_bound_with_few():
     # each query's answer is the exact distance to a patch of one of its probed lists: with
     # well-separated clusters the nearest patch is there for almost every query
     assert np.mean(np.isclose(few, brute, rtol=1e-4, atol=1e-3)) > 0.9
-    # queries taken a block at a time give the same answers
-    assert np.array_equal(index.nearest(q, nprobe=2, rows=37), few)
+    # queries taken a block at a time give the same answers (to rounding: BLAS may sum a
+    # product of another shape in another order)
+    assert np.allclose(index.nearest(q, nprobe=2, rows=37), few, rtol=1e-4, atol=1e-3)
     # every row of the bank is in exactly one list
     assert sorted(index.order) == list(range(len(bank)))
 

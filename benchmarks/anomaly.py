@@ -45,6 +45,8 @@ from PIL import Image
 
 os.environ.setdefault("EDGE_TL_QUIET", "1")
 
+from magnetic_tile import DATA, RECIPES, Test, bundles  # noqa: E402
+
 from edge_tl.runtime import Model  # noqa: E402
 from edge_tl.runtime import anomaly as an  # noqa: E402
 from edge_tl.runtime import evaluation as ev  # noqa: E402
@@ -52,30 +54,7 @@ from edge_tl.runtime import patchcore as pc  # noqa: E402
 from edge_tl.runtime.engine import make_engine  # noqa: E402
 from edge_tl.runtime.preprocess import batch_inputs, load_image, to_input  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "magnetic_tile"
-RECIPES = {"fp32": "onnx-fp32", "int8": "ort-int8"}
 STAGES = ("features_s8", "features_s16")
-
-
-def bundles(work: Path, size: int = 224) -> dict[str, Path]:
-    """FP32 and INT8 bundles of the pretrained backbone at input ``size`` (exported once)."""
-    out = {}
-    for precision, recipe in RECIPES.items():
-        tag = "" if size == 224 else f"{size}-"
-        path = work / f"magnetic_tile-{tag}{precision}"
-        if not (path / "manifest.json").is_file():
-            from edge_tl.export import export_bundle
-
-            print(f"  exporting {path.name} ({recipe}, calibrated on train/good)", flush=True)
-            export_bundle(
-                path,
-                recipe,
-                backbone="efficientnet_lite0",
-                calib=DATA / "train/good",
-                image_size=0 if size == 224 else size,
-            )
-        out[precision] = path
-    return out
 
 
 def outputs(bundle: Path, paths: list[str], work: Path, tag: str) -> dict[str, np.ndarray]:
@@ -97,41 +76,6 @@ def outputs(bundle: Path, paths: list[str], work: Path, tag: str) -> dict[str, n
 
 def feats(o: dict[str, np.ndarray], stages: tuple[str, ...], idx=slice(None)) -> np.ndarray:
     return pc.patch_features({s: o[s][idx].astype(np.float32) for s in stages}, stages, 3)
-
-
-class Test:
-    """The test set with its labels, masks and image sizes."""
-
-    def __init__(self) -> None:
-        self.items, _ = ev.mvtec_test(DATA)
-        self.paths = [it.path for it in self.items]
-        self.y = np.array([it.defect != an.GOOD for it in self.items], np.int64)
-        self.masks = [ev.load_mask(it.mask) if it.mask else None for it in self.items]
-        self.sizes = []
-        for p in self.paths:
-            with Image.open(p) as im:
-                self.sizes.append(im.size)
-
-    def metrics(self, scores: np.ndarray, maps: np.ndarray, thr: float | None) -> dict:
-        pix = ev.PixelAuroc(float(maps.min()), float(maps.max()))
-        for g, mask, size in zip(maps, self.masks, self.sizes, strict=True):
-            pix.update(pc.resize_map(g, size), mask)
-        out = {"image_auroc": ev.auroc(scores, self.y), "pixel_auroc": pix.value()}
-        if thr is not None:
-            out.update(ev.at_threshold(scores, self.y, thr))
-        defects = np.array([it.defect for it in self.items])
-        out["per_defect"] = {
-            d: ev.auroc(scores[sel], self.y[sel])
-            for d in sorted(set(defects) - {an.GOOD})
-            for sel in [(defects == d) | (defects == an.GOOD)]
-        }
-        return out
-
-    def pixel_auroc(self, maps: np.ndarray) -> float:
-        pix = ev.PixelAuroc(float(maps.min()), float(maps.max()))
-        for g, mask, size in zip(maps, self.masks, self.sizes, strict=True):
-            pix.update(pc.resize_map(g, size), mask)
-        return pix.value()
 
 
 def run_bank(train: np.ndarray, test_f: np.ndarray, test: Test, grid, **kw) -> dict:

@@ -76,16 +76,6 @@ def good_pool(work: Path, n: int) -> list[str]:
     return out[:n]
 
 
-def bundle(work: Path) -> Path:
-    path = work / "magnetic_tile-int8"
-    if not (path / "manifest.json").is_file():
-        from edge_tl.export import export_bundle
-
-        print(f"  exporting {path.name} (ort-int8, calibrated on train/good)", flush=True)
-        export_bundle(path, "ort-int8", backbone="efficientnet_lite0", calib=DATA / "train/good")
-    return path
-
-
 def one(work: Path, n: int, build: str, evaluate: bool) -> dict:
     """One build in this process; its figures as a dict (printed as JSON by ``--one``)."""
     from edge_tl.runtime import Model
@@ -94,6 +84,8 @@ def one(work: Path, n: int, build: str, evaluate: bool) -> dict:
     paths = good_pool(work, n)
     dst = work / f"bundle-{build}-{n}"
     shutil.rmtree(dst, ignore_errors=True)
+    from magnetic_tile import bundle
+
     shutil.copytree(bundle(work), dst, ignore=shutil.ignore_patterns("anomaly"))
     model = Model(dst, self_test=False)
     model.engine  # noqa: B018 - the session opened before "before"
@@ -145,6 +137,8 @@ def main() -> None:
         print(json.dumps(one(args.work, n, build, args.evaluate and n == 679)))
         return
     res = json.loads(args.json.read_text()) if args.json and args.json.is_file() else {}
+    from magnetic_tile import bundle
+
     bundle(args.work)
     for n in (int(s) for s in args.sizes.split(",")):
         good_pool(args.work, n)

@@ -32,9 +32,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 os.environ.setdefault("EDGE_TL_QUIET", "1")
+
+from magnetic_tile import DATA, Test, bundle  # noqa: E402
 
 from edge_tl.runtime import Model  # noqa: E402
 from edge_tl.runtime import anomaly as an  # noqa: E402
@@ -43,20 +44,9 @@ from edge_tl.runtime import patchcore as pc  # noqa: E402
 from edge_tl.runtime import search as bs  # noqa: E402
 from edge_tl.runtime.preprocess import batch_inputs, load_image, to_input  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "magnetic_tile"
 STAGE = ("features_s16",)
 
 Search = Callable[[np.ndarray], np.ndarray]
-
-
-def bundle(work: Path) -> Path:
-    path = work / "magnetic_tile-int8"
-    if not (path / "manifest.json").is_file():
-        from edge_tl.export import export_bundle
-
-        print(f"  exporting {path.name} (ort-int8, calibrated on train/good)", flush=True)
-        export_bundle(path, "ort-int8", backbone="efficientnet_lite0", calib=DATA / "train/good")
-    return path
 
 
 def features(path: Path, paths: list[str], work: Path, tag: str) -> np.ndarray:
@@ -250,18 +240,6 @@ def engine_alone(model: Model, images: list[str], repeats: int) -> float:
     return float(np.median(out))
 
 
-class Test:
-    def __init__(self) -> None:
-        self.items, _ = ev.mvtec_test(DATA)
-        self.paths = [it.path for it in self.items]
-        self.y = np.array([it.defect != an.GOOD for it in self.items], np.int64)
-        self.masks = [ev.load_mask(it.mask) if it.mask else None for it in self.items]
-        self.sizes = []
-        for p in self.paths:
-            with Image.open(p) as im:
-                self.sizes.append(im.size)
-
-
 def accuracy(
     state: an.AnomalyState, search: Search, test_f: np.ndarray, test: Test, lo_hi
 ) -> tuple[dict, np.ndarray]:
@@ -270,16 +248,14 @@ def accuracy(
     dist = pc.blur(np.sqrt(d2).reshape(len(test_f), *state.grid), state.sigma)
     maps = state.normalise(dist)
     scores = maps.reshape(len(maps), -1).max(1)
-    pix = ev.PixelAuroc(*(lo_hi or (float(maps.min()), float(maps.max()))))
-    for g, mask, size in zip(maps, test.masks, test.sizes, strict=True):
-        pix.update(pc.resize_map(g, size), mask)
+    lo, hi = lo_hi or (float(maps.min()), float(maps.max()))
     far = ev.at_threshold(scores, test.y, state.threshold)["false_alarm_rate"]
     return {
         "image_auroc": ev.auroc(scores, test.y),
-        "pixel_auroc": pix.value(),
+        "pixel_auroc": test.pixel_auroc(maps, (lo, hi)),
         "false_alarm_rate": far,
-        "lo": pix.lo,
-        "hi": pix.hi,
+        "lo": lo,
+        "hi": hi,
     }, d2
 
 

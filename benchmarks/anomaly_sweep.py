@@ -21,16 +21,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 os.environ.setdefault("EDGE_TL_QUIET", "1")
+
+from magnetic_tile import DATA, Test  # noqa: E402
 
 from edge_tl.runtime import anomaly as an  # noqa: E402
 from edge_tl.runtime import evaluation as ev  # noqa: E402
 from edge_tl.runtime import patchcore as pc  # noqa: E402
 from edge_tl.runtime.preprocess import batch_inputs  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "magnetic_tile"
 STAGES = ("features_s8", "features_s16")
 
 
@@ -57,32 +57,6 @@ def outputs(backbone: str, size: int, paths: list[str], work: Path, tag: str) ->
     out = {s: np.concatenate(v) for s, v in parts.items()}
     np.savez(cache, **out)
     return out
-
-
-class Test:
-    def __init__(self) -> None:
-        self.items, _ = ev.mvtec_test(DATA)
-        self.paths = [it.path for it in self.items]
-        self.defects = np.array([it.defect for it in self.items])
-        self.y = (self.defects != an.GOOD).astype(np.int64)
-        self.masks = [ev.load_mask(it.mask) if it.mask else None for it in self.items]
-        self.sizes = []
-        for p in self.paths:
-            with Image.open(p) as im:
-                self.sizes.append(im.size)
-
-    def pixel_auroc(self, maps: np.ndarray) -> float:
-        pix = ev.PixelAuroc(float(maps.min()), float(maps.max()))
-        for g, mask, size in zip(maps, self.masks, self.sizes, strict=True):
-            pix.update(pc.resize_map(g, size), mask)
-        return pix.value()
-
-    def per_defect(self, scores: np.ndarray) -> dict:
-        out = {}
-        for d in sorted(set(self.defects) - {an.GOOD}):
-            sel = (self.defects == d) | (self.defects == an.GOOD)
-            out[d] = ev.auroc(scores[sel], self.y[sel])
-        return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -353,36 +353,63 @@ def build(
     (``digests``: their :func:`image_digest`, ``uint8[N, 32]``, kept to spot copies later)."""
     check_settings(coreset, max_mb, false_alarm)
     n, p, c = feats.shape
-    if n < 2:
-        raise EdgeTLError(
-            f"an anomaly bank needs at least 2 good images (got {n}); each one is scored "
-            "against the others to calibrate the threshold"
-        )
+    check_image_count(n)
     t0 = time.perf_counter()
     flat = feats.reshape(-1, c)
-    mean = flat.mean(0).astype(np.float32)
-    scale = (1.0 / (flat.std(0) + 1e-6)).astype(np.float32)
+    mean, scale = standardiser(flat.mean(0), flat.std(0))
     x = ((feats - mean) * scale).astype(np.float32)
     flat = x.reshape(-1, c)
     k = min(max(1, round(coreset * len(flat))), _cap_rows(max_mb, c))
     idx = np.sort(pc.kcenter(flat, k)) if k < len(flat) else np.arange(len(flat))
     bank, owner = flat[idx].astype(BANK_DTYPE), (idx // p).astype(np.int32)
     loo_maps = pc.blur(_leave_one_out(x, np.arange(n), bank, owner, grid), sigma)
-    meta = {"images_added": n, "fit_s": round(time.perf_counter() - t0, 2)}
-    settings = {"coreset": coreset, "max_mb": max_mb, "false_alarm": false_alarm}
+    return new_state(
+        (stages, pool, grid),
+        (mean, scale),
+        bank,
+        owner,
+        loo_maps,
+        {"coreset": coreset, "max_mb": max_mb, "false_alarm": false_alarm, "sigma": sigma},
+        {"images_added": n, "fit_s": round(time.perf_counter() - t0, 2)},
+        digests,
+    )
+
+
+def check_image_count(n: int) -> None:
+    """Raises ``EdgeTLError`` for fewer than the 2 good images calibration needs."""
+    if n < 2:
+        raise EdgeTLError(
+            f"an anomaly bank needs at least 2 good images (got {n}); each one is scored "
+            "against the others to calibrate the threshold"
+        )
+
+
+def standardiser(mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ``(mean, 1 / std)`` as float32, from the good patches' mean and spread."""
+    return mean.astype(np.float32), (1.0 / (std + 1e-6)).astype(np.float32)
+
+
+def new_state(
+    features: tuple[tuple[str, ...], int, tuple[int, int]],
+    standard: tuple[np.ndarray, np.ndarray],
+    bank: np.ndarray,
+    owner: np.ndarray,
+    loo_maps: np.ndarray,
+    settings: dict[str, float],
+    meta: dict[str, Any],
+    digests: np.ndarray | None,
+) -> AnomalyState:
+    """A freshly built bank's state (``features``: stages, pool, grid; ``standard``: mean,
+    scale; ``settings``: coreset, max_mb, false_alarm, sigma); one digest per image or none."""
     return AnomalyState(
-        stages,
-        pool,
-        grid,
-        mean,
-        scale,
+        *features,
+        *standard,
         bank,
         owner,
         loo_maps,
         **settings,
-        sigma=sigma,
         meta=meta,
-        digests=_digests(digests, n),
+        digests=_digests(digests, len(loo_maps)),
     )
 
 

@@ -145,14 +145,10 @@ def build_streaming(
             stats.update(feats.reshape(-1, feats.shape[-1]))
             spill.write(feats)
         n = sum(s[0] for s in spill.shapes)
-        if stats is None or n < 2:
-            raise EdgeTLError(
-                f"an anomaly bank needs at least 2 good images (got {n}); each one is scored "
-                "against the others to calibrate the threshold"
-            )
+        an.check_image_count(n)
+        assert stats is not None  # two or more images came through
         _, p, c = spill.shapes[0]
-        mean = stats.mean.astype(np.float32)
-        scale = (1.0 / (stats.std + 1e-6)).astype(np.float32)
+        mean, scale = an.standardiser(stats.mean, stats.std)
         k = min(max(1, round(coreset * n * p)), an._cap_rows(max_mb, c))
         quotas = _quotas([s[0] * p for s in spill.shapes], k)
         bank = np.empty((k, c), an.BANK_DTYPE)  # filled in place: no growing copies
@@ -177,20 +173,13 @@ def build_streaming(
     finally:
         spill.close()
     loo_maps = pc.blur(np.concatenate(loo), sigma)
-    meta = {"images_added": n, "fit_s": round(time.perf_counter() - t0, 2), "build": "streaming"}
-    return AnomalyState(
-        stages,
-        pool,
-        grid,
-        mean,
-        scale,
+    return an.new_state(
+        (stages, pool, grid),
+        (mean, scale),
         bank,
         owner,
         loo_maps,
-        coreset,
-        max_mb,
-        false_alarm,
-        sigma=sigma,
-        meta=meta,
-        digests=an._digests(digests, n),
+        {"coreset": coreset, "max_mb": max_mb, "false_alarm": false_alarm, "sigma": sigma},
+        {"images_added": n, "fit_s": round(time.perf_counter() - t0, 2), "build": "streaming"},
+        digests,
     )

@@ -1,0 +1,81 @@
+"""What the anomaly benchmarks share: the magnetic-tile data (``../shared/data/magnetic_tile``),
+the pretrained EfficientNet-Lite0 bundles they score with, and the test set with its labels,
+masks and metrics. Imported by ``anomaly*.py`` in this folder (run as scripts from it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from edge_tl.runtime import anomaly as an
+from edge_tl.runtime import evaluation as ev
+from edge_tl.runtime import patchcore as pc
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "magnetic_tile"
+RECIPES = {"fp32": "onnx-fp32", "int8": "ort-int8"}
+
+
+def bundle(work: Path, precision: str = "int8", size: int = 224) -> Path:
+    """The pretrained backbone exported at input ``size`` (INT8 calibrated on ``train/good``:
+    the camera's own good parts), under ``work``; exported once, then reused."""
+    tag = "" if size == 224 else f"{size}-"
+    path = work / f"magnetic_tile-{tag}{precision}"
+    if not (path / "manifest.json").is_file():
+        from edge_tl.export import export_bundle
+
+        recipe = RECIPES[precision]
+        print(f"  exporting {path.name} ({recipe}, calibrated on train/good)", flush=True)
+        export_bundle(
+            path,
+            recipe,
+            backbone="efficientnet_lite0",
+            calib=DATA / "train/good",
+            image_size=0 if size == 224 else size,
+        )
+    return path
+
+
+def bundles(work: Path, size: int = 224) -> dict[str, Path]:
+    """FP32 and INT8 bundles at input ``size``, by precision."""
+    return {precision: bundle(work, precision, size) for precision in RECIPES}
+
+
+class Test:
+    """The test set with its labels, masks and image sizes."""
+
+    def __init__(self, data: Path = DATA) -> None:
+        self.items, _ = ev.mvtec_test(data)
+        self.paths = [it.path for it in self.items]
+        self.defects = np.array([it.defect for it in self.items])
+        self.y = (self.defects != an.GOOD).astype(np.int64)
+        self.masks = [ev.load_mask(it.mask) if it.mask else None for it in self.items]
+        self.sizes = []
+        for p in self.paths:
+            with Image.open(p) as im:
+                self.sizes.append(im.size)
+
+    def pixel_auroc(self, maps: np.ndarray, lo_hi: tuple[float, float] | None = None) -> float:
+        """Pixel AUROC of grid maps ``[N, h, w]``, each resized to its image exactly
+        (histogram bounds ``lo_hi``, default the maps' range)."""
+        pix = ev.PixelAuroc(*(lo_hi or (float(maps.min()), float(maps.max()))))
+        for g, mask, size in zip(maps, self.masks, self.sizes, strict=True):
+            pix.update(pc.resize_map(g, size), mask)
+        return pix.value()
+
+    def per_defect(self, scores: np.ndarray) -> dict[str, float]:
+        """Image AUROC of each defect type's tiles against the good ones."""
+        out = {}
+        for d in sorted(set(self.defects) - {an.GOOD}):
+            sel = (self.defects == d) | (self.defects == an.GOOD)
+            out[d] = ev.auroc(scores[sel], self.y[sel])
+        return out
+
+    def metrics(self, scores: np.ndarray, maps: np.ndarray, thr: float | None) -> dict:
+        """Image and pixel AUROC, per-defect AUROC and, at ``thr``, F1 and false alarms."""
+        out = {"image_auroc": ev.auroc(scores, self.y), "pixel_auroc": self.pixel_auroc(maps)}
+        if thr is not None:
+            out.update(ev.at_threshold(scores, self.y, thr))
+        out["per_defect"] = self.per_defect(scores)
+        return out

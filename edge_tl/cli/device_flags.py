@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edge_tl.cli import commands
+from edge_tl.cli import commands_device
 from edge_tl.cli.common_flags import (
     BUNDLE_HELP,
     EPILOG,
@@ -67,7 +67,7 @@ def add_device_commands(sub: argparse._SubParsersAction) -> None:
     )
     add_class_threshold(pr)
     pr.add_argument("--json", action="store_true", help="print the results as JSON")
-    pr.set_defaults(func=commands.predict)
+    pr.set_defaults(func=commands_device.predict)
 
     an = sub.add_parser(
         "anomaly",
@@ -119,7 +119,7 @@ def add_device_commands(sub: argparse._SubParsersAction) -> None:
     )
     an.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
     an.add_argument("--json", action="store_true", help="print the bank's summary as JSON")
-    an.set_defaults(func=commands.anomaly)
+    an.set_defaults(func=commands_device.anomaly)
 
     ev = sub.add_parser(
         "evaluate",
@@ -188,7 +188,7 @@ def add_device_commands(sub: argparse._SubParsersAction) -> None:
     )
     add_class_threshold(ev)
     ev.add_argument("--json", action="store_true", help="print the figures as JSON")
-    ev.set_defaults(func=commands.evaluate)
+    ev.set_defaults(func=commands_device.evaluate)
 
     le = sub.add_parser(
         "learn",
@@ -251,7 +251,7 @@ def add_device_commands(sub: argparse._SubParsersAction) -> None:
         "a labels .csv)",
     )
     le.add_argument("--json", action="store_true", help="print the new head's summary as JSON")
-    le.set_defaults(func=commands.learn)
+    le.set_defaults(func=commands_device.learn)
 
     ad = sub.add_parser(
         "adapt",
@@ -290,7 +290,7 @@ def add_device_commands(sub: argparse._SubParsersAction) -> None:
     ad.add_argument("--off", action="store_true", help="turn the alignment in force off")
     ad.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
     ad.add_argument("--json", action="store_true", help="print the new head's summary as JSON")
-    ad.set_defaults(func=commands.adapt)
+    ad.set_defaults(func=commands_device.adapt)
 
     rb = sub.add_parser(
         "rollback",
@@ -309,7 +309,7 @@ def add_device_commands(sub: argparse._SubParsersAction) -> None:
     rb.add_argument("--list", action="store_true", help="list the versions, change nothing")
     rb.add_argument("--task", metavar="NAME", help="multi-task bundle: that task's head versions")
     rb.add_argument("--json", action="store_true", help="print the result as JSON")
-    rb.set_defaults(func=commands.rollback)
+    rb.set_defaults(func=commands_device.rollback)
 
     sv = sub.add_parser(
         "serve",
@@ -371,7 +371,7 @@ def add_device_commands(sub: argparse._SubParsersAction) -> None:
     )
     sv.add_argument("--ssl-certfile", type=Path, metavar="PEM", help="TLS certificate")
     sv.add_argument("--ssl-keyfile", type=Path, metavar="PEM", help="TLS private key")
-    sv.set_defaults(func=commands.serve)
+    sv.set_defaults(func=commands_device.serve)
 
     be = sub.add_parser(
         "bench",
@@ -397,4 +397,4 @@ def add_device_commands(sub: argparse._SubParsersAction) -> None:
     be.add_argument("--batch", type=int, default=8, help="batch for throughput (default 8)")
     be.add_argument("--check", action="store_true", help="exit 3 when a budget does not hold")
     be.add_argument("--json", action="store_true", help="print the measurements as JSON")
-    be.set_defaults(func=commands.bench)
+    be.set_defaults(func=commands_device.bench)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from edge_tl import __version__
-from edge_tl.cli import commands
+from edge_tl.cli import commands_bundle, commands_train
 from edge_tl.cli.common_flags import (
     BUNDLE_HELP,
     EPILOG,
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the coral / dann / mcc loss (default: coral 1000, its loss being "
         "~1e-4 on embeddings; dann 1; mcc 1)",
     )
-    t.set_defaults(func=commands.train)
+    t.set_defaults(func=commands_train.train)
 
     c = sub.add_parser(
         "compare",
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue an interrupted comparison, keep its runs"
     )
     c.add_argument("--json", action="store_true", help="print the comparison as JSON")
-    c.set_defaults(func=commands.compare)
+    c.set_defaults(func=commands_train.compare)
 
     se = sub.add_parser(
         "select",
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     se.add_argument("--force", action="store_true", help="replace an existing --out")
     se.add_argument("--json", action="store_true", help="print the selection as JSON")
-    se.set_defaults(func=commands.select)
+    se.set_defaults(func=commands_train.select)
 
     e = sub.add_parser(
         "export",
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--skip-bad", action="store_true", help="--calib: " + SKIP_BAD_HELP)
     e.add_argument("--json", action="store_true", help="print the checks as JSON")
-    e.set_defaults(func=commands.export)
+    e.set_defaults(func=commands_train.export)
 
     add_device_commands(sub)
 
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     add_trust(ins)
     ins.add_argument("--json", action="store_true", help="print everything as JSON")
-    ins.set_defaults(func=commands.inspect)
+    ins.set_defaults(func=commands_bundle.inspect)
 
     ver = sub.add_parser(
         "verify",
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("bundle", type=Path, help=BUNDLE_HELP)
     add_trust(ver)
     ver.add_argument("--json", action="store_true", help="print the result as JSON")
-    ver.set_defaults(func=commands.verify)
+    ver.set_defaults(func=commands_bundle.verify)
 
     kg = sub.add_parser(
         "keygen",
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("name", type=Path, metavar="NAME", help="path of the pair, without suffix")
     kg.add_argument("--force", action="store_true", help="replace an existing pair")
     kg.add_argument("--json", action="store_true", help="print the key id and paths as JSON")
-    kg.set_defaults(func=commands.keygen)
+    kg.set_defaults(func=commands_bundle.keygen)
 
     sg = sub.add_parser(
         "sign",
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("bundle", type=Path, help="bundle folder from `edge-tl export`")
     sg.add_argument("--key", required=True, type=Path, metavar="NAME.key", help="private key")
     sg.add_argument("--json", action="store_true", help="print the signature's key id as JSON")
-    sg.set_defaults(func=commands.sign)
+    sg.set_defaults(func=commands_bundle.sign)
 
     pk = sub.add_parser(
         "pack",
@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("out", type=Path, metavar="OUT.tar", help="archive to write")
     pk.add_argument("--force", action="store_true", help="replace an existing OUT.tar")
     pk.add_argument("--json", action="store_true", help="print the archive's size and hash")
-    pk.set_defaults(func=commands.pack)
+    pk.set_defaults(func=commands_bundle.pack)
 
     up = sub.add_parser(
         "unpack",
@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("out", type=Path, metavar="DIR", help="folder to create")
     add_trust(up)
     up.add_argument("--json", action="store_true", help="print the result as JSON")
-    up.set_defaults(func=commands.unpack)
+    up.set_defaults(func=commands_bundle.unpack)
 
     d = sub.add_parser(
         "demo",
@@ -379,5 +379,5 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--train-stages", type=int, default=1, help="finetune: final stages trained (default 1)"
     )
-    d.set_defaults(func=commands.demo)
+    d.set_defaults(func=commands_train.demo)
     return p

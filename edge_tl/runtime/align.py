@@ -23,7 +23,7 @@ Two methods, both from unlabelled target images:
 
 The source statistics come from the export (``source_stats.npz``: the artifact's
 embeddings of the run's training and validation images, :func:`write_source_stats`). An
-:class:`Alignment` is part of a head version (:class:`~edge_tl.runtime.learner.HeadState`),
+:class:`Alignment` is part of a head version (:class:`~edge_tl.runtime.head_state.HeadState`),
 so it is versioned, rolled back and applied to every embedding the head sees.
 
 Cross-checked against ``skada.CORALAdapter`` (``tests/test_align.py``): skada regularises

@@ -3,16 +3,15 @@
 Torch-free. :class:`Model` opens a bundle once; :attr:`Model.classifier` (the head) and
 :attr:`Model.detector` (the anomaly bank) learn and answer with the same verbs: ``fit`` /
 ``learn``, ``add``, ``predict``, ``evaluate``, ``rollback``, ``history``.
-:meth:`Model.predict` and :meth:`Model.evaluate` pick the face the bundle is set up for.
+:meth:`Model.predict` and :meth:`Model.evaluate` pick the face the bundle is set up for
+(:mod:`edge_tl.runtime.faces`).
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,12 +19,11 @@ import numpy as np
 
 from edge_tl.archive import is_archive, open_bundle
 from edge_tl.bundle import read_manifest
-from edge_tl.data import Dataset, fingerprint, is_named_image_set, open_dataset
-from edge_tl.data import split as split_dataset
+from edge_tl.data import Dataset, is_named_image_set, open_dataset
 from edge_tl.errors import EdgeTLError
-from edge_tl.images import entries, is_image_name
+from edge_tl.images import is_image_name
 from edge_tl.progress import progress
-from edge_tl.runtime import anomaly, patchcore
+from edge_tl.runtime import anomaly, faces, patchcore
 from edge_tl.runtime.classifier import Classifier
 from edge_tl.runtime.detector import AnomalyDetector
 from edge_tl.runtime.engine import Engine, Inputs, make_engine
@@ -310,7 +308,7 @@ class Model:
         """Align this bundle's embeddings to unlabelled ``target`` images (a new camera or
         line) as a new head version, or with ``off`` turn the alignment off (also a new
         version); see :meth:`Classifier.adapt` and :mod:`edge_tl.runtime.align`. Returns the
-        new :class:`~edge_tl.runtime.learner.HeadState`.
+        new :class:`~edge_tl.runtime.head_state.HeadState`.
 
         Example:
             >>> Model("bundle").adapt("new_camera/", method="coral")  # doctest: +SKIP
@@ -345,28 +343,7 @@ class Model:
             EdgeTLError: ``maps_dir`` on a classification; ``class_threshold`` on an anomaly
                 bank or a multi-task bundle.
         """
-        if class_threshold and ((task or self.task) == "anomaly" or self.tasks):
-            raise EdgeTLError(
-                "--class-threshold is for a classifier with one task"
-                + ("" if self.tasks else "; add --classify to use this bundle's head")
-            )
-        if (task or self.task) == "anomaly":
-            if top_k != 1:
-                raise EdgeTLError(
-                    "--top-k is for classification; this bundle answers with its anomaly bank "
-                    "(add --classify to use its head)"
-                )
-            return self.detector.predict(images, maps_dir=maps_dir)
-        if maps_dir is not None and self.detector.state is not None:
-            raise EdgeTLError("--maps draws anomaly maps; it does not go with --classify")
-        if maps_dir is not None:
-            raise EdgeTLError(
-                f"--maps needs an anomaly bank; build one with `edge-tl anomaly {self.path} "
-                "GOOD_DIR`"
-            )
-        if self.tasks:
-            return self.predict_tasks(images, top_k)
-        return self.classifier.predict(images, top_k, class_threshold)
+        return faces.predict(self, images, top_k, task, maps_dir, class_threshold)
 
     def predict_tasks(self, images: Sequence[ImageLike], top_k: int = 1) -> list[TaskPrediction]:
         """Every task's answer per image of a multi-task bundle: one engine run (batch 1),
@@ -375,19 +352,7 @@ class Model:
         Raises:
             EdgeTLError: a bundle without tasks, or ``top_k`` below 1.
         """
-        if not self.tasks:
-            raise EdgeTLError(f"bundle {self.path} has one task; use predict()")
-        if top_k < 1:
-            raise EdgeTLError(f"--top-k must be at least 1, not {top_k}")
-        for clf in self.tasks.values():
-            clf.require()
-        out = []
-        for src in images:
-            emb = self.embed([src])
-            answers = {name: clf.prediction(src, emb, top_k) for name, clf in self.tasks.items()}
-            image = next(iter(answers.values())).image
-            out.append(TaskPrediction(image=image, tasks=answers))
-        return out
+        return faces.predict_tasks(self, images, top_k)
 
     def evaluate(
         self,
@@ -423,117 +388,17 @@ class Model:
                 ``min_recall`` / ``class_threshold`` on an anomaly or multi-task
                 evaluation, or for a class the head lacks or ``data`` has no images of.
         """
-        if split not in SPLIT_CHOICES:
-            raise EdgeTLError(f"--split must be one of {', '.join(SPLIT_CHOICES)}")
-        operating = bool(min_recall or class_threshold)
-        if operating and self.tasks:
-            raise EdgeTLError(
-                "--min-recall and --class-threshold are for a bundle with one task; this one "
-                f"answers tasks {', '.join(self.tasks)}"
-            )
-        if self.modality == "image" and not isinstance(data, Dataset) and _is_mvtec(Path(data)):
-            if self.detector.state is None:
-                raise EdgeTLError(
-                    f"{data} is an MVTec-layout folder but {self.path} has no anomaly bank; "
-                    f"build one with `edge-tl anomaly {self.path} {data}`"
-                )
-            if split != "all":
-                raise EdgeTLError(
-                    "--split is for classification; an MVTec folder has its own test/"
-                )
-            if operating:
-                raise EdgeTLError(
-                    "--min-recall and --class-threshold are for classification; on an MVTec "
-                    "folder the anomaly bank reports recall and precision at its threshold"
-                )
-            return self.detector.evaluate(data, maps_dir, skip_bad=skip_bad)
-        if maps_dir is not None:
-            raise EdgeTLError(
-                "--maps draws anomaly maps, on an MVTec-layout folder (test/good, "
-                "test/<defect>) with a bundle that has an anomaly bank; drop --maps here"
-            )
-        if operating:  # a misspelt class fails before any data is read
-            self.classifier.operating_rule(class_threshold, min_recall)
-        reader = open_dataset
-        if self.tasks:  # each task's labels from the multi-task source
-            reader = partial(open_dataset, tasks=list(self.tasks))
-        ds = self.open_data(data, skip_bad, text_column, label_column, reader)
-        if split != "all":
-            ds = self._run_split(ds, split, str(data))
-        if self.tasks:
-            return self._evaluate_tasks(ds)
-        res = self.classifier.evaluate(ds, min_recall=min_recall, class_threshold=class_threshold)
-        seen = self._head_saw(split)
-        if seen is None:
-            return res
-        points = [
-            p if p.caveat is None else replace(p, caveat=f"{p.caveat}; {seen}")
-            for p in res.operating_points
-        ]
-        return replace(res, operating_points=points)
-
-    def _head_saw(self, split: str) -> str | None:
-        """Why the exported head in force has learned from ``split``'s images (None: it
-        has not, or the head is not the exported one): ``train`` holds its training
-        images, and the export's artifact refit (``head.fit_on == "artifact"``) fits on the
-        training and validation images."""
-        head = self.manifest.head
-        if head is None or self.classifier.require().meta.get("op") != "export":
-            return None
-        if split == "train":
-            return "--split train holds the images this head was trained on"
-        if split == "val" and head.fit_on == "artifact":
-            return (
-                "this bundle's head was refitted at export on the run's training and "
-                "validation images (head fit: artifact), so --split val is not held out for it "
-                "either: expect a lower recall on --split test, or choose on labelled images "
-                "it never saw"
-            )
-        return None
-
-    def _evaluate_tasks(self, ds: Dataset) -> TaskEvaluation:
-        """Each task's accuracy on ``ds`` (labelled for every task), embedded once."""
-        from edge_tl.multitask import task_dataset
-
-        if ds.tasks is None or set(ds.tasks.names) != set(self.tasks):
-            have = "no tasks" if ds.tasks is None else f"tasks {', '.join(ds.tasks.names)}"
-            raise EdgeTLError(
-                f"{ds.name} has {have}; bundle {self.path} answers tasks "
-                f"{', '.join(self.tasks)}: pass data labelled for each"
-            )
-        views = {name: task_dataset(ds, name) for name in self.tasks}
-        for name, clf in self.tasks.items():
-            clf.check_classes(views[name])
-        t0 = time.perf_counter()
-        emb = self.embed(ds.paths, desc="evaluating")
-        results = {name: clf.evaluation(views[name], emb, t0) for name, clf in self.tasks.items()}
-        artifact = self.manifest.artifact
-        return TaskEvaluation(
-            tasks=results,
-            mean_accuracy=float(np.mean([r.accuracy for r in results.values()])),
-            n=len(ds),
-            seconds=round(time.perf_counter() - t0, 2),
-            bundle=str(self.path),
-            artifact=f"{artifact.format}-{artifact.precision}",
-            skipped=[sk.to_dict() for sk in ds.skipped],
+        return faces.evaluate(
+            self,
+            data,
+            split,
+            maps_dir,
+            skip_bad,
+            text_column,
+            label_column,
+            min_recall,
+            class_threshold,
         )
-
-    def _run_split(self, ds: Dataset, name: str, where: str) -> Dataset:
-        """The part ``name`` of the split this bundle's run was trained with."""
-        record = self.manifest.source.split
-        if record is None:
-            raise EdgeTLError(f"bundle {self.path} records no training split; use --split all")
-        if record.data_fingerprint and fingerprint(ds) != record.data_fingerprint:
-            raise EdgeTLError(
-                f"{where} is not the data set this bundle was trained on (other classes or "
-                f"{ds.unit}s), so --split {name} would not be its held-out split; use --split all"
-                + (
-                    ""
-                    if self.tasks or self.modality == "text"
-                    else " (or --tasks NAME if it was trained with --tasks)"
-                )
-            )
-        return ds.subset(split_dataset(ds, record)[name])
 
 
 def _holds_images(data: str | Path) -> bool:
@@ -542,10 +407,3 @@ def _holds_images(data: str | Path) -> bool:
     if is_named_image_set(data):
         return True
     return path.is_dir() or is_image_name(path)
-
-
-def _is_mvtec(folder: Path) -> bool:
-    """An MVTec-layout folder: ``test/`` holding one folder per kind (``good``, defects); an
-    ImageFolder with a class named ``test`` holds images there instead."""
-    test = folder / "test"
-    return test.is_dir() and bool(entries(test)[1])

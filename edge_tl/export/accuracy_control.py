@@ -189,7 +189,7 @@ class AccuracyControl(ControlLadder):
         else:
             head = self.heads.for_engine(engine)
         m = agreement(emb, self.reference, head, self.check.labels, self.reference_head)
-        return self.record(
+        return self._record(
             step,
             Candidate(artifact, engine, recipe, head, emb),
             (m.cosine_mean, m.cosine_min),
@@ -201,7 +201,7 @@ class AccuracyControl(ControlLadder):
         )
 
     # ---- the ladder ---------------------------------------------------------------------
-    def ladder(self) -> Iterator[bool]:
+    def _ladder(self) -> Iterator[bool]:
         return (_ort_ladder if self.recipe.quantization == "ort-static" else _nncf_ladder)(self)
 
     def sensitivity_set(self) -> tuple[np.ndarray, np.ndarray]:
@@ -221,9 +221,9 @@ class AccuracyControl(ControlLadder):
         keeps the chosen artifact, the one every other figure was measured on."""
         if subsets < 1 or chosen.precision != "int8":
             return None
-        return self.spread(chosen, pool, size, subsets)
+        return self._spread(chosen, pool, size, subsets)
 
-    def subset_row(self, chosen: Recipe, subset: list[str]) -> dict[str, Any]:
+    def _subset_row(self, chosen: Recipe, subset: list[str]) -> dict[str, Any]:
         desc = "decoding calibration subset"
         decoded = (
             Images(subset, self.check.pre, desc=desc)

@@ -106,11 +106,11 @@ class Candidate:
 
 class ControlLadder:
     """The climb both accuracy controls share: the recipe as written, then (INT8 with
-    ``accuracy_control`` on) the steps of :meth:`ladder` until one passes, else a refusal.
+    ``accuracy_control`` on) the steps of :meth:`_ladder` until one passes, else a refusal.
 
     A subclass (a dataclass) holds ``recipe``, ``attempts`` and ``last``, measures a try in
-    :meth:`attempt` (recording it with :meth:`record`) and a calibration subset in
-    :meth:`subset_row`, names its ladder in :meth:`ladder`, what to do after a refusal in
+    :meth:`attempt` (recording it with :meth:`_record`) and a calibration subset in
+    :meth:`_subset_row`, names its ladder in :meth:`_ladder`, what to do after a refusal in
     ``int8_fix`` and ``other_fix``, and what calibrates in ``inputs``.
     """
 
@@ -128,11 +128,11 @@ class ControlLadder:
         """Build and measure one step; record it as the latest candidate."""
         raise NotImplementedError
 
-    def ladder(self) -> Iterator[bool]:
+    def _ladder(self) -> Iterator[bool]:
         """The escalation steps for this recipe's backend, each yielding whether it passed."""
         raise NotImplementedError
 
-    def record(
+    def _record(
         self,
         step: str,
         candidate: Candidate,
@@ -176,7 +176,7 @@ class ControlLadder:
         if self.attempt("recipe as written", rec).passed:
             return self._chosen()
         if rec.precision == "int8" and rec.accuracy_control:
-            for passed in self.ladder():
+            for passed in self._ladder():
                 if passed:
                     return self._chosen()
         raise self._refusal()
@@ -208,9 +208,9 @@ class ControlLadder:
             f"nothing was written; {fixes}",
         )
 
-    def spread(self, chosen: Recipe, pool: Sequence[T], size: int, subsets: int) -> dict[str, Any]:
+    def _spread(self, chosen: Recipe, pool: Sequence[T], size: int, subsets: int) -> dict[str, Any]:
         """Each of ``subsets`` disjoint calibration subsets of ``pool`` (at most ``size``
-        each, seeded) measured by :meth:`subset_row` with the ``chosen`` settings, and the
+        each, seeded) measured by :meth:`_subset_row` with the ``chosen`` settings, and the
         spread of their accuracy and cosine."""
         per = min(size, len(pool) // subsets)
         if per < 1:
@@ -220,7 +220,7 @@ class ControlLadder:
         for s in range(subsets):
             subset = [pool[i] for i in sorted(order[s * per : (s + 1) * per])]
             _logger.info(f"  calibration subset {s + 1}/{subsets} ({per} {self.inputs})")
-            rows.append(self.subset_row(chosen, subset))
+            rows.append(self._subset_row(chosen, subset))
         accs = [r["accuracy"] for r in rows if "accuracy" in r]
         coss = [r["cosine_mean"] for r in rows]
         return {
@@ -231,7 +231,7 @@ class ControlLadder:
             "cosine_spread": float(max(coss) - min(coss)),
         }
 
-    def subset_row(self, chosen: Recipe, subset: list[Any]) -> dict[str, Any]:
+    def _subset_row(self, chosen: Recipe, subset: list[Any]) -> dict[str, Any]:
         """The ``chosen`` settings calibrated on ``subset`` and measured: ``cosine_mean``,
         ``cosine_min`` and, with labels, ``accuracy``."""
         raise NotImplementedError

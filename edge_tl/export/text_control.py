@@ -269,7 +269,7 @@ class TextControl(ControlLadder):
             engine, artifact_key(self.out_dir, artifact.files, artifact.engine_options)
         )
         cos = cosine(emb, self.reference)
-        return self.record(
+        return self._record(
             step,
             Candidate(artifact, engine, recipe, head, emb),  # type: ignore[arg-type]
             (float(cos.mean()), float(cos.min())),
@@ -280,7 +280,7 @@ class TextControl(ControlLadder):
         )
 
     # ---- the ladder ---------------------------------------------------------------------
-    def ladder(self) -> Iterator[bool]:
+    def _ladder(self) -> Iterator[bool]:
         ort = self.recipe.quantization in ("ort-static", "ort-dynamic")
         return (_ort_ladder if ort else _nncf_ladder)(self)
 
@@ -293,9 +293,9 @@ class TextControl(ControlLadder):
         chosen artifact). None for artifacts without calibration."""
         if subsets < 1 or chosen.precision != "int8" or chosen.quantization == "ort-dynamic":
             return None
-        return self.spread(chosen, pool_texts, size, subsets)
+        return self._spread(chosen, pool_texts, size, subsets)
 
-    def subset_row(self, chosen: Recipe, subset: list[str]) -> dict[str, Any]:
+    def _subset_row(self, chosen: Recipe, subset: list[str]) -> dict[str, Any]:
         _, engine = self.build(
             chosen,
             calib=calibration_inputs(self.encoder, subset),

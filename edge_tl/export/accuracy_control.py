@@ -24,11 +24,17 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from edge_tl.errors import EdgeTLError
+from edge_tl.export.control_base import (
+    Attempt,
+    Candidate,
+    ControlLadder,
+    ToleranceError,
+    nncf_first_steps,
+)
 from edge_tl.export.fidelity import (
     Agreement,
     HeadFit,
@@ -41,7 +47,6 @@ from edge_tl.export.fidelity import (
 )
 from edge_tl.export.quantize import build_artifact, first_convolutions
 from edge_tl.export.sensitivity import ort_sensitivity, ort_sensitivity_full
-from edge_tl.report import ControlStep
 from edge_tl.runtime.engine import DISABLED_OPTIMIZERS, OrtEngine, make_engine
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.runtime.host import host_info
@@ -60,77 +65,7 @@ EXCLUSION_STEPS = (1, 2, 4, 8, 16, 32)
 
 
 @dataclass
-class Attempt:
-    """One try of the ladder: the settings, what they reached, whether it passed."""
-
-    step: str
-    recipe: Recipe
-    cosine_mean: float
-    cosine_min: float
-    accuracy: float | None
-    top1_drop: float | None  # the larger of the shipped head's and the run head's drop
-    passed: bool
-    seconds: float
-    note: str = ""
-
-    def record(self) -> ControlStep:
-        """The try as the fidelity report keeps it (the settings that matter per backend)."""
-        r = self.recipe
-        settings: dict[str, Any] = {
-            "calibration_method": r.calibration_method,
-            "overflow_fix": r.overflow_fix,
-            "fast_bias_correction": r.fast_bias_correction,
-            "nodes_in_fp32": list(r.nodes_to_exclude),
-            "engine_options": dict(r.engine_options),
-        }
-        if r.quantization in ("ort-static", "ort-dynamic"):
-            settings.pop("overflow_fix")
-            settings.pop("fast_bias_correction")
-            settings["reduce_range"] = r.reduce_range
-            if r.pair_safe_weights:
-                settings["pair_safe_weights"] = True
-            settings["per_channel"] = r.per_channel
-            if r.quantization == "ort-dynamic":  # no calibration
-                settings.pop("calibration_method")
-        elif r.quantization == "nncf":
-            settings.pop("calibration_method")
-        else:
-            settings = {"engine_options": dict(r.engine_options)}
-        return ControlStep(
-            step=self.step,
-            settings=settings,
-            cosine_mean=round(self.cosine_mean, 5),
-            cosine_min=round(self.cosine_min, 5),
-            accuracy=self.accuracy,
-            top1_drop=self.top1_drop,
-            passed=self.passed,
-            seconds=round(self.seconds, 1),
-            note=self.note,
-        )
-
-
-class ToleranceError(EdgeTLError):
-    """The artifact missed its recipe's tolerance after every step; ``attempts`` says each."""
-
-    def __init__(self, attempts: list[Attempt], message: str) -> None:
-        super().__init__(message)
-        self.attempts = list(attempts)
-
-
-@dataclass
-class Candidate:
-    """An artifact built in the bundle folder and measured: what the export ships when it
-    passes. ``emb`` are its embeddings of the check images."""
-
-    artifact: Artifact
-    engine: Any
-    recipe: Recipe
-    head: LinearHead
-    emb: np.ndarray
-
-
-@dataclass
-class AccuracyControl:
+class AccuracyControl(ControlLadder):
     """Builds the recipe's artifact into ``out_dir`` and measures it against the FP32
     reference on the check images; escalates INT8 that misses the tolerance.
 
@@ -159,6 +94,16 @@ class AccuracyControl:
     attempts: list[Attempt] = field(default_factory=list)
     sensitivity: list[dict[str, Any]] = field(default_factory=list)
     last: Candidate | None = None
+
+    inputs: ClassVar[str] = "images"
+    int8_fix: ClassVar[str] = (
+        "fine-tune with quantization-aware training (`edge-tl train ... --qat`) and export "
+        "again, use an FP32/FP16 recipe, or loosen min_cosine / max_top1_drop in a copy of "
+        "the recipe"
+    )
+    other_fix: ClassVar[str] = (
+        "report this with the backbone name, or loosen min_cosine in a copy of the recipe"
+    )
 
     # ---- building and measuring -------------------------------------------------------
     def build(
@@ -244,76 +189,20 @@ class AccuracyControl:
         else:
             head = self.heads.for_engine(engine)
         m = agreement(emb, self.reference, head, self.check.labels, self.reference_head)
-        drop = self._top1_drop(m, head, emb)
-        passed = (
-            not missed
-            and m.cosine_mean >= self.recipe.min_cosine
-            and (drop is None or drop <= self.recipe.max_top1_drop + 1e-9)
-        )
-        a = Attempt(
+        return self._record(
             step,
-            recipe,
-            m.cosine_mean,
-            m.cosine_min,
+            Candidate(artifact, engine, recipe, head, emb),
+            (m.cosine_mean, m.cosine_min),
             m.accuracy,
-            drop,
-            passed,
-            time.perf_counter() - t0,
+            self._top1_drop(m, head, emb),
+            t0,
             note,
+            missed,
         )
-        self.attempts.append(a)
-        self.last = Candidate(artifact, engine, recipe, head, emb)
-        return a
 
     # ---- the ladder ---------------------------------------------------------------------
-    def run(self) -> Candidate:
-        """The recipe as written; if it misses the tolerance and is INT8, escalate.
-
-        Raises:
-            ToleranceError: nothing tried reaches the tolerance.
-        """
-        rec = self.recipe
-        if self.attempt("recipe as written", rec).passed:
-            return self._chosen()
-        if rec.precision == "int8" and rec.accuracy_control:
-            ladder = _ort_ladder if rec.quantization == "ort-static" else _nncf_ladder
-            for passed in ladder(self):
-                if passed:
-                    return self._chosen()
-        raise self._refusal()
-
-    def _chosen(self) -> Candidate:
-        assert self.last is not None  # set by every attempt
-        return self.last
-
-    @property
-    def step(self) -> str | None:
-        """The step that passed, when accuracy control had to climb; else None."""
-        return self.attempts[-1].step if len(self.attempts) > 1 else None
-
-    def best(self) -> Attempt:
-        return max(self.attempts, key=lambda a: (a.cosine_mean, -(a.top1_drop or 0)))
-
-    def _refusal(self) -> ToleranceError:
-        rec = self.recipe
-        tried = "; ".join(
-            f"{a.step}: cosine {a.cosine_mean:.4f}"
-            + (f", top-1 drop {a.top1_drop * 100:.1f} pt" if a.top1_drop is not None else "")
-            for a in self.attempts
-        )
-        fixes = (
-            "fine-tune with quantization-aware training (`edge-tl train ... --qat`) and export "
-            "again, use an FP32/FP16 recipe, or loosen min_cosine / max_top1_drop in a copy of "
-            "the recipe"
-            if rec.precision == "int8"
-            else "report this with the backbone name, or loosen min_cosine in a copy of the recipe"
-        )
-        return ToleranceError(
-            self.attempts,
-            f"{rec.name} misses its tolerance (cosine >= {rec.min_cosine}, top-1 drop <= "
-            f"{rec.max_top1_drop * 100:.1f} pt) after {len(self.attempts)} tries [{tried}]; "
-            f"nothing was written; {fixes}",
-        )
+    def _ladder(self) -> Iterator[bool]:
+        return (_ort_ladder if self.recipe.quantization == "ort-static" else _nncf_ladder)(self)
 
     def sensitivity_set(self) -> tuple[np.ndarray, np.ndarray]:
         """Calibration images (training split, no labels) with their FP32 embeddings: what
@@ -332,40 +221,26 @@ class AccuracyControl:
         keeps the chosen artifact, the one every other figure was measured on."""
         if subsets < 1 or chosen.precision != "int8":
             return None
-        per = min(size, len(pool) // subsets)
-        if per < 1:
-            return {"skipped": f"only {len(pool)} calibration images for {subsets} subsets"}
-        order = np.random.default_rng(1).permutation(len(pool))
-        rows = []
-        for s in range(subsets):
-            paths = [pool[i] for i in sorted(order[s * per : (s + 1) * per])]
-            _logger.info(f"  calibration subset {s + 1}/{subsets} ({per} images)")
-            desc = "decoding calibration subset"
-            decoded = (
-                Images(paths, self.check.pre, desc=desc)
-                if self.decode is None
-                else self.decode(paths, desc=desc)
-            )
-            calib = decoded.inputs()
-            _, engine = self.build(chosen, calib=calib, into=self.work / "calibration_subset")
-            m, _, _ = self.measure(engine)
-            row: dict[str, Any] = {
-                "cosine_mean": m.cosine_mean,
-                "cosine_min": m.cosine_min,
-                "top1_agreement": m.top1_agreement,
-            }
-            if m.accuracy is not None:
-                row["accuracy"] = m.accuracy
-            rows.append(row)
-        accs = [r["accuracy"] for r in rows if "accuracy" in r]
-        coss = [r["cosine_mean"] for r in rows]
-        return {
-            "settings": self.attempts[-1].step if self.attempts else "recipe as written",
-            "images_per_subset": per,
-            "subsets": rows,
-            "accuracy_spread": float(max(accs) - min(accs)) if accs else None,
-            "cosine_spread": float(max(coss) - min(coss)),
+        return self._spread(chosen, pool, size, subsets)
+
+    def _subset_row(self, chosen: Recipe, subset: list[str]) -> dict[str, Any]:
+        desc = "decoding calibration subset"
+        decoded = (
+            Images(subset, self.check.pre, desc=desc)
+            if self.decode is None
+            else self.decode(subset, desc=desc)
+        )
+        calib = decoded.inputs()
+        _, engine = self.build(chosen, calib=calib, into=self.work / "calibration_subset")
+        m, _, _ = self.measure(engine)
+        row: dict[str, Any] = {
+            "cosine_mean": m.cosine_mean,
+            "cosine_min": m.cosine_min,
+            "top1_agreement": m.top1_agreement,
         }
+        if m.accuracy is not None:
+            row["accuracy"] = m.accuracy
+        return row
 
 
 def _ort_ladder(c: AccuracyControl) -> Iterator[bool]:
@@ -417,16 +292,7 @@ def _ort_ladder(c: AccuracyControl) -> Iterator[bool]:
 def _nncf_ladder(c: AccuracyControl) -> Iterator[bool]:
     """OpenVINO/NNCF: overflow fix, full bias correction, then NNCF's accuracy control."""
     rec = c.recipe
-    if rec.overflow_fix != "enable":
-        yield c.attempt(
-            "overflow fix on (saturation-safe without VNNI)",
-            dataclasses.replace(rec, overflow_fix="enable"),
-        ).passed
-    base = c.best().recipe
-    if base.fast_bias_correction:
-        yield c.attempt(
-            "full bias correction", dataclasses.replace(base, fast_bias_correction=False)
-        ).passed
+    yield from nncf_first_steps(c)
     base = c.best().recipe
     if rec.max_excluded_nodes == 0:
         return

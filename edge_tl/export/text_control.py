@@ -33,12 +33,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from edge_tl.bundle import sha256
-from edge_tl.export.accuracy_control import Attempt, Candidate, ToleranceError
+from edge_tl.export.control_base import Attempt, Candidate, ControlLadder, nncf_first_steps
 from edge_tl.export.fidelity import accuracy, cosine
 from edge_tl.export.text_optimum import (
     FFN_OUTPUT_OPENVINO,
@@ -155,7 +155,7 @@ def artifact_key(folder: Path, files: Sequence[str], options: dict[str, str]) ->
 
 
 @dataclass
-class TextControl:
+class TextControl(ControlLadder):
     """Builds the recipe's artifact into ``out_dir`` and measures it on ``check`` against
     the FP32 ``reference``; escalates INT8 that misses the tolerance.
 
@@ -188,6 +188,15 @@ class TextControl:
     sensitivity: list[dict[str, Any]] = field(default_factory=list)
     last: Candidate | None = None
     ranges: RangeCache = field(default_factory=RangeCache)
+
+    inputs: ClassVar[str] = "texts"
+    int8_fix: ClassVar[str] = (
+        "use ort-int8-dynamic or an FP32/FP16 recipe, calibrate on more texts like the "
+        "device's (--calib), or loosen min_cosine / max_top1_drop in a copy of the recipe"
+    )
+    other_fix: ClassVar[str] = (
+        "report this with the model folder, or loosen min_cosine in a copy of the recipe"
+    )
 
     # ---- building and measuring ---------------------------------------------------------
     def build(
@@ -260,75 +269,20 @@ class TextControl:
             engine, artifact_key(self.out_dir, artifact.files, artifact.engine_options)
         )
         cos = cosine(emb, self.reference)
-        drop = self._top1_drop(head, emb, acc)
-        passed = float(cos.mean()) >= self.recipe.min_cosine and (
-            drop is None or drop <= self.recipe.max_top1_drop + 1e-9
-        )
-        a = Attempt(
+        return self._record(
             step,
-            recipe,
-            float(cos.mean()),
-            float(cos.min()),
+            Candidate(artifact, engine, recipe, head, emb),  # type: ignore[arg-type]
+            (float(cos.mean()), float(cos.min())),
             acc,
-            drop,
-            passed,
-            time.perf_counter() - t0,
+            self._top1_drop(head, emb, acc),
+            t0,
             note,
         )
-        self.attempts.append(a)
-        self.last = Candidate(artifact, engine, recipe, head, emb)  # type: ignore[arg-type]
-        return a
 
     # ---- the ladder ---------------------------------------------------------------------
-    def run(self) -> Candidate:
-        """The recipe as written; if it misses the tolerance and is INT8, escalate.
-
-        Raises:
-            ToleranceError: nothing tried reaches the tolerance.
-        """
-        rec = self.recipe
-        if self.attempt("recipe as written", rec).passed:
-            return self._chosen()
-        if rec.precision == "int8" and rec.accuracy_control:
-            ladder = {"ort-static": _ort_ladder, "ort-dynamic": _ort_ladder}.get(
-                rec.quantization, _nncf_ladder
-            )
-            for passed in ladder(self):
-                if passed:
-                    return self._chosen()
-        raise self._refusal()
-
-    def _chosen(self) -> Candidate:
-        assert self.last is not None
-        return self.last
-
-    @property
-    def step(self) -> str | None:
-        """The step that passed, when accuracy control had to climb; else None."""
-        return self.attempts[-1].step if len(self.attempts) > 1 else None
-
-    def best(self) -> Attempt:
-        return max(self.attempts, key=lambda a: (a.cosine_mean, -(a.top1_drop or 0)))
-
-    def _refusal(self) -> ToleranceError:
-        rec = self.recipe
-        tried = "; ".join(
-            f"{a.step}: cosine {a.cosine_mean:.4f}"
-            + (f", top-1 drop {a.top1_drop * 100:.1f} pt" if a.top1_drop is not None else "")
-            for a in self.attempts
-        )
-        fix = (
-            "use ort-int8-dynamic or an FP32/FP16 recipe, calibrate on more texts like the "
-            "device's (--calib), or loosen min_cosine / max_top1_drop in a copy of the recipe"
-            if rec.precision == "int8"
-            else "report this with the model folder, or loosen min_cosine in a copy of the recipe"
-        )
-        return ToleranceError(
-            self.attempts,
-            f"{rec.name} misses its tolerance (cosine >= {rec.min_cosine}, top-1 drop <= "
-            f"{rec.max_top1_drop * 100:.1f} pt) after {len(self.attempts)} tries [{tried}]; "
-            f"nothing was written; {fix}",
-        )
+    def _ladder(self) -> Iterator[bool]:
+        ort = self.recipe.quantization in ("ort-static", "ort-dynamic")
+        return (_ort_ladder if ort else _nncf_ladder)(self)
 
     # ---- how much the calibration texts matter ------------------------------------------
     def calibration_spread(
@@ -339,37 +293,23 @@ class TextControl:
         chosen artifact). None for artifacts without calibration."""
         if subsets < 1 or chosen.precision != "int8" or chosen.quantization == "ort-dynamic":
             return None
-        per = min(size, len(pool_texts) // subsets)
-        if per < 1:
-            return {"skipped": f"only {len(pool_texts)} calibration texts for {subsets} subsets"}
-        order = np.random.default_rng(1).permutation(len(pool_texts))
-        rows = []
-        for s in range(subsets):
-            texts = [pool_texts[i] for i in sorted(order[s * per : (s + 1) * per])]
-            _logger.info(f"  calibration subset {s + 1}/{subsets} ({per} texts)")
-            _, engine = self.build(
-                chosen,
-                calib=calibration_inputs(self.encoder, texts),
-                into=self.work / "calibration_subset",
-            )
-            emb, _, acc = self.measure(engine)
-            cos = cosine(emb, self.reference)
-            row: dict[str, Any] = {
-                "cosine_mean": float(cos.mean()),
-                "cosine_min": float(cos.min()),
-            }
-            if acc is not None:
-                row["accuracy"] = acc
-            rows.append(row)
-        accs = [r["accuracy"] for r in rows if "accuracy" in r]
-        coss = [r["cosine_mean"] for r in rows]
-        return {
-            "settings": self.attempts[-1].step if self.attempts else "recipe as written",
-            "images_per_subset": per,
-            "subsets": rows,
-            "accuracy_spread": float(max(accs) - min(accs)) if accs else None,
-            "cosine_spread": float(max(coss) - min(coss)),
+        return self._spread(chosen, pool_texts, size, subsets)
+
+    def _subset_row(self, chosen: Recipe, subset: list[str]) -> dict[str, Any]:
+        _, engine = self.build(
+            chosen,
+            calib=calibration_inputs(self.encoder, subset),
+            into=self.work / "calibration_subset",
+        )
+        emb, _, acc = self.measure(engine)
+        cos = cosine(emb, self.reference)
+        row: dict[str, Any] = {
+            "cosine_mean": float(cos.mean()),
+            "cosine_min": float(cos.min()),
         }
+        if acc is not None:
+            row["accuracy"] = acc
+        return row
 
 
 def _ort_ladder(c: TextControl) -> Iterator[bool]:
@@ -454,16 +394,7 @@ def _nncf_ladder(c: TextControl) -> Iterator[bool]:
     """NNCF through optimum-intel: overflow fix, full bias correction, then the feed-forward
     output MatMuls in FP32 (an ignored scope by name pattern)."""
     rec = c.recipe
-    if rec.overflow_fix != "enable":
-        yield c.attempt(
-            "overflow fix on (saturation-safe without VNNI)",
-            dataclasses.replace(rec, overflow_fix="enable"),
-        ).passed
-    base = c.best().recipe
-    if base.fast_bias_correction:
-        yield c.attempt(
-            "full bias correction", dataclasses.replace(base, fast_bias_correction=False)
-        ).passed
+    yield from nncf_first_steps(c)
     base = c.best().recipe
     if rec.max_excluded_nodes == 0:
         return

@@ -122,16 +122,7 @@ class TrainConfig:
             )
         if self.batch_size < 2:
             raise EdgeTLError("--batch-size must be at least 2 (batch norm needs two samples)")
-        if not 0 < self.layer_decay <= 1:
-            raise EdgeTLError("--layer-decay must be in (0, 1]")
-        if not 0 <= self.dropout < 1:
-            raise EdgeTLError("--dropout must be in [0, 1)")
-        if not 0 <= self.label_smoothing < 1:
-            raise EdgeTLError("--label-smoothing must be in [0, 1)")
-        if not (self.lr_head > 0 and self.lr_backbone > 0 and self.weight_decay >= 0):
-            raise EdgeTLError(
-                "--lr-head and --lr-backbone must be positive and --weight-decay 0 or more"
-            )
+        check_optimizer(self)
         if self.strategy == "selective" and not self.stages and not self.params:
             raise EdgeTLError(
                 "selective needs --stages (e.g. 5,6) and/or --params (e.g. 'net.layer4.*')"
@@ -210,4 +201,20 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(
             **{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
+        )
+
+
+def check_optimizer(config: Any) -> None:
+    """Refuse optimizer settings out of range (``layer_decay``, ``dropout``,
+    ``label_smoothing``, the learning rates, ``weight_decay``) in one line naming the flag;
+    the image and the text config share it."""
+    if not 0 < config.layer_decay <= 1:
+        raise EdgeTLError("--layer-decay must be in (0, 1]")
+    if not 0 <= config.dropout < 1:
+        raise EdgeTLError("--dropout must be in [0, 1)")
+    if not 0 <= config.label_smoothing < 1:
+        raise EdgeTLError("--label-smoothing must be in [0, 1)")
+    if not (config.lr_head > 0 and config.lr_backbone > 0 and config.weight_decay >= 0):
+        raise EdgeTLError(
+            "--lr-head and --lr-backbone must be positive and --weight-decay 0 or more"
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -34,6 +33,7 @@ from edge_tl.train.adapt import LOOP_METHODS, TARGET, Adapter, TargetData
 from edge_tl.train.augment import parse_augment
 from edge_tl.train.batches import TrainingData
 from edge_tl.train.config import TrainConfig
+from edge_tl.train.epochs import Epochs
 from edge_tl.train.policies import Policy, make_policy
 from edge_tl.train.policies import set_train_modes as _set_train_modes
 from edge_tl.train.runs import save_checkpoint
@@ -221,24 +221,14 @@ def fit(
     steps_per_epoch = max(
         1, len(_epoch_batches(data.y["train"], config, torch.Generator().manual_seed(0), ctx.world))
     )
-    total = steps_per_epoch * config.epochs
-    warmup = min(steps_per_epoch, total // 10 + 1)
-    history: list[dict[str, Any]] = []
-    best, best_key, step, first, bad = None, None, 0, 1, 0
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if adapter is not None:
             adapter.load_state_dict(state["adapter"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        history, best, step, bad = state["history"], state["best"], state["step"], state["bad"]
-        best_key = tuple(state["best_key"]) if state["best_key"] is not None else None
-        first = state["epoch"] + 1
+    e = Epochs.start(steps_per_epoch, config.epochs, state, gen)
     has_val = len(data.y["val"]) > 0
-    stopped = None
-    epochs = range(first, config.epochs + 1)
-    for epoch in epochs:
+    for epoch in range(e.first, config.epochs + 1):
         t0 = time.perf_counter()
         model.train()
         _set_train_modes(features, policy, epoch, config.freeze_bn)
@@ -255,13 +245,7 @@ def fit(
         desc = f"epoch {epoch}/{config.epochs}"
         for idx, (xb, yb) in progress(steps, total=len(batches), desc=desc):
             local = idx[ctx.rank :: ctx.world]
-            scale = (
-                (step + 1) / warmup
-                if step < warmup
-                else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-            )
-            for g, lr in zip(opt.param_groups, base_lrs, strict=True):
-                g["lr"] = lr * scale
+            e.set_lr(opt, base_lrs)
             with autocast():
                 if targets is None:
                     logits = train_model(xb)
@@ -270,7 +254,7 @@ def fit(
                     n = len(xb)
                     logits = both[:n]
                     extra = adapter.loss(
-                        f[:n].float(), f[n:].float(), both[n:].float(), step / max(1, total)
+                        f[:n].float(), f[n:].float(), both[n:].float(), e.step / max(1, e.total)
                     )
                     adapt_loss += float(extra.detach()) * len(idx)
                 # Each process's share of the global-batch mean: N processes take the same
@@ -284,7 +268,7 @@ def fit(
                     for p in g["params"]:
                         p.grad = None
             opt.step()
-            step += 1
+            e.step += 1
             total_loss += float(loss.detach()) * len(idx) / ctx.world
             if objective is None:
                 correct += int((logits.argmax(1) == yb).sum())
@@ -304,47 +288,17 @@ def fit(
         }
         if adapter is not None:
             row["adapt_loss"] = adapt_loss / max(seen, 1)
-        history.append(row)
-        key = (val_acc, -val_loss) if has_val else (epoch, 0.0)
-        if best_key is None or key > best_key:
-            best_key, best, bad = key, _cpu_state(model), 0
-        else:
-            bad += 1
-        if config.patience and has_val and bad >= config.patience and epoch < config.epochs:
-            stopped = epoch
+        e.end(row, lambda: _cpu_state(model), has_val, config.patience, config.epochs)
         if ctx.is_main:
-            save_checkpoint(
-                ckpt_file,
-                {
-                    "config": config.to_dict(),
-                    "data_fingerprint": fingerprint(ds),
-                    "epoch": epoch if stopped is None else config.epochs,
-                    "model": _cpu_state(model),
-                    "optimizer": opt.state_dict(),
-                    "generator": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "history": history,
-                    "best": best,
-                    "best_key": best_key,
-                    "step": step,
-                    "bad": bad,
-                    "adapter": adapter.state_dict() if adapter is not None else {},
-                },
-            )
-            _logger.info(
-                f"epoch {epoch}/{config.epochs}: train loss {row['train_loss']:.4f} acc "
-                f"{row['train_accuracy']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | "
-                f"{row['seconds']:.1f}s" + ("  (best so far)" if bad == 0 else "")
-            )
+            ckpt = e.checkpoint(config, fingerprint(ds), epoch, _cpu_state(model), opt, gen)
+            ckpt["adapter"] = adapter.state_dict() if adapter is not None else {}
+            save_checkpoint(ckpt_file, ckpt)
+            e.log(row, config.epochs)
             if on_epoch_end is not None:
                 on_epoch_end(row)
-        if stopped is not None:
-            _logger.info(
-                f"early stop: no better validation score for {config.patience} epochs; "
-                f"keeping the best epoch's weights"
-            )
+        if e.stopping(config.patience):
             break
-    model.load_state_dict(best)
+    model.load_state_dict(e.best)
     _, test_acc, test_pred = _evaluate(model, data, "test", eval_loss, device, autocast, objective)
     if qat is not None:  # test accuracy above is through the simulated INT8 rounding
         qat.remove()
@@ -359,9 +313,7 @@ def fit(
 
         head = objective.split_head(head.weight, head.bias)
         task_results = task_metrics(ds.tasks, test_pred, data.y["test"])
-    best_row = (
-        max(history, key=lambda r: (r["val_accuracy"], -r["val_loss"])) if has_val else history[-1]
-    )
+    history = e.history
     metrics = {
         "strategy": config.strategy,
         "test_accuracy": test_acc,
@@ -371,10 +323,7 @@ def fit(
         "test_recall": _recall(test_pred, data.y["test"], ds.classes)
         if objective is None
         else None,
-        "best_epoch": best_row["epoch"],
-        "val_accuracy": best_row["val_accuracy"] if has_val else None,
-        "epochs_run": len(history),
-        "stopped_early_at": stopped,
+        **e.summary(has_val),
         "boundary": f"block {policy.boundary} input (cached)" if data.cached else "image",
         "freeze_boundary_block": policy.boundary,
         "cached_views": config.views if data.cached else 0,

@@ -115,17 +115,28 @@ def write_run(
         state = {k: v.detach().cpu().contiguous() for k, v in features.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
         head.save(tmp / HEAD_FILE)
-        (tmp / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        with open(tmp / "history.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(history[0]))
-            w.writeheader()
-            w.writerows(history)
+        write_records(tmp, record, metrics, history)
         if "val_loss" in history[0]:
             title = f"{config.backbone} {config.strategy} on {ds.name}"
             plot_history(history, tmp / "curves.png", title)
         if extra_files is not None:
             extra_files(tmp)
+
+
+def write_records(
+    folder: Path,
+    record: dict[str, Any],
+    metrics: dict[str, Any],
+    history: list[dict[str, Any]],
+) -> None:
+    """A run folder's ``run.json``, ``metrics.json`` and ``history.csv`` (a row an epoch):
+    what the image and the text run folder both hold."""
+    (folder / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with open(folder / "history.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from edge_tl.backbones import get_text_spec
 from edge_tl.errors import EdgeTLError
 from edge_tl.spec import STRATEGIES, TEXT_STRATEGIES, SplitRecord
+from edge_tl.train.config import check_optimizer
 
 __all__ = ["DEFAULT_TEXT_BACKBONE", "TEXT_STRATEGIES", "TextTrainConfig", "check_text_strategy"]
 
@@ -88,16 +89,7 @@ class TextTrainConfig:
                 raise EdgeTLError(f"--{name.replace('_', '-')} must be 0 or more")
         if self.batch_size < 1:
             raise EdgeTLError("--batch-size must be at least 1")
-        if not 0 < self.layer_decay <= 1:
-            raise EdgeTLError("--layer-decay must be in (0, 1]")
-        if not 0 <= self.dropout < 1:
-            raise EdgeTLError("--dropout must be in [0, 1)")
-        if not 0 <= self.label_smoothing < 1:
-            raise EdgeTLError("--label-smoothing must be in [0, 1)")
-        if not (self.lr_head > 0 and self.lr_backbone > 0 and self.weight_decay >= 0):
-            raise EdgeTLError(
-                "--lr-head and --lr-backbone must be positive and --weight-decay 0 or more"
-            )
+        check_optimizer(self)
         if self.test_data is not None and not 0 < self.val_frac < 1:
             raise EdgeTLError(
                 "with --test-data, --val-frac is the share of DATA that validates; use 0 < "

@@ -37,6 +37,7 @@ from edge_tl.progress import progress
 from edge_tl.runtime.evaluation import macro_f1
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.spec import TextPreprocess
+from edge_tl.train.epochs import Epochs
 from edge_tl.train.runs import save_checkpoint
 from edge_tl.train.text_config import TextTrainConfig
 from edge_tl.train.text_encoder import pool_torch, tokenize
@@ -288,10 +289,6 @@ def fit_text(
     train = sets["train"]
     gen = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = len(length_batches(lengths["train"], config.batch_size, None))
-    total = steps_per_epoch * config.epochs
-    warmup = min(steps_per_epoch, total // 10 + 1)
-    history: list[dict[str, Any]] = []
-    best, best_key, step, first, bad = None, None, 0, 1, 0
     if state is not None:
         differ = set(_trained_state(model)) ^ set(state["model"])
         if differ:
@@ -301,34 +298,23 @@ def fit_text(
             )
         model.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        history, best, step, bad = state["history"], state["best"], state["step"], state["bad"]
-        best_key = tuple(state["best_key"]) if state["best_key"] is not None else None
-        first = state["epoch"] + 1
+    e = Epochs.start(steps_per_epoch, config.epochs, state, gen)
     has_val = len(sets["val"]) > 0
-    stopped = None
-    for epoch in range(first, config.epochs + 1):
+    for epoch in range(e.first, config.epochs + 1):
         t0 = time.perf_counter()
         _set_modes(model, config)
         batches = length_batches(lengths["train"], config.batch_size, gen)
         total_loss, correct, seen = 0.0, 0, 0
         desc = f"epoch {epoch}/{config.epochs}"
         for idx in progress(batches, total=len(batches), desc=desc):
-            scale = (
-                (step + 1) / warmup
-                if step < warmup
-                else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-            )
-            for g, lr in zip(opt.param_groups, base_lrs, strict=True):
-                g["lr"] = lr * scale
+            e.set_lr(opt, base_lrs)
             yb = torch.from_numpy(train.labels[idx]).to(device)
             logits = model.classify(embed("train", idx))
             loss = loss_fn(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
+            e.step += 1
             total_loss += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(idx)
@@ -343,59 +329,26 @@ def fit_text(
             "seconds": round(train_seconds, 2),
             "val_seconds": round(time.perf_counter() - t0 - train_seconds, 2),
         }
-        history.append(row)
-        key = (val_acc, -val_loss) if has_val else (epoch, 0.0)
-        if best_key is None or key > best_key:
-            best_key, best, bad = key, _trained_state(model), 0
-        else:
-            bad += 1
-        if config.patience and has_val and bad >= config.patience and epoch < config.epochs:
-            stopped = epoch
+        e.end(row, lambda: _trained_state(model), has_val, config.patience, config.epochs)
         save_checkpoint(
             ckpt_file,
-            {
-                "config": config.to_dict(),
-                "data_fingerprint": fingerprint,
-                "epoch": epoch if stopped is None else config.epochs,
-                "model": _trained_state(model),
-                "optimizer": opt.state_dict(),
-                "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "history": history,
-                "best": best,
-                "best_key": best_key,
-                "step": step,
-                "bad": bad,
-            },
+            e.checkpoint(config, fingerprint, epoch, _trained_state(model), opt, gen),
         )
-        _logger.info(
-            f"epoch {epoch}/{config.epochs}: train loss {row['train_loss']:.4f} acc "
-            f"{row['train_accuracy']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | "
-            f"{row['seconds']:.1f}s" + ("  (best so far)" if bad == 0 else "")
-        )
+        e.log(row, config.epochs)
         if on_epoch_end is not None:
             on_epoch_end(row)
-        if stopped is not None:
-            _logger.info(
-                f"early stop: no better validation score for {config.patience} epochs; "
-                "keeping the best epoch's weights"
-            )
+        if e.stopping(config.patience):
             break
-    model.load_state_dict(best, strict=False)
+    model.load_state_dict(e.best, strict=False)
     _, test_acc, test_pred = _evaluate(model, embed, "test", lengths["test"], config)
     model.cpu().eval()
-    best_row = (
-        max(history, key=lambda r: (r["val_accuracy"], -r["val_loss"])) if has_val else history[-1]
-    )
+    history = e.history
     n_classes = model.head.out_features
     metrics = {
         "strategy": config.strategy,
         "test_accuracy": test_acc,
         "test_macro_f1": macro_f1(test_pred, sets["test"].labels, n_classes),
-        "best_epoch": best_row["epoch"],
-        "val_accuracy": best_row["val_accuracy"] if has_val else None,
-        "epochs_run": len(history),
-        "stopped_early_at": stopped,
+        **e.summary(has_val),
         "boundary": "text"
         if embed.start is None
         else f"layer {embed.start} input (cached): {config.train_layers} of "

@@ -15,10 +15,8 @@ the image path's (``RUN.checkpoint.pt`` beside the folder, :mod:`edge_tl.train.r
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from edge_tl.errors import EdgeTLError
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.spec import FORMAT_VERSION, TextPreprocess
 from edge_tl.train.plots import plot_history
-from edge_tl.train.runs import HEAD_FILE, RUN_FILE, read_run_record
+from edge_tl.train.runs import HEAD_FILE, RUN_FILE, read_run_record, write_records
 from edge_tl.train.text_config import TextTrainConfig
 
 __all__ = [
@@ -119,12 +117,7 @@ def write_text_run(
         model.save_pretrained(enc, safe_serialization=True)
         tokenizer.save_pretrained(enc)
         head.save(tmp / HEAD_FILE)
-        (tmp / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        with open(tmp / "history.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(history[0]))
-            w.writeheader()
-            w.writerows(history)
+        write_records(tmp, record, metrics, history)
         if "val_loss" in history[0] and all(np.isfinite(r["val_loss"]) for r in history):
             plot_history(history, tmp / "curves.png", f"{config.backbone} {config.strategy}")
 

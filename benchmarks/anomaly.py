@@ -16,6 +16,8 @@ scored with the shipped code (``edge_tl.runtime.anomaly``):
   distances, no calibration);
 - image AUROC per defect type (blowhole, break, crack, fray, uneven; each type's test
   tiles against the 273 good ones) for every bank;
+- pixel AUROC inside defective tiles per defect type (each tile's defect pixels against its
+  own other pixels, for the normalised and the raw-distance map): where localisation is lost;
 - latency per image at batch 1 (INT8, 224): decode + resize, engine, search + map, map
   resized to the image, against the engine alone (the shipped fast search and ``--search
   exact``; every search candidate side by side: ``benchmarks/anomaly_search.py``);
@@ -89,6 +91,8 @@ def run_bank(train: np.ndarray, test_f: np.ndarray, test: Test, grid, **kw) -> d
     return {
         **test.metrics(scores, maps, state.threshold),
         "pixel_auroc_raw_map": test.pixel_auroc(raw),
+        "within_image": test.within_image(maps),
+        "within_image_raw_map": test.within_image(raw),
         "bank_patches": len(state.bank),
         "bank_mb": state.bank_mb,
         "build_s": build_s,
@@ -281,6 +285,21 @@ def main() -> None:
         name, precision = key.split(" | ")
         cells = " | ".join(f"{r['per_defect'][d]:.4f}" for d in defects)
         print(f"| {name} | {precision} | {cells} |")
+    print(
+        "\npixel AUROC inside defective tiles (defect pixels against the same tile's other "
+        "pixels, mean over each type's tiles)"
+    )
+    print("| bank | artifact | map | " + " | ".join(defects) + " |")
+    print("|---|---|---|" + "---|" * len(defects))
+    for key, r in res["banks"].items():
+        name, precision = key.split(" | ")
+        for tag, field in (
+            ("normalised", "within_image"),
+            ("raw distance", "within_image_raw_map"),
+        ):
+            if field in r:
+                cells = " | ".join(f"{r[field][d]:.3f}" for d in defects)
+                print(f"| {name} | {precision} | {tag} | {cells} |")
     _print_rest(res)
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))

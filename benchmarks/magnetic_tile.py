@@ -72,6 +72,18 @@ class Test:
             out[d] = ev.auroc(scores[sel], self.y[sel])
         return out
 
+    def within_image(self, maps: np.ndarray) -> dict[str, float]:
+        """Localisation inside defective tiles: for each defect type, the mean over its tiles
+        of the pixel AUROC of the tile's defect pixels against the same tile's other pixels
+        (what pooled pixel AUROC mixes with the contrast against good tiles)."""
+        out: dict[str, list[float]] = {}
+        for g, mask, size, d in zip(maps, self.masks, self.sizes, self.defects, strict=True):
+            if mask is None or mask.all() or not mask.any():
+                continue
+            up = pc.resize_map(g, size)
+            out.setdefault(str(d), []).append(ev.auroc(up.ravel(), mask.ravel().astype(np.int64)))
+        return {d: float(np.mean(v)) for d, v in sorted(out.items())}
+
     def metrics(self, scores: np.ndarray, maps: np.ndarray, thr: float | None) -> dict:
         """Image and pixel AUROC, per-defect AUROC and, at ``thr``, F1 and false alarms."""
         out = {"image_auroc": ev.auroc(scores, self.y), "pixel_auroc": self.pixel_auroc(maps)}

@@ -18,17 +18,33 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edge_tl.backbones import build, get_spec, offline_backbones
-from edge_tl.bundle import atomic_folder, check_destination
+from edge_tl.bundle import check_destination
 from edge_tl.data import Dataset, open_dataset
 from edge_tl.errors import EdgeTLError
 from edge_tl.train.cache import cache_activations
+from edge_tl.train.select_records import (
+    METRICS,
+    NEGATIVE_MARGIN,
+    SELECT_FILE,
+    BackboneScore,
+    Selection,
+    _ranked,
+    _same_data,
+)
+from edge_tl.train.select_report import (
+    markdown,
+    plot_selection,
+    select_summary,
+    summary_line,
+    write_selection,
+)
 from edge_tl.transferability import h_score, leep, logme
 
 __all__ = [
@@ -53,58 +69,6 @@ __all__ = [
 ]
 
 _logger = logging.getLogger(__name__)
-
-SELECT_FILE = "select.json"
-METRICS = ("logme", "leep", "h_score")
-NEGATIVE_MARGIN = 0.0
-"""LogME (nats per sample) by which the best pre-trained backbone must beat randomly
-initialised features of its architecture; at or below it, transfer is not expected to help.
-Measured gaps (benchmarks/transferability.py): NEU-DET 0.93, flowers5 0.18, ELPV 0.12, with
-fine-tuning beating from-scratch by 24-35 pt on NEU-DET and flowers5 (README, "Which
-transfer pays")."""
-
-
-@dataclass(frozen=True)
-class BackboneScore:
-    """One candidate's scores on the data; ``seconds`` covers building, embedding and
-    scoring (``embed_seconds`` the embedding alone)."""
-
-    backbone: str
-    logme: float
-    leep: float
-    h_score: float
-    dim: int
-    seconds: float
-    embed_seconds: float
-    finetuned_accuracy: float | None = None
-    finetune_seconds: float | None = None
-
-
-@dataclass
-class Selection:
-    """The ranking (best LogME first), the random-feature baseline and the checks."""
-
-    data: str
-    n_images: int
-    classes: list[str]
-    rows: list[BackboneScore]
-    baseline: dict[str, Any] | None = None
-    weighted_tau: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    results: list[str] = field(default_factory=list)
-
-    @property
-    def best(self) -> BackboneScore:
-        return self.rows[0]
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ranking"] = {m: [r.backbone for r in _ranked(self.rows, m)] for m in METRICS}
-        return d
-
-
-def _ranked(rows: list[BackboneScore], metric: str) -> list[BackboneScore]:
-    return sorted(rows, key=lambda r: -getattr(r, metric))
 
 
 def parse_backbones(text: str | None) -> list[str]:
@@ -210,15 +174,6 @@ def read_results(
                 "{backbone: accuracy}"
             )
     return out, flags
-
-
-def _same_data(recorded: str, data: str | Path) -> bool:
-    """Whether a record's data is ``data``: the same named set, the same folder, or (a
-    relative path recorded elsewhere that does not resolve here) the same folder name."""
-    a, b = str(recorded), str(data)
-    if not Path(a).exists() or not Path(b).exists():
-        return a == b or (Path(a).name == Path(b).name and not Path(a).is_absolute())
-    return Path(a).resolve() == Path(b).resolve()
 
 
 def _sample(ds: Dataset, per_class: int, seed: int) -> Dataset:
@@ -419,152 +374,3 @@ def with_results(
         warnings=negative_transfer(rows, sel.baseline) + _saturated(sel) + list(flags),
         results=list(sources),
     )
-
-
-def write_selection(sel: Selection, out: str | Path, force: bool = False) -> None:
-    """``select.json``, ``select.md`` and (with fine-tuned results) ``select.png`` in ``out``,
-    written to a temporary folder and renamed into place."""
-    with atomic_folder(out, force=force) as tmp:
-        (tmp / SELECT_FILE).write_text(json.dumps(sel.to_dict(), indent=2) + "\n")
-        (tmp / "select.md").write_text(markdown(sel) + "\n")
-        if any(r.finetuned_accuracy is not None for r in sel.rows):
-            plot_selection(sel, tmp / "select.png")
-
-
-def select_summary(path: str | Path, backbone: str, data: str | Path) -> dict[str, Any]:
-    """What a ``select`` output (its folder or ``select.json``) says about ``backbone`` on
-    ``data``, for ``compare`` to print beside its own negative-transfer check.
-
-    Raises:
-        EdgeTLError: no ``select.json`` there, or it was made on other data.
-    """
-    p = Path(path)
-    file = p / SELECT_FILE if p.is_dir() else p
-    try:
-        rec = json.loads(file.read_text())
-        rows = rec["rows"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise EdgeTLError(
-            f"--select {p} holds no {SELECT_FILE}; pass the --out folder of edge-tl select"
-        ) from None
-    if not _same_data(rec["data"], data):
-        raise EdgeTLError(f"--select {p} scored {rec['data']}, not {data}; select on this data")
-    names = [r["backbone"] for r in rows]
-    row = rows[names.index(backbone)] if backbone in names else None
-    return {
-        "select": str(p),
-        "backbone": backbone,
-        "logme": None if row is None else row["logme"],
-        "rank": None if row is None else names.index(backbone) + 1,
-        "of": len(rows),
-        "best": names[0],
-        "baseline_logme": (rec.get("baseline") or {}).get("logme"),
-        "negative_transfer": any(w.startswith("negative transfer") for w in rec["warnings"]),
-    }
-
-
-def summary_line(s: dict[str, Any], compare_flags: list[str]) -> str:
-    """One line for ``compare``: the select score of its backbone, and whether the two
-    negative-transfer checks agree."""
-    if s["logme"] is None:
-        line = f"select ({s['select']}): {s['backbone']} was not scored (best: {s['best']})"
-    else:
-        line = (
-            f"select ({s['select']}): {s['backbone']} LogME {s['logme']:.4f}, rank "
-            f"{s['rank']} of {s['of']} (best: {s['best']})"
-        )
-        if s["baseline_logme"] is not None:
-            line += f"; random-init features {s['baseline_logme']:.4f}"
-    if s["negative_transfer"] and compare_flags:
-        line += "; select and from-scratch training agree: transfer does not pay here"
-    elif s["negative_transfer"]:
-        line += "; select expected no gain from transfer, fine-tuning found one"
-    elif compare_flags:
-        line += "; select expected transfer to help, from-scratch training says otherwise"
-    return line
-
-
-def markdown(sel: Selection) -> str:
-    """The ranking as a Markdown table, then tau, baseline and warnings."""
-    ft = any(r.finetuned_accuracy is not None for r in sel.rows)
-    head = ["rank", "backbone", "LogME", "LEEP", "H-score", "dim", "seconds"]
-    head += ["fine-tuned acc", "fine-tune s"] if ft else []
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for i, r in enumerate(sel.rows, 1):
-        cells = [
-            str(i),
-            r.backbone,
-            f"{r.logme:.4f}",
-            f"{r.leep:.4f}",
-            f"{r.h_score:.3f}",
-            str(r.dim),
-            f"{r.seconds:.1f}",
-        ]
-        if ft:
-            cells += [
-                "-" if r.finetuned_accuracy is None else f"{r.finetuned_accuracy:.4f}",
-                "-" if r.finetune_seconds is None else f"{r.finetune_seconds:.0f}",
-            ]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(
-        f"{sel.n_images} images, {len(sel.classes)} classes; data {sel.data}. Rankings: "
-        + "; ".join(
-            f"{name} " + " > ".join(r.backbone for r in _ranked(sel.rows, m))
-            for m, name in zip(METRICS, ("LogME", "LEEP", "H-score"), strict=True)
-        )
-    )
-    if sel.weighted_tau:
-        lines.append(
-            "weighted Kendall tau with fine-tuned accuracy: "
-            + ", ".join(
-                f"{name} {sel.weighted_tau[m]:+.3f}"
-                for m, name in zip(METRICS, ("LogME", "LEEP", "H-score"), strict=True)
-            )
-        )
-    elif ft:
-        lines.append("weighted Kendall tau: needs fine-tuned accuracy for 3 or more backbones")
-    if sel.baseline is not None:
-        b = sel.baseline
-        lines.append(
-            f"random-init {b['backbone']} features: LogME {b['logme']:.4f} (best pre-trained "
-            f"{sel.best.logme:.4f})"
-        )
-    for w in sel.warnings or (["no negative transfer flagged"] if sel.baseline else []):
-        lines.append(f"- {w}")
-    return "\n".join(lines)
-
-
-def plot_selection(sel: Selection, path: Path) -> bool:
-    """Each score against fine-tuned accuracy, one labelled point per backbone (PNG)."""
-    from edge_tl.plots import pyplot, save
-
-    plt = pyplot()
-    if plt is None:  # pragma: no cover - matplotlib is in the train extra
-        return False
-    from matplotlib.ticker import FormatStrFormatter
-
-    known = [r for r in sel.rows if r.finetuned_accuracy is not None]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.9), dpi=110)
-    markers = "osD^vP*X"
-    for ax, m, name in zip(axes, METRICS, ("LogME", "LEEP", "H-score"), strict=True):
-        for i, r in enumerate(known):  # one colour and marker per backbone, named in a legend
-            ax.scatter(
-                getattr(r, m),
-                100 * r.finetuned_accuracy,
-                s=55,
-                marker=markers[i % len(markers)],
-                color=f"C{i}",
-                label=r.backbone,
-                zorder=3,
-            )
-        tau = sel.weighted_tau.get(m)
-        title = name + (f" (weighted tau {tau:+.2f})" if tau is not None else "")
-        ax.set(xlabel=f"{name} (frozen features)", ylabel="fine-tuned accuracy (%)", title=title)
-        ax.xaxis.set_major_formatter(FormatStrFormatter("%.4g"))  # no offset notation
-        ax.grid(alpha=0.3)
-        ax.margins(x=0.15, y=0.2)
-    axes[0].legend(fontsize=8, loc="best")
-    title = f"transferability vs fine-tuned accuracy on {Path(sel.data).name}"
-    save(fig, path, title, integer_x=False)
-    return True

@@ -26,7 +26,7 @@ from typing import Any
 from edge_tl.bundle import atomic_folder, check_destination
 from edge_tl.errors import EdgeTLError
 from edge_tl.export.accuracy_control import AccuracyControl, ToleranceError
-from edge_tl.export.side_by_side import _metrics, _report, _side_by_side
+from edge_tl.export.side_by_side import _side_by_side, artifact_metrics, fidelity_report
 from edge_tl.export.source import calibration_sample
 from edge_tl.export.text_source import is_text_export
 from edge_tl.export.work import _check_images, _Work
@@ -355,8 +355,28 @@ def _export_one(
         spread = control.calibration_spread(
             chosen.recipe, work.pool, rec.calibration_size, rec.calibration_subsets
         )
-        report = _report(src, rec, control, check, checked_on, rows, preds, spread)
-        metrics = _metrics(report, graph, calib_inputs, work.head_fit, chosen, control, len(check))
+        report = fidelity_report(
+            src.name,
+            rec,
+            control,
+            checked_on,
+            len(check),
+            check.labels,
+            src.labels,
+            rows,
+            preds,
+            spread,
+        )
+        n_calib = len(calib_inputs) if calib_inputs is not None else 0
+        metrics = artifact_metrics(
+            report,
+            graph.parity,
+            control,
+            ("calibration_images", n_calib),
+            work.head_fit,
+            chosen.head,
+            len(check),
+        )
         if work.calib_skipped:
             metrics[CALIBRATION_SKIPPED] = [s.to_dict() for s in work.calib_skipped]
         if work.adapted is not None:

@@ -1,16 +1,19 @@
 """PyTorch FP32, ONNX FP32 and a recipe's artifact measured side by side on the check
-images, and what an image bundle records of it: the fidelity report and the manifest's
-``metrics`` (for :mod:`edge_tl.export.pipeline`).
+images, and what an image or a text bundle records of such a comparison: the fidelity report and
+the manifest's ``metrics`` (for :mod:`edge_tl.export.pipeline` and
+:mod:`edge_tl.export.text`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_tl.export.accuracy_control import AccuracyControl, Candidate
+from edge_tl.export.accuracy_control import Candidate
+from edge_tl.export.control_base import ControlLadder
 from edge_tl.export.fidelity import (
     Images,
     agreement,
@@ -21,14 +24,13 @@ from edge_tl.export.fidelity import (
     torch_size_mb,
 )
 from edge_tl.export.source import ExportSource
-from edge_tl.export.work import _Graph
 from edge_tl.progress import step
 from edge_tl.report import ArtifactRow, FidelityReport, Tolerance
 from edge_tl.runtime.heads import LinearHead
 from edge_tl.runtime.host import host_info
 from edge_tl.spec import Recipe
 
-__all__: list[str] = []
+__all__ = ["artifact_metrics", "fidelity_report"]
 
 
 def _side_by_side(
@@ -88,62 +90,70 @@ def _side_by_side(
     return rows, cosines, preds
 
 
-def _report(
-    src: ExportSource,
+def fidelity_report(
+    backbone: str,
     rec: Recipe,
-    control: AccuracyControl,
-    check: Images,
+    control: ControlLadder,
     checked_on: str,
+    n_checked: int,
+    labels: np.ndarray | None,
+    class_names: Sequence[str],
     rows: dict[str, ArtifactRow],
     preds: dict[str, np.ndarray],
     spread: dict[str, Any] | None,
+    unit: str = "images",
 ) -> FidelityReport:
-    """The fidelity report: every row, per-class accuracy, each accuracy-control step."""
-    labels = check.labels
+    """The fidelity report of an image or text export: every row, per-class accuracy (when
+    the check set is labelled and a head predicts), each accuracy-control step."""
     return FidelityReport(
-        backbone=src.name,
+        backbone=backbone,
         recipe=rec.name,
         verdict="pass" if control.step is None else f"pass after accuracy control ({control.step})",
         checked_on=checked_on,
-        n_images=len(check),
+        n_images=n_checked,
         tolerance=Tolerance(rec.min_cosine, rec.max_top1_drop),
         host=host_info(),
         artifacts=rows,
         per_class=None
-        if labels is None
-        else {k: per_class(p, labels, src.labels) for k, p in preds.items()},
+        if labels is None or not preds
+        else {k: per_class(p, labels, list(class_names)) for k, p in preds.items()},
         accuracy_control=[a.record() for a in control.attempts] if rec.precision == "int8" else [],
         sensitive_layers=control.sensitivity[:16],
         calibration_sensitivity=spread,
+        unit=unit,
     )
 
 
-def _metrics(
+def artifact_metrics(
     report: FidelityReport,
-    graph: _Graph,
-    calib_inputs: np.ndarray | None,
+    parity: dict[str, float],
+    control: ControlLadder,
+    calibration: tuple[str, int],
     head_fit: str,
-    chosen: Candidate,
-    control: AccuracyControl,
+    head: LinearHead | None,
     n_checked: int,
 ) -> dict[str, Any]:
-    """The manifest's ``metrics``: parity, calibration size, cosine and accuracy."""
+    """The manifest's ``metrics`` of an image or text export: parity (max abs difference per
+    output), the calibration count (``(key, count)``, e.g. ``("calibration_images", 300)``),
+    cosine to FP32 on the ``n_checked`` check inputs, top-1 agreement and accuracy when a
+    head predicts, and the accuracy-control step that passed."""
     art = report.artifacts[report.recipe]
     metrics: dict[str, Any] = {
-        "parity_max_abs_diff": graph.parity,
+        "parity_max_abs_diff": parity,
         "parity_atol": control.recipe.parity_atol,
-        "calibration_images": len(calib_inputs) if calib_inputs is not None else 0,
+        calibration[0]: calibration[1],
         "head_fit": head_fit,
     }
-    if head_fit == "artifact":
-        metrics["head_l2"] = chosen.head.l2
+    if head_fit == "artifact" and head is not None:
+        metrics["head_l2"] = head.l2
     metrics["embedding_cosine_vs_fp32"] = {
         "mean": art.cosine_mean,
         "min": art.cosine_min,
         "n": n_checked,
         "on": report.checked_on,
     }
-    metrics["top1_agreement_vs_fp32"] = art.top1_agreement
+    if art.top1_agreement is not None:
+        metrics["top1_agreement_vs_fp32"] = art.top1_agreement
     if art.accuracy_own_head is not None:
         metrics["test_accuracy"] = art.accuracy_own_head
         metrics["test_n"] = n_checked

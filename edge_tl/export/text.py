@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from edge_tl import __version__
 from edge_tl.backbones import get_text_spec
-from edge_tl.bundle import atomic_folder, check_destination, hash_files, write_manifest
+from edge_tl.bundle import atomic_folder, check_destination
 from edge_tl.errors import EdgeTLError
 from edge_tl.export.accuracy_control import Candidate
-from edge_tl.export.fidelity import accuracy, cosine, per_class, torch_size_mb
+from edge_tl.export.fidelity import accuracy, cosine, torch_size_mb
+from edge_tl.export.side_by_side import artifact_metrics, fidelity_report
 from edge_tl.export.text_control import (
     CheckTexts,
     TextControl,
@@ -45,15 +45,14 @@ from edge_tl.export.text_source import (
     open_text_backbone,
     open_text_run,
 )
-from edge_tl.report import ArtifactRow, FidelityReport, Tolerance, write_report
+from edge_tl.export.write import seal_bundle
+from edge_tl.report import ArtifactRow, FidelityReport
 from edge_tl.runtime.engine import Engine, OrtEngine
 from edge_tl.runtime.heads import LinearHead
-from edge_tl.runtime.host import host_info
 from edge_tl.runtime.learner import EXEMPLARS, write_exemplars
-from edge_tl.runtime.selftest import write_self_test
 from edge_tl.runtime.text import TextEncoder
 from edge_tl.signing import Ed25519PrivateKey, sign_bundle
-from edge_tl.spec import EMBEDDING, FORMAT_VERSION, HeadEntry, Manifest, Recipe, load_recipe
+from edge_tl.spec import EMBEDDING, HeadEntry, Manifest, Recipe, load_recipe
 
 __all__ = ["CHECK_TEXTS", "EXEMPLARS_PER_CLASS", "export_text_bundle"]
 
@@ -186,15 +185,26 @@ def export_text_bundle(
             spread = control.calibration_spread(
                 chosen.recipe, calib_pool, rec.calibration_size, rec.calibration_subsets
             )
-            report = _report(src, rec, control, check, rows, preds, spread)
-            metrics = _metrics(
-                report,
-                parity,
+            report = fidelity_report(
+                src.name,
                 rec,
-                len(calib_sample) if calibrates else 0,
-                head_fit,
-                chosen,
                 control,
+                check.what,
+                len(check),
+                check.labels,
+                src.labels,
+                rows,
+                preds,
+                spread,
+                unit="texts",
+            )
+            metrics = artifact_metrics(
+                report,
+                {EMBEDDING: parity},
+                control,
+                ("calibration_texts", len(calib_sample) if calibrates else 0),
+                head_fit,
+                chosen.head,
                 len(check),
             )
             manifest = _write_bundle(
@@ -338,71 +348,6 @@ def _side_by_side(
     return rows, cosines, preds
 
 
-def _report(
-    src: TextSource,
-    rec: Recipe,
-    control: TextControl,
-    check: CheckTexts,
-    rows: dict[str, ArtifactRow],
-    preds: dict[str, np.ndarray],
-    spread: dict[str, Any] | None,
-) -> FidelityReport:
-    labels = check.labels
-    return FidelityReport(
-        backbone=src.name,
-        recipe=rec.name,
-        verdict="pass" if control.step is None else f"pass after accuracy control ({control.step})",
-        checked_on=check.what,
-        n_images=len(check),
-        tolerance=Tolerance(rec.min_cosine, rec.max_top1_drop),
-        host=host_info(),
-        artifacts=rows,
-        per_class=None
-        if labels is None or not preds
-        else {k: per_class(p, labels, src.labels) for k, p in preds.items()},
-        accuracy_control=[a.record() for a in control.attempts] if rec.precision == "int8" else [],
-        sensitive_layers=control.sensitivity[:16],
-        calibration_sensitivity=spread,
-        unit="texts",
-    )
-
-
-def _metrics(
-    report: FidelityReport,
-    parity: float,
-    rec: Recipe,
-    n_calib: int,
-    head_fit: str,
-    chosen: Candidate,
-    control: TextControl,
-    n_checked: int,
-) -> dict[str, Any]:
-    art = report.artifacts[report.recipe]
-    metrics: dict[str, Any] = {
-        "parity_max_abs_diff": {EMBEDDING: parity},
-        "parity_atol": rec.parity_atol,
-        "calibration_texts": n_calib,
-        "head_fit": head_fit,
-        "embedding_cosine_vs_fp32": {
-            "mean": art.cosine_mean,
-            "min": art.cosine_min,
-            "n": n_checked,
-            "on": report.checked_on,
-        },
-    }
-    if head_fit == "artifact" and chosen.head is not None:
-        metrics["head_l2"] = chosen.head.l2
-    if art.top1_agreement is not None:
-        metrics["top1_agreement_vs_fp32"] = art.top1_agreement
-    if art.accuracy_own_head is not None:
-        metrics["test_accuracy"] = art.accuracy_own_head
-        metrics["test_n"] = n_checked
-        metrics["fp32_test_accuracy"] = report.artifacts["pytorch-fp32"].accuracy_own_head
-    if control.step is not None:
-        metrics["accuracy_control"] = control.step
-    return metrics
-
-
 def _write_bundle(
     bdir: Path,
     src: TextSource,
@@ -423,34 +368,21 @@ def _write_bundle(
         if src.fit_set is not None:
             _write_exemplars(bdir / EXEMPLARS, src, chosen.engine, encoder)
             head = HeadEntry(kind="linear", file="head.npz", fit_on=head_fit, exemplars=EXEMPLARS)
-    rec = chosen.recipe
-    self_test = write_self_test(
+    return seal_bundle(
         bdir,
-        np.asarray(check.texts, dtype=str),
-        reference,
-        chosen.artifact,
+        src.name,
+        TEXT_INPUT,
         src.pre,
-        rec.self_test,
-        rec.self_test_margin,
+        {EMBEDDING: ["batch", int(reference.shape[1])]},
+        chosen,
+        src.labels,
+        head,
+        metrics,
+        src.source,
+        (np.asarray(check.texts, dtype=str), reference),
+        report,
+        cosines,
     )
-    write_report(bdir, report, cosines)
-    manifest = Manifest(
-        format_version=FORMAT_VERSION,
-        edge_tl_version=__version__,
-        backbone=src.name,
-        input_name=TEXT_INPUT,
-        preprocess=src.pre,
-        outputs={EMBEDDING: ["batch", int(reference.shape[1])]},
-        artifact=chosen.artifact,
-        labels=list(src.labels),
-        head=head,
-        metrics=metrics,
-        source=src.source,
-        files=hash_files(bdir),
-        self_test=self_test,
-    )
-    write_manifest(bdir, manifest)
-    return manifest
 
 
 def _write_exemplars(

@@ -5,6 +5,7 @@ the manifest with every file's SHA-256 (for :mod:`edge_tl.export.pipeline`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,18 @@ from edge_tl.report import FidelityReport, write_report
 from edge_tl.runtime.align import write_source_stats
 from edge_tl.runtime.learner import EXEMPLARS, write_exemplars
 from edge_tl.runtime.selftest import write_self_test
-from edge_tl.spec import FORMAT_VERSION, INPUT_NAME, HeadEntry, Manifest, TaskEntry
+from edge_tl.spec import (
+    FORMAT_VERSION,
+    INPUT_NAME,
+    HeadEntry,
+    Manifest,
+    Preprocess,
+    Source,
+    TaskEntry,
+    TextPreprocess,
+)
 
-__all__ = ["EXEMPLARS_PER_CLASS"]
+__all__ = ["EXEMPLARS_PER_CLASS", "seal_bundle"]
 
 EXEMPLARS_PER_CLASS = 20
 
@@ -54,31 +64,62 @@ def _write_bundle(
     if logits:
         append_logits(bdir, list(chosen.artifact.files), *chosen.head.folded())
         outputs[LOGITS] = ["batch", len(src.labels)]
-    rec = chosen.recipe
-    self_test = write_self_test(
+    return seal_bundle(
         bdir,
-        check.pixels,
-        reference,
-        chosen.artifact,
+        src.name,
+        INPUT_NAME,
         src.features.spec.preprocess,
-        rec.self_test,
-        rec.self_test_margin,
+        outputs,
+        chosen,
+        src.labels,
+        head,
+        metrics,
+        src.source,
+        (check.pixels, reference),
+        report,
+        cosines,
+        tasks,
+    )
+
+
+def seal_bundle(
+    bdir: Path,
+    backbone: str,
+    input_name: str,
+    preprocess: Preprocess | TextPreprocess,
+    outputs: dict[str, list],
+    chosen: Candidate,
+    labels: Sequence[str],
+    head: HeadEntry | None,
+    metrics: dict[str, Any],
+    source: Source,
+    self_test: tuple[np.ndarray, np.ndarray],
+    report: FidelityReport,
+    cosines: dict[str, np.ndarray],
+    tasks: list[TaskEntry] | None = None,
+) -> Manifest:
+    """What every bundle ends with, image or text: the self-test (``self_test``: the check
+    inputs, pixels or texts, and their FP32 embeddings), the fidelity report, and last the
+    manifest with every file's SHA-256 (written last: a folder without it is not a bundle)."""
+    rec = chosen.recipe
+    entry = write_self_test(
+        bdir, *self_test, chosen.artifact, preprocess, rec.self_test, rec.self_test_margin
     )
     write_report(bdir, report, cosines)
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         edge_tl_version=__version__,
-        backbone=src.name,
-        input_name=INPUT_NAME,
-        preprocess=src.features.spec.preprocess,
+        backbone=backbone,
+        input_name=input_name,
+        preprocess=preprocess,
         outputs=outputs,
         artifact=chosen.artifact,
-        labels=list(src.labels),
+        labels=list(labels),
         head=head,
         metrics=metrics,
-        source=src.source,
+        source=source,
         files=hash_files(bdir),
-        self_test=self_test,
+        self_test=entry,
         tasks=tasks,
     )
     write_manifest(bdir, manifest)

@@ -161,20 +161,7 @@ def export(args: argparse.Namespace) -> int:
     if "," in args.recipe:  # several bundles, one per recipe, sharing their work
         return _export_many(args, key)
     m = export_bundle(
-        args.out,
-        args.recipe,
-        run=args.run,
-        backbone=args.backbone,
-        calib=args.calib,
-        head_fit=args.head_fit or ("source" if args.adapt_bn else "artifact"),
-        force=args.force,
-        weights=args.weights,
-        logits=args.logits,
-        sign=key,
-        skip_bad=args.skip_bad,
-        adapt_bn=args.adapt_bn,
-        cache=not args.no_cache,
-        image_size=args.image_size or 0,
+        args.out, args.recipe, run=args.run, backbone=args.backbone, **_export_options(args, key)
     )
     if args.json:
         output.print_json(m.metrics)
@@ -186,6 +173,23 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_options(args: argparse.Namespace, key: Any) -> dict[str, Any]:
+    """The image export's keyword options from ``edge-tl export``'s flags (one bundle or
+    several: the same options)."""
+    return {
+        "calib": args.calib,
+        "head_fit": args.head_fit or ("source" if args.adapt_bn else "artifact"),
+        "force": args.force,
+        "weights": args.weights,
+        "logits": args.logits,
+        "sign": key,
+        "skip_bad": args.skip_bad,
+        "adapt_bn": args.adapt_bn,
+        "cache": not args.no_cache,
+        "image_size": args.image_size or 0,
+    }
+
+
 def _export_many(args: argparse.Namespace, key: Any) -> int:
     """``--recipe a,b,c``: one bundle per recipe under ``--out``; exit 1 when accuracy
     control refused any (the others are written)."""
@@ -194,20 +198,7 @@ def _export_many(args: argparse.Namespace, key: Any) -> int:
 
     results = {}
     for r in iter_bundles(
-        args.out,
-        args.recipe,
-        args.run,
-        args.backbone,
-        calib=args.calib,
-        head_fit=args.head_fit or ("source" if args.adapt_bn else "artifact"),
-        force=args.force,
-        weights=args.weights,
-        logits=args.logits,
-        sign=key,
-        skip_bad=args.skip_bad,
-        adapt_bn=args.adapt_bn,
-        cache=not args.no_cache,
-        image_size=args.image_size or 0,
+        args.out, args.recipe, args.run, args.backbone, **_export_options(args, key)
     ):
         results[r.recipe] = r
         if args.json:

@@ -1,6 +1,7 @@
 """An image bundle's files, written into its (temporary) folder: the head, exemplars, fused
 logits, self-test, fidelity report, the source statistics for ``edge-tl adapt``, and last
-the manifest with every file's SHA-256 (for :mod:`edge_tl.export.pipeline`).
+the manifest with every file's SHA-256 (for :mod:`edge_tl.export.pipeline`); how every
+bundle, image or text, ends (:func:`seal_bundle`, also for :mod:`edge_tl.export.text`).
 """
 
 from __future__ import annotations

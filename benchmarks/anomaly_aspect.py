@@ -117,6 +117,11 @@ def main() -> None:
     ap.add_argument("--bank", type=int, default=140_000, help="good patches kept (0: all)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/edge_tl_anomaly_aspect"))
     args = ap.parse_args()
+    for scale in args.scales.split(","):
+        if scale != SQUASH and not _positive(scale):
+            ap.error(f"--scales: {scale!r} is neither {SQUASH!r} nor a positive factor (e.g. 0.7)")
+    if args.bank < 0:
+        ap.error(f"--bank {args.bank}: give a count of good patches, or 0 for all")
     args.work.mkdir(parents=True, exist_ok=True)
     train, _ = an.good_images(DATA)
     test = Test()
@@ -140,6 +145,13 @@ def main() -> None:
             + " | ".join(f"{r['within'][t]:.3f}" for t in types)
             + " |"
         )
+
+
+def _positive(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":

@@ -117,6 +117,9 @@ class ControlLadder:
     recipe: Recipe
     attempts: list[Attempt]
     last: Candidate | None
+    sensitivity: list[dict[str, Any]]
+    """Layers ranked by how much quantizing each alone moves the output, most first (empty
+    until a ladder ranks them)."""
     int8_fix: ClassVar[str]
     """The refusal's advice for an INT8 recipe."""
     other_fix: ClassVar[str]

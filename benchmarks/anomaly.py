@@ -18,6 +18,10 @@ scored with the shipped code (``edge_tl.runtime.anomaly``):
   tiles against the 273 good ones) for every bank;
 - pixel AUROC inside defective tiles per defect type (each tile's defect pixels against its
   own other pixels, for the normalised and the raw-distance map): where localisation is lost;
+  and the pooled pixel AUROC split by its negatives (every defect pixel against the good
+  tiles' pixels alone, and against the defective tiles' defect-free pixels alone) with each
+  type's background AUROC (its tiles' defect-free pixels against the good tiles' pixels:
+  0.5 when the surface around a defect scores as good surface does);
 - latency per image at batch 1 (INT8, 224): decode + resize, engine, search + map, map
   resized to the image, against the engine alone (the shipped fast search and ``--search
   exact``; every search candidate side by side: ``benchmarks/anomaly_search.py``);
@@ -93,6 +97,8 @@ def run_bank(train: np.ndarray, test_f: np.ndarray, test: Test, grid, **kw) -> d
         "pixel_auroc_raw_map": test.pixel_auroc(raw),
         "within_image": test.within_image(maps),
         "within_image_raw_map": test.within_image(raw),
+        "pooled_parts": test.pooled_parts(maps),
+        "pooled_parts_raw_map": test.pooled_parts(raw),
         "bank_patches": len(state.bank),
         "bank_mb": state.bank_mb,
         "build_s": build_s,
@@ -300,9 +306,35 @@ def main() -> None:
             if field in r:
                 cells = " | ".join(f"{r[field][d]:.3f}" for d in defects)
                 print(f"| {name} | {precision} | {tag} | {cells} |")
+    _print_pooled_parts(res, defects)
     _print_rest(res)
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
+
+
+def _print_pooled_parts(res: dict, defects: list[str]) -> None:
+    """The pooled pixel AUROC split by its negatives, and each type's background AUROC."""
+    print(
+        "\npooled pixel AUROC by its negatives (all defect pixels against the good tiles' "
+        "pixels, or against the defective tiles' defect-free pixels), and each type's "
+        "background AUROC (its tiles' defect-free pixels against the good tiles' pixels)"
+    )
+    print("| bank | artifact | map | vs good tiles | vs defective tiles' background | "
+          + " | ".join(defects) + " |")  # fmt: skip
+    print("|---|---|---|---|---|" + "---|" * len(defects))
+    for key, r in res["banks"].items():
+        name, precision = key.split(" | ")
+        for tag, field in (
+            ("normalised", "pooled_parts"),
+            ("raw distance", "pooled_parts_raw_map"),
+        ):
+            if field in r:
+                p = r[field]
+                cells = " | ".join(f"{p['background'][d]:.3f}" for d in defects)
+                print(
+                    f"| {name} | {precision} | {tag} | {p['vs_good']:.3f} | "
+                    f"{p['vs_defective_background']:.3f} | {cells} |"
+                )
 
 
 def _print_rest(res: dict) -> None:

@@ -84,6 +84,34 @@ class Test:
             out.setdefault(str(d), []).append(ev.auroc(up.ravel(), mask.ravel().astype(np.int64)))
         return {d: float(np.mean(v)) for d, v in sorted(out.items())}
 
+    def pooled_parts(self, maps: np.ndarray) -> dict:
+        """Where pooled pixel AUROC is lost: the defect pixels of every defective tile ranked
+        against the good tiles' pixels alone (``vs_good``) and against the defective tiles'
+        own defect-free pixels alone (``vs_defective_background``); and for each defect type
+        how far its tiles' defect-free pixels stand from good surface (``background``: their
+        AUROC against the good tiles' pixels; 0.5 = they score as good tiles do)."""
+        lo_hi = (float(maps.min()), float(maps.max()))
+        vs_good, vs_bg = ev.PixelAuroc(*lo_hi), ev.PixelAuroc(*lo_hi)
+        background: dict[str, ev.PixelAuroc] = {}
+        good = ev.PixelAuroc(*lo_hi)
+        for g, mask, size, d in zip(maps, self.masks, self.sizes, self.defects, strict=True):
+            up = pc.resize_map(g, size)
+            if mask is None:
+                vs_good.update(up, None)
+                good.update(up, None)
+                continue
+            vs_good.update(up[mask], np.ones(int(mask.sum()), bool))
+            vs_bg.update(up, mask)
+            bg = background.setdefault(str(d), ev.PixelAuroc(*lo_hi))
+            bg.update(up[~mask], np.ones(int((~mask).sum()), bool))
+        for bg in background.values():
+            bg.neg = good.neg
+        return {
+            "vs_good": vs_good.value(),
+            "vs_defective_background": vs_bg.value(),
+            "background": {d: bg.value() for d, bg in sorted(background.items())},
+        }
+
     def metrics(self, scores: np.ndarray, maps: np.ndarray, thr: float | None) -> dict:
         """Image and pixel AUROC, per-defect AUROC and, at ``thr``, F1 and false alarms."""
         out = {"image_auroc": ev.auroc(scores, self.y), "pixel_auroc": self.pixel_auroc(maps)}

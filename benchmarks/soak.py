@@ -176,10 +176,10 @@ def bundles(work: Path) -> dict[str, Path]:
         # in a child process: exporting loads PyTorch, which would stay in this process's
         # memory (about 1.1 GB of RSS more) and in every figure the soak reports
         print(f"exporting {template} (onnx-fp32, pretrained efficientnet_lite0)", flush=True)
-        cli = Path(sys.executable).with_name("edge-tl")
+        cli = "import sys\nfrom edge_tl.cli import main\nsys.exit(main(sys.argv[1:]))"
         subprocess.run(
-            [str(cli), "export", "--backbone", "efficientnet_lite0", "--recipe", "onnx-fp32"]
-            + ["--calib", str(neu), "--out", str(template)],
+            [sys.executable, "-c", cli, "export", "--backbone", "efficientnet_lite0"]
+            + ["--recipe", "onnx-fp32", "--calib", str(neu), "--out", str(template)],
             check=True,
         )
     out = {}

@@ -1,0 +1,137 @@
+"""Does a second scorer, PaDiM's per-position Gaussian, help pixel AUROC on magnetic tiles?
+One run: the shipped bank's raw-distance map, the PaDiM map, and their sum side by side.
+
+PaDiM (Defard et al. 2021, "PaDiM: a Patch Distribution Modeling Framework for Anomaly
+Detection and Localization"; anomalib's ``Padim``) fits, at every grid position, a Gaussian
+to the good images' patch features there (mean and covariance + 0.01 I) and scores a test
+patch by its Mahalanobis distance to its own position's Gaussian. Where the bank asks "has
+any good tile looked like this anywhere?", PaDiM asks "have good tiles looked like this
+*here*?", which could tell a tile's edges and middle apart. Same features as the sweep
+(FP32 PyTorch EfficientNet-Lite0 squashed to 224, ``k x k`` mean, cached under ``--work``);
+the bank is the shipped default build (k-centre 50 %, half precision) scored by exact
+search; every map is smoothed by sigma one cell. The sum adds each map z-scored by the mean
+and standard deviation of its good *training* maps (the bank's leave-one-out maps,
+PaDiM's in-sample maps): nothing is chosen on the test set. Figures on the 665 test tiles:
+image AUROC (map maximum), pooled pixel AUROC split by its negatives
+(``magnetic_tile.Test.pooled_parts``) and pixel AUROC inside the defective tiles per type.
+
+    cd benchmarks && ../.venv/bin/python anomaly_padim.py [--stages features_s16] [--pool 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("EDGE_TL_QUIET", "1")
+
+from anomaly_sweep import outputs  # noqa: E402
+from magnetic_tile import DATA, Test  # noqa: E402
+
+from edge_tl.runtime import anomaly as an  # noqa: E402
+from edge_tl.runtime import evaluation as ev  # noqa: E402
+from edge_tl.runtime import patchcore as pc  # noqa: E402
+
+EPS = 0.01  # PaDiM's covariance regulariser (times the identity)
+
+
+def padim_fit(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``float32[N, P, C]`` good patch features -> per-position ``(mean[P, C],
+    inverse covariance[P, C, C])`` (covariance + ``EPS`` I, as PaDiM)."""
+    x = feats.astype(np.float64)
+    mu = x.mean(0)
+    d = x - mu
+    cov = np.einsum("npc,npd->pcd", d, d) / (len(x) - 1)
+    cov += EPS * np.eye(x.shape[-1])
+    return mu.astype(np.float32), np.linalg.inv(cov).astype(np.float32)
+
+
+def padim_maps(feats: np.ndarray, mu: np.ndarray, inv: np.ndarray, grid) -> np.ndarray:
+    """Mahalanobis distance of each patch to its position's Gaussian -> ``float32[N, h, w]``."""
+    d = feats - mu
+    m = np.einsum("npc,pcd,npd->np", d, inv, d)
+    return np.sqrt(np.maximum(m, 0)).reshape(len(feats), *grid)
+
+
+def report(name: str, maps: np.ndarray, test: Test) -> dict:
+    scores = maps.reshape(len(maps), -1).max(1)
+    parts = test.pooled_parts(maps)
+    within = test.within_image(maps)
+    row = {
+        "map": name,
+        "image_auroc": ev.auroc(scores, test.y),
+        "pixel_auroc": test.pixel_auroc(maps),
+        "vs_good": parts["vs_good"],
+        "vs_defective_background": parts["vs_defective_background"],
+        **{f"inside_{k}": v for k, v in within.items()},
+    }
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, default=Path("/tmp/edge_tl_anomaly_a"))
+    p.add_argument(
+        "--stages", default="features_s16", help="','-joined, e.g. features_s8,features_s16"
+    )
+    p.add_argument("--pool", type=int, default=an.DEFAULT_POOL)
+    args = p.parse_args()
+    stages = tuple(args.stages.split(","))
+    bad = [s for s in stages if s not in ("features_s8", "features_s16")]
+    if bad:
+        p.error(f"--stages: unknown stage {bad[0]!r}; use features_s8 and/or features_s16")
+    if args.pool < 1 or args.pool % 2 == 0:
+        p.error(f"--pool {args.pool}: use an odd neighbourhood of at least 1, e.g. 3")
+    args.work.mkdir(parents=True, exist_ok=True)
+    train_paths, _ = an.good_images(DATA)
+    test = Test()
+    tr = outputs("efficientnet_lite0", 224, train_paths, args.work, "train")
+    te = outputs("efficientnet_lite0", 224, test.paths, args.work, "test")
+    f_tr = pc.patch_features({s: tr[s].astype(np.float32) for s in stages}, stages, args.pool)
+    f_te = pc.patch_features({s: te[s].astype(np.float32) for s in stages}, stages, args.pool)
+    grid = tuple(tr[stages[0]].shape[-2:])
+
+    t0 = time.perf_counter()
+    state = an.build(f_tr, grid, stages, args.pool)
+    bank_s = time.perf_counter() - t0
+    bank_te = state.distances(f_te, "exact")
+    bank_tr = state.loo_maps
+
+    t0 = time.perf_counter()
+    x_tr = (f_tr - state.mean) * state.scale
+    x_te = (f_te - state.mean) * state.scale
+    mu, inv = padim_fit(x_tr)
+    pad_tr = pc.blur(padim_maps(x_tr, mu, inv, grid), state.sigma)
+    pad_te = pc.blur(padim_maps(x_te, mu, inv, grid), state.sigma)
+    padim_s = time.perf_counter() - t0
+    padim_mb = (mu.nbytes + inv.nbytes) / 2**20
+
+    def z(te_maps: np.ndarray, tr_maps: np.ndarray) -> np.ndarray:
+        return (te_maps - tr_maps.mean()) / tr_maps.std()
+
+    rows = [
+        report("bank, raw distance (shipped build)", bank_te, test),
+        report("PaDiM, Mahalanobis", pad_te, test),
+        report("sum of both, z-scored on train", z(bank_te, bank_tr) + z(pad_te, pad_tr), test),
+    ]
+    print(
+        f"features {'+'.join(stages)} pool {args.pool}, grid {grid[0]}x{grid[1]}, "
+        f"{x_tr.shape[-1]} channels; bank {state.bank_mb:.1f} MB ({bank_s:.0f} s), "
+        f"PaDiM {padim_mb:.1f} MB float32 ({padim_s:.0f} s)"
+    )
+    types = sorted(k for k in rows[0] if k.startswith("inside_"))
+    head = ["map", "image AUROC", "pixel AUROC", "vs good px", "vs defective unmarked px"]
+    head += [t.removeprefix("inside_") for t in types]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        keys = ["image_auroc", "pixel_auroc", "vs_good", "vs_defective_background", *types]
+        print(f"| {r['map']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()

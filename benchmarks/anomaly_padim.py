@@ -32,6 +32,7 @@ os.environ.setdefault("EDGE_TL_QUIET", "1")
 from anomaly_sweep import outputs  # noqa: E402
 from magnetic_tile import DATA, Test  # noqa: E402
 
+from edge_tl.errors import EdgeTLError  # noqa: E402
 from edge_tl.runtime import anomaly as an  # noqa: E402
 from edge_tl.runtime import evaluation as ev  # noqa: E402
 from edge_tl.runtime import patchcore as pc  # noqa: E402
@@ -61,7 +62,7 @@ def report(name: str, maps: np.ndarray, test: Test) -> dict:
     scores = maps.reshape(len(maps), -1).max(1)
     parts = test.pooled_parts(maps)
     within = test.within_image(maps)
-    row = {
+    return {
         "map": name,
         "image_auroc": ev.auroc(scores, test.y),
         "pixel_auroc": test.pixel_auroc(maps),
@@ -69,7 +70,6 @@ def report(name: str, maps: np.ndarray, test: Test) -> dict:
         "vs_defective_background": parts["vs_defective_background"],
         **{f"inside_{k}": v for k, v in within.items()},
     }
-    return row
 
 
 def main() -> None:
@@ -80,12 +80,11 @@ def main() -> None:
     )
     p.add_argument("--pool", type=int, default=an.DEFAULT_POOL)
     args = p.parse_args()
-    stages = tuple(args.stages.split(","))
-    bad = [s for s in stages if s not in ("features_s8", "features_s16")]
-    if bad:
-        p.error(f"--stages: unknown stage {bad[0]!r}; use features_s8 and/or features_s16")
-    if args.pool < 1 or args.pool % 2 == 0:
-        p.error(f"--pool {args.pool}: use an odd neighbourhood of at least 1, e.g. 3")
+    stages = tuple(s for s in args.stages.split(",") if s)
+    try:
+        an.check_features(stages, args.pool)
+    except EdgeTLError as e:
+        p.error(str(e))
     args.work.mkdir(parents=True, exist_ok=True)
     train_paths, _ = an.good_images(DATA)
     test = Test()

@@ -28,7 +28,7 @@ import numpy as np
 
 os.environ.setdefault("EDGE_TL_QUIET", "1")
 
-from anomaly_padim import report  # noqa: E402
+from anomaly_padim import print_table, report  # noqa: E402
 from anomaly_sweep import outputs  # noqa: E402
 from magnetic_tile import DATA, Test  # noqa: E402
 
@@ -78,14 +78,7 @@ def main() -> None:
         rows.append(report(f"sum, {a} + {b}", z[a] + z[b], test))
         rows.append(report(f"maximum, {a} and {b}", np.maximum(z[a], z[b]), test))
 
-    types = sorted(k for k in rows[0] if k.startswith("inside_"))
-    head = ["map", "image AUROC", "pixel AUROC", "vs good px", "vs defective unmarked px"]
-    head += [t.removeprefix("inside_") for t in types]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for r in rows:
-        keys = ["image_auroc", "pixel_auroc", "vs_good", "vs_defective_background", *types]
-        print(f"| {r['map']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,18 @@ def report(name: str, maps: np.ndarray, test: Test) -> dict:
     }
 
 
+def print_table(rows: list[dict]) -> None:
+    """:func:`report`'s rows as one markdown table."""
+    types = sorted(k for k in rows[0] if k.startswith("inside_"))
+    head = ["map", "image AUROC", "pixel AUROC", "vs good px", "vs defective unmarked px"]
+    head += [t.removeprefix("inside_") for t in types]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        keys = ["image_auroc", "pixel_auroc", "vs_good", "vs_defective_background", *types]
+        print(f"| {r['map']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/edge_tl_anomaly_a"))
@@ -122,14 +134,7 @@ def main() -> None:
         f"{x_tr.shape[-1]} channels; bank {state.bank_mb:.1f} MB ({bank_s:.0f} s), "
         f"PaDiM {padim_mb:.1f} MB float32 ({padim_s:.0f} s)"
     )
-    types = sorted(k for k in rows[0] if k.startswith("inside_"))
-    head = ["map", "image AUROC", "pixel AUROC", "vs good px", "vs defective unmarked px"]
-    head += [t.removeprefix("inside_") for t in types]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for r in rows:
-        keys = ["image_auroc", "pixel_auroc", "vs_good", "vs_defective_background", *types]
-        print(f"| {r['map']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ half precision, FP32 PyTorch EfficientNet-Lite0 squashed to 224, stride 16, cach
 sum and maximum combine the maps z-scored by the mean and standard deviation of each
 bank's leave-one-out *training* maps, so nothing is chosen on the test set. Scoring both
 banks doubles the bank's bytes and the search's time. Figures on the 665 test tiles, as
-``anomaly_padim.py``: image AUROC (map maximum), pooled pixel AUROC split by its negatives
-and pixel AUROC inside the defective tiles per type.
+``anomaly_padim.py`` (``magnetic_tile.report``): image AUROC (map maximum), pooled pixel
+AUROC split by its negatives and pixel AUROC inside the defective tiles per type.
 
     cd benchmarks && ../.venv/bin/python anomaly_multiscale.py [--pools 3,9]
 """
@@ -28,10 +28,10 @@ import numpy as np
 
 os.environ.setdefault("EDGE_TL_QUIET", "1")
 
-from anomaly_padim import print_table, report  # noqa: E402
 from anomaly_sweep import outputs  # noqa: E402
-from magnetic_tile import DATA, Test  # noqa: E402
+from magnetic_tile import DATA, Test, print_table, report  # noqa: E402
 
+from edge_tl.errors import EdgeTLError  # noqa: E402
 from edge_tl.runtime import anomaly as an  # noqa: E402
 from edge_tl.runtime import patchcore as pc  # noqa: E402
 
@@ -49,9 +49,11 @@ def main() -> None:
         p.error(f"--pools {args.pools}: give ','-joined odd sizes, e.g. 3,9")
     if len(set(pools)) < 2:
         p.error(f"--pools {args.pools}: give at least two different sizes, e.g. 3,9")
-    even = [k for k in pools if k < 1 or k % 2 == 0]
-    if even:
-        p.error(f"--pools {args.pools}: {even[0]} is not an odd neighbourhood size (1, 3, 5, ...)")
+    try:
+        for k in pools:
+            an.check_features(STAGES, k)
+    except EdgeTLError as e:
+        p.error(f"--pools {args.pools}: {e}")
     args.work.mkdir(parents=True, exist_ok=True)
     train_paths, _ = an.good_images(DATA)
     test = Test()

@@ -30,11 +30,10 @@ import numpy as np
 os.environ.setdefault("EDGE_TL_QUIET", "1")
 
 from anomaly_sweep import outputs  # noqa: E402
-from magnetic_tile import DATA, Test  # noqa: E402
+from magnetic_tile import DATA, Test, print_table, report  # noqa: E402
 
 from edge_tl.errors import EdgeTLError  # noqa: E402
 from edge_tl.runtime import anomaly as an  # noqa: E402
-from edge_tl.runtime import evaluation as ev  # noqa: E402
 from edge_tl.runtime import patchcore as pc  # noqa: E402
 
 EPS = 0.01  # PaDiM's covariance regulariser (times the identity)
@@ -56,32 +55,6 @@ def padim_maps(feats: np.ndarray, mu: np.ndarray, inv: np.ndarray, grid) -> np.n
     d = feats - mu
     m = np.einsum("npc,pcd,npd->np", d, inv, d)
     return np.sqrt(np.maximum(m, 0)).reshape(len(feats), *grid)
-
-
-def report(name: str, maps: np.ndarray, test: Test) -> dict:
-    scores = maps.reshape(len(maps), -1).max(1)
-    parts = test.pooled_parts(maps)
-    within = test.within_image(maps)
-    return {
-        "map": name,
-        "image_auroc": ev.auroc(scores, test.y),
-        "pixel_auroc": test.pixel_auroc(maps),
-        "vs_good": parts["vs_good"],
-        "vs_defective_background": parts["vs_defective_background"],
-        **{f"inside_{k}": v for k, v in within.items()},
-    }
-
-
-def print_table(rows: list[dict]) -> None:
-    """:func:`report`'s rows as one markdown table."""
-    types = sorted(k for k in rows[0] if k.startswith("inside_"))
-    head = ["map", "image AUROC", "pixel AUROC", "vs good px", "vs defective unmarked px"]
-    head += [t.removeprefix("inside_") for t in types]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for r in rows:
-        keys = ["image_auroc", "pixel_auroc", "vs_good", "vs_defective_background", *types]
-        print(f"| {r['map']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
 
 
 def main() -> None:

@@ -119,3 +119,31 @@ class Test:
             out.update(ev.at_threshold(scores, self.y, thr))
         out["per_defect"] = self.per_defect(scores)
         return out
+
+
+def report(name: str, maps: np.ndarray, test: Test) -> dict:
+    """One map's figures on the test set: image AUROC of each map's maximum, pooled pixel
+    AUROC and its split by negatives, pixel AUROC inside the defective tiles per type."""
+    scores = maps.reshape(len(maps), -1).max(1)
+    parts = test.pooled_parts(maps)
+    within = test.within_image(maps)
+    return {
+        "map": name,
+        "image_auroc": ev.auroc(scores, test.y),
+        "pixel_auroc": test.pixel_auroc(maps),
+        "vs_good": parts["vs_good"],
+        "vs_defective_background": parts["vs_defective_background"],
+        **{f"inside_{k}": v for k, v in within.items()},
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    """:func:`report`'s rows as one markdown table."""
+    types = sorted(k for k in rows[0] if k.startswith("inside_"))
+    head = ["map", "image AUROC", "pixel AUROC", "vs good px", "vs defective unmarked px"]
+    head += [t.removeprefix("inside_") for t in types]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        keys = ["image_auroc", "pixel_auroc", "vs_good", "vs_defective_background", *types]
+        print(f"| {r['map']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")

@@ -28,12 +28,11 @@ import numpy as np
 
 os.environ.setdefault("EDGE_TL_QUIET", "1")
 
-from anomaly_sweep import outputs  # noqa: E402
-from magnetic_tile import DATA, Test, print_table, report  # noqa: E402
+from anomaly_sweep import lite0_224  # noqa: E402
+from magnetic_tile import patches, print_table, report, zscore  # noqa: E402
 
 from edge_tl.errors import EdgeTLError  # noqa: E402
 from edge_tl.runtime import anomaly as an  # noqa: E402
-from edge_tl.runtime import patchcore as pc  # noqa: E402
 
 STAGES = ("features_s16",)
 
@@ -54,22 +53,17 @@ def main() -> None:
             an.check_features(STAGES, k)
     except EdgeTLError as e:
         p.error(f"--pools {args.pools}: {e}")
-    args.work.mkdir(parents=True, exist_ok=True)
-    train_paths, _ = an.good_images(DATA)
-    test = Test()
-    tr = outputs("efficientnet_lite0", 224, train_paths, args.work, "train")
-    te = outputs("efficientnet_lite0", 224, test.paths, args.work, "test")
+    tr, te, test = lite0_224(args.work)
     grid = tuple(tr[STAGES[0]].shape[-2:])
 
     z: dict[int, np.ndarray] = {}
     rows = []
     for k in dict.fromkeys(pools):
         t0 = time.perf_counter()
-        f_tr = pc.patch_features({s: tr[s].astype(np.float32) for s in STAGES}, STAGES, k)
-        f_te = pc.patch_features({s: te[s].astype(np.float32) for s in STAGES}, STAGES, k)
+        f_tr, f_te = patches(tr, STAGES, k), patches(te, STAGES, k)
         state = an.build(f_tr, grid, STAGES, k)
         maps = state.distances(f_te, "exact")
-        z[k] = (maps - state.loo_maps.mean()) / state.loo_maps.std()
+        z[k] = zscore(maps, state.loo_maps)
         rows.append(report(f"{k} x {k}", maps, test))
         print(
             f"{k} x {k}: bank {state.bank_mb:.1f} MB, build and score "

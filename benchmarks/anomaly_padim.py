@@ -29,8 +29,8 @@ import numpy as np
 
 os.environ.setdefault("EDGE_TL_QUIET", "1")
 
-from anomaly_sweep import outputs  # noqa: E402
-from magnetic_tile import DATA, Test, print_table, report  # noqa: E402
+from anomaly_sweep import lite0_224  # noqa: E402
+from magnetic_tile import patches, print_table, report, zscore  # noqa: E402
 
 from edge_tl.errors import EdgeTLError  # noqa: E402
 from edge_tl.runtime import anomaly as an  # noqa: E402
@@ -70,13 +70,8 @@ def main() -> None:
         an.check_features(stages, args.pool)
     except EdgeTLError as e:
         p.error(str(e))
-    args.work.mkdir(parents=True, exist_ok=True)
-    train_paths, _ = an.good_images(DATA)
-    test = Test()
-    tr = outputs("efficientnet_lite0", 224, train_paths, args.work, "train")
-    te = outputs("efficientnet_lite0", 224, test.paths, args.work, "test")
-    f_tr = pc.patch_features({s: tr[s].astype(np.float32) for s in stages}, stages, args.pool)
-    f_te = pc.patch_features({s: te[s].astype(np.float32) for s in stages}, stages, args.pool)
+    tr, te, test = lite0_224(args.work)
+    f_tr, f_te = patches(tr, stages, args.pool), patches(te, stages, args.pool)
     grid = tuple(tr[stages[0]].shape[-2:])
 
     t0 = time.perf_counter()
@@ -94,13 +89,14 @@ def main() -> None:
     padim_s = time.perf_counter() - t0
     padim_mb = (mu.nbytes + inv.nbytes) / 2**20
 
-    def z(te_maps: np.ndarray, tr_maps: np.ndarray) -> np.ndarray:
-        return (te_maps - tr_maps.mean()) / tr_maps.std()
-
     rows = [
         report("bank, raw distance (shipped build)", bank_te, test),
         report("PaDiM, Mahalanobis", pad_te, test),
-        report("sum of both, z-scored on train", z(bank_te, bank_tr) + z(pad_te, pad_tr), test),
+        report(
+            "sum of both, z-scored on train",
+            zscore(bank_te, bank_tr) + zscore(pad_te, pad_tr),
+            test,
+        ),
     ]
     print(
         f"features {'+'.join(stages)} pool {args.pool}, grid {grid[0]}x{grid[1]}, "

@@ -36,8 +36,8 @@ import numpy as np
 
 os.environ.setdefault("EDGE_TL_QUIET", "1")
 
-from anomaly_sweep import outputs  # noqa: E402
-from magnetic_tile import DATA, Test, print_table, report  # noqa: E402
+from anomaly_sweep import lite0_224  # noqa: E402
+from magnetic_tile import patches, print_table, report, zscore  # noqa: E402
 
 from edge_tl.runtime import anomaly as an  # noqa: E402
 from edge_tl.runtime import patchcore as pc  # noqa: E402
@@ -121,14 +121,9 @@ def main() -> None:
         epochs = numbers(args.epochs, int, "--epochs")
     except ValueError as e:
         p.error(str(e))
-    args.work.mkdir(parents=True, exist_ok=True)
-    train_paths, _ = an.good_images(DATA)
-    test = Test()
-    tr = outputs("efficientnet_lite0", 224, train_paths, args.work, "train")
-    te = outputs("efficientnet_lite0", 224, test.paths, args.work, "test")
+    tr, te, test = lite0_224(args.work)
     pool = an.DEFAULT_POOL
-    f_tr = pc.patch_features({s: tr[s].astype(np.float32) for s in STAGES}, STAGES, pool)
-    f_te = pc.patch_features({s: te[s].astype(np.float32) for s in STAGES}, STAGES, pool)
+    f_tr, f_te = patches(tr, STAGES, pool), patches(te, STAGES, pool)
     grid = tuple(tr[STAGES[0]].shape[-2:])
 
     state = an.build(f_tr, grid, STAGES, pool)
@@ -136,9 +131,6 @@ def main() -> None:
     bank_tr = state.loo_maps
     x_tr = ((f_tr - state.mean) * state.scale).astype(np.float32)
     x_te = ((f_te - state.mean) * state.scale).astype(np.float32)
-
-    def z(te_maps: np.ndarray, tr_maps: np.ndarray) -> np.ndarray:
-        return (te_maps - tr_maps.mean()) / tr_maps.std()
 
     rows = [report("bank, raw distance (shipped build)", bank_te, test)]
     for sigma in sigmas:
@@ -151,7 +143,7 @@ def main() -> None:
             rows.append(
                 report(
                     f"sum: bank + {name.split(' (')[0]}",
-                    z(bank_te, bank_tr) + z(sn_te, sn_tr),
+                    zscore(bank_te, bank_tr) + zscore(sn_te, sn_tr),
                     test,
                 )
             )

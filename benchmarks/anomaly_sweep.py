@@ -59,6 +59,17 @@ def outputs(backbone: str, size: int, paths: list[str], work: Path, tag: str) ->
     return out
 
 
+def lite0_224(work: Path) -> tuple[dict, dict, Test]:
+    """EfficientNet-Lite0's FP32 outputs at 224 of the good training tiles and of the test
+    set (cached under ``work``), and that test set: what the second-scorer benchmarks
+    (``anomaly_padim.py``, ``anomaly_multiscale.py``, ``anomaly_simplenet.py``) start from."""
+    work.mkdir(parents=True, exist_ok=True)
+    train_paths, _ = an.good_images(DATA)
+    test = Test()
+    tr = outputs("efficientnet_lite0", 224, train_paths, work, "train")
+    return tr, outputs("efficientnet_lite0", 224, test.paths, work, "test"), test
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     backbone: str = "efficientnet_lite0"

@@ -121,6 +121,19 @@ class Test:
         return out
 
 
+def patches(outputs: dict[str, np.ndarray], stages: tuple[str, ...], pool: int) -> np.ndarray:
+    """Backbone outputs by stage (cached as float16) -> ``float32[N, h * w, C]`` patch
+    features, each stage averaged over ``pool x pool`` neighbours (``pc.patch_features``)."""
+    return pc.patch_features({s: outputs[s].astype(np.float32) for s in stages}, stages, pool)
+
+
+def zscore(maps: np.ndarray, train_maps: np.ndarray) -> np.ndarray:
+    """``maps`` in units of the mean and standard deviation of the same scorer's maps of the
+    good *training* tiles: how two scorers' maps are added or compared without choosing
+    anything on the test set."""
+    return (maps - train_maps.mean()) / train_maps.std()
+
+
 def report(name: str, maps: np.ndarray, test: Test) -> dict:
     """One map's figures on the test set: image AUROC of each map's maximum, pooled pixel
     AUROC and its split by negatives, pixel AUROC inside the defective tiles per type."""

@@ -128,7 +128,7 @@ def main() -> None:
 
     state = an.build(f_tr, grid, STAGES, pool)
     bank_te = state.distances(f_te, "exact")
-    bank_tr = state.loo_maps
+    bank_z = zscore(bank_te, state.loo_maps)
     x_tr = ((f_tr - state.mean) * state.scale).astype(np.float32)
     x_te = ((f_te - state.mean) * state.scale).astype(np.float32)
 
@@ -138,17 +138,15 @@ def main() -> None:
         for epoch, score in train(x_tr, sigma, epochs, grid):
             took = time.perf_counter() - t0
             sn_te, sn_tr = score(x_te), score(x_tr)
-            name = f"SimpleNet, sigma {sigma:g}, {epoch} epochs ({took:.0f} s)"
-            rows.append(report(name, sn_te, test))
-            rows.append(
-                report(
-                    f"sum: bank + {name.split(' (')[0]}",
-                    zscore(bank_te, bank_tr) + zscore(sn_te, sn_tr),
-                    test,
-                )
+            name = f"SimpleNet, sigma {sigma:g}, {epoch} epochs"
+            alone = report(f"{name} ({took:.0f} s)", sn_te, test)
+            both = report(f"sum: bank + {name}", bank_z + zscore(sn_te, sn_tr), test)
+            rows += [alone, both]
+            print(
+                f"  {alone['map']}: pixel AUROC {alone['pixel_auroc']:.4f}, "
+                f"sum {both['pixel_auroc']:.4f}",
+                flush=True,
             )
-            alone, both = rows[-2]["pixel_auroc"], rows[-1]["pixel_auroc"]
-            print(f"  {name}: pixel AUROC {alone:.4f}, sum {both:.4f}", flush=True)
     print(
         f"features {'+'.join(STAGES)} pool {pool}, grid {grid[0]}x{grid[1]}, "
         f"{x_tr.shape[-1]} channels, {x_tr.shape[0] * x_tr.shape[1]:,} good patches; "

@@ -37,7 +37,7 @@ import numpy as np
 os.environ.setdefault("EDGE_TL_QUIET", "1")
 
 from anomaly_sweep import lite0_224  # noqa: E402
-from magnetic_tile import patches, print_table, report, zscore  # noqa: E402
+from magnetic_tile import numbers, patches, print_table, report, zscore  # noqa: E402
 
 from edge_tl.runtime import anomaly as an  # noqa: E402
 from edge_tl.runtime import patchcore as pc  # noqa: E402
@@ -46,17 +46,6 @@ STAGES = ("features_s16",)
 MARGIN = 0.5  # SimpleNet's truncation threshold for both terms of the loss
 HIDDEN = 1024  # the discriminator's hidden width, as the reference
 BATCH = 2048  # patches per step
-
-
-def numbers(text: str, kind: type, name: str) -> list:
-    """``','``-joined positive numbers of ``kind``, ascending and distinct, or ``ValueError``."""
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{name} {text!r}: expected ','-joined numbers") from None
-    if not values or min(values) <= 0 or values != sorted(set(values)):
-        raise ValueError(f"{name} {text!r}: expected positive numbers, ascending, each once")
-    return values
 
 
 def train(x: np.ndarray, sigma: float, epochs: list[int], grid, seed: int = 0):

@@ -127,6 +127,17 @@ def patches(outputs: dict[str, np.ndarray], stages: tuple[str, ...], pool: int) 
     return pc.patch_features({s: outputs[s].astype(np.float32) for s in stages}, stages, pool)
 
 
+def numbers(text: str, kind: type, name: str) -> list:
+    """``','``-joined positive numbers of ``kind``, ascending and distinct, or ``ValueError``."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name} {text!r}: expected ','-joined numbers") from None
+    if not values or min(values) <= 0 or values != sorted(set(values)):
+        raise ValueError(f"{name} {text!r}: expected positive numbers, ascending, each once")
+    return values
+
+
 def zscore(maps: np.ndarray, train_maps: np.ndarray) -> np.ndarray:
     """``maps`` in units of the mean and standard deviation of the same scorer's maps of the
     good *training* tiles: how two scorers' maps are added or compared without choosing

@@ -81,8 +81,7 @@ def main() -> None:
     bank_tr = state.loo_maps
 
     t0 = time.perf_counter()
-    x_tr = (f_tr - state.mean) * state.scale
-    x_te = (f_te - state.mean) * state.scale
+    x_tr, x_te = state.standardise(f_tr), state.standardise(f_te)
     mu, inv = padim_fit(x_tr)
     pad_tr = pc.blur(padim_maps(x_tr, mu, inv, grid), state.sigma)
     pad_te = pc.blur(padim_maps(x_te, mu, inv, grid), state.sigma)

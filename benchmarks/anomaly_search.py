@@ -181,7 +181,7 @@ def choose_nprobe(train: np.ndarray) -> dict:
     training images and the other half as queries (no test image involved)."""
     half = len(train) // 2
     state = an.build(train[:half], (14, 14))
-    q = ((train[half:] - state.mean) * state.scale).reshape(-1, train.shape[-1])
+    q = state.standardise(train[half:]).reshape(-1, train.shape[-1])
     ex = np.sqrt(state.nearest(q, "exact"))
     index = bs.BankIndex(state.bank)
     out = {}
@@ -211,7 +211,7 @@ def latency(
             t2 = time.perf_counter()
             with pc.one_blas_thread():
                 f = pc.patch_features(o, state.stages, state.pool)
-                q = (f.reshape(-1, f.shape[-1]) - state.mean) * state.scale
+                q = state.standardise(f.reshape(-1, f.shape[-1]))
                 d = search(q)
                 t3 = time.perf_counter()
                 m = state.normalise(pc.blur(np.sqrt(d).reshape(1, *state.grid), state.sigma))
@@ -243,7 +243,7 @@ def engine_alone(model: Model, images: list[str], repeats: int) -> float:
 def accuracy(
     state: an.AnomalyState, search: Search, test_f: np.ndarray, test: Test, lo_hi
 ) -> tuple[dict, np.ndarray]:
-    q = (test_f.reshape(-1, test_f.shape[-1]) - state.mean) * state.scale
+    q = state.standardise(test_f.reshape(-1, test_f.shape[-1]))
     d2 = np.concatenate([search(q[i : i + 3136]) for i in range(0, len(q), 3136)])
     dist = pc.blur(np.sqrt(d2).reshape(len(test_f), *state.grid), state.sigma)
     maps = state.normalise(dist)

@@ -118,8 +118,7 @@ def main() -> None:
     state = an.build(f_tr, grid, STAGES, pool)
     bank_te = state.distances(f_te, "exact")
     bank_z = zscore(bank_te, state.loo_maps)
-    x_tr = ((f_tr - state.mean) * state.scale).astype(np.float32)
-    x_te = ((f_te - state.mean) * state.scale).astype(np.float32)
+    x_tr, x_te = state.standardise(f_tr), state.standardise(f_te)
 
     rows = [report("bank, raw distance (shipped build)", bank_te, test)]
     for sigma in sigmas:

@@ -72,7 +72,7 @@ def test_calibration_scores_each_good_image_without_its_own_patches():
     rng = np.random.default_rng(4)
     feats = rng.normal(size=(6, 9, 4)).astype(np.float32)
     state = an.build(feats, (3, 3), coreset=1.0, sigma=0.0)
-    x = (feats - state.mean) * state.scale
+    x = state.standardise(feats)
     for i in range(6):
         others = np.concatenate([x[j] for j in range(6) if j != i])
         others = others.astype(an.BANK_DTYPE).astype(np.float32)  # as the bank keeps them

@@ -161,10 +161,15 @@ class AnomalyState:
             cache["fast"] = bs.BankIndex(self.bank)
         return cache["fast"].nearest(q)
 
+    def standardise(self, feats: np.ndarray) -> np.ndarray:
+        """Raw patch features ``[..., C]`` -> the bank's space, ``float32[..., C]``: minus the
+        good patches' per-channel mean, times 1 / their standard deviation."""
+        return ((feats - self.mean) * self.scale).astype(np.float32, copy=False)
+
     def distances(self, feats: np.ndarray, search: str = DEFAULT_SEARCH) -> np.ndarray:
         """``float32[N, P, C]`` raw patch features -> smoothed distance maps ``[N, h, w]``."""
         n = len(feats)
-        q = (feats.reshape(-1, feats.shape[-1]) - self.mean) * self.scale
+        q = self.standardise(feats.reshape(-1, feats.shape[-1]))
         d = np.sqrt(self.nearest(q, search))
         return pc.blur(d.reshape(n, *self.grid), self.sigma)
 
@@ -439,7 +444,7 @@ def add(state: AnomalyState, feats: np.ndarray, digests: np.ndarray | None = Non
             "build a new bank with `edge-tl anomaly BUNDLE GOOD_DIR`"
         )
     ids = np.arange(len(state.loo_maps), len(state.loo_maps) + m)  # images 0..n-1: the bank's
-    x = ((feats - state.mean) * state.scale).astype(np.float32)
+    x = state.standardise(feats)
     flat = x.reshape(-1, c)
     k = max(1, round(state.coreset * len(flat)))
     new = pc.kcenter(flat, k, centres=state.bank)

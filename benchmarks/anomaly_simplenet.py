@@ -36,10 +36,9 @@ import numpy as np
 
 os.environ.setdefault("EDGE_TL_QUIET", "1")
 
-from anomaly_sweep import lite0_224  # noqa: E402
-from magnetic_tile import numbers, patches, print_table, report, zscore  # noqa: E402
+from anomaly_sweep import beside_bank  # noqa: E402
+from magnetic_tile import numbers, print_table, report, zscore  # noqa: E402
 
-from edge_tl.runtime import anomaly as an  # noqa: E402
 from edge_tl.runtime import patchcore as pc  # noqa: E402
 
 STAGES = ("features_s16",)
@@ -110,15 +109,9 @@ def main() -> None:
         epochs = numbers(args.epochs, int, "--epochs")
     except ValueError as e:
         p.error(str(e))
-    tr, te, test = lite0_224(args.work)
-    pool = an.DEFAULT_POOL
-    f_tr, f_te = patches(tr, STAGES, pool), patches(te, STAGES, pool)
-    grid = tuple(tr[STAGES[0]].shape[-2:])
-
-    state = an.build(f_tr, grid, STAGES, pool)
-    bank_te = state.distances(f_te, "exact")
+    b = beside_bank(args.work, STAGES)
+    test, grid, state, bank_te, x_tr, x_te = b.test, b.grid, b.state, b.bank_te, b.x_tr, b.x_te
     bank_z = zscore(bank_te, state.loo_maps)
-    x_tr, x_te = state.standardise(f_tr), state.standardise(f_te)
 
     rows = [report("bank, raw distance (shipped build)", bank_te, test)]
     for sigma in sigmas:
@@ -136,7 +129,7 @@ def main() -> None:
                 flush=True,
             )
     print(
-        f"features {'+'.join(STAGES)} pool {pool}, grid {grid[0]}x{grid[1]}, "
+        f"features {'+'.join(STAGES)} pool {state.pool}, grid {grid[0]}x{grid[1]}, "
         f"{x_tr.shape[-1]} channels, {x_tr.shape[0] * x_tr.shape[1]:,} good patches; "
         f"bank {state.bank_mb:.1f} MB"
     )

@@ -24,7 +24,7 @@ import numpy as np
 
 os.environ.setdefault("EDGE_TL_QUIET", "1")
 
-from magnetic_tile import DATA, Test  # noqa: E402
+from magnetic_tile import DATA, Test, patches  # noqa: E402
 
 from edge_tl.runtime import anomaly as an  # noqa: E402
 from edge_tl.runtime import evaluation as ev  # noqa: E402
@@ -68,6 +68,32 @@ def lite0_224(work: Path) -> tuple[dict, dict, Test]:
     test = Test()
     tr = outputs("efficientnet_lite0", 224, train_paths, work, "train")
     return tr, outputs("efficientnet_lite0", 224, test.paths, work, "test"), test
+
+
+@dataclasses.dataclass(frozen=True)
+class Beside:
+    """The shipped bank and the standardised patch features a second scorer is measured
+    beside (:func:`beside_bank`)."""
+
+    test: Test
+    grid: tuple[int, int]
+    state: an.AnomalyState  # the default build (k-centre 50 %, half precision)
+    bank_te: np.ndarray  # float32[N, h, w], its raw-distance test maps by exact search
+    x_tr: np.ndarray  # float32[n, h * w, C], good training patches in the bank's space
+    x_te: np.ndarray  # float32[N, h * w, C], test patches in the bank's space
+
+
+def beside_bank(work: Path, stages: tuple[str, ...] = ("features_s16",)) -> Beside:
+    """Lite0 at 224 (:func:`lite0_224`), 3 x 3 patches of ``stages``, the shipped bank
+    built from them and its test maps: where ``anomaly_simplenet.py`` and
+    ``anomaly_supervised.py`` start."""
+    tr, te, test = lite0_224(work)
+    pool = an.DEFAULT_POOL
+    f_tr, f_te = patches(tr, stages, pool), patches(te, stages, pool)
+    grid = tuple(tr[stages[0]].shape[-2:])
+    state = an.build(f_tr, grid, stages, pool)
+    bank_te = state.distances(f_te, "exact")
+    return Beside(test, grid, state, bank_te, state.standardise(f_tr), state.standardise(f_te))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,6 +47,9 @@ def test_wheel_ships_recipes_and_they_resolve_when_installed(tmp_path):
     # package list would install without it)
     source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "edge_tl").rglob("*.py")}
     assert source - set(names) == set(), sorted(source - set(names))
+    # and the device service's page (HTML, CSS, JS) with it
+    page = {p.relative_to(ROOT).as_posix() for p in (ROOT / "edge_tl/serve/static").iterdir()}
+    assert page and page - set(names) == set(), sorted(page - set(names))
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

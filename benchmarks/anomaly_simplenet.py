@@ -109,8 +109,7 @@ def main() -> None:
         epochs = numbers(args.epochs, int, "--epochs")
     except ValueError as e:
         p.error(str(e))
-    b = beside_bank(args.work, STAGES)
-    test, grid, state, bank_te, x_tr, x_te = b.test, b.grid, b.state, b.bank_te, b.x_tr, b.x_te
+    test, grid, state, bank_te, x_tr, x_te = beside_bank(args.work, STAGES)
     bank_z = zscore(bank_te, state.loo_maps)
 
     rows = [report("bank, raw distance (shipped build)", bank_te, test)]

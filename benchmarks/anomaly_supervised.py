@@ -67,6 +67,14 @@ def halves(defects: np.ndarray, seed: int = 0) -> np.ndarray:
     return fold
 
 
+def choose(idx: np.ndarray, defects: np.ndarray, n: int | None, rng) -> np.ndarray:
+    """``n`` of the tiles ``idx`` of each defect type, drawn at random; all of them if ``None``."""
+    if n is None:
+        return idx
+    types = defects[idx]
+    return np.concatenate([rng.permutation(idx[types == d])[:n] for d in sorted(set(types))])
+
+
 def fit_probe(good: np.ndarray, x: np.ndarray, frac: np.ndarray):
     """Logistic regression on good patches ``float32[G, C]`` (label 0) and labelled tiles'
     cells ``float32[M, C]`` with marked fractions ``frac[M]`` (soft labels as weights),
@@ -82,20 +90,16 @@ def fit_probe(good: np.ndarray, x: np.ndarray, frac: np.ndarray):
 
 
 def probe_maps(
-    x_tr: np.ndarray, x_te: np.ndarray, frac: np.ndarray, fold: np.ndarray, pick, grid, sigma
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Both halves' probes: smoothed test maps ``float32[N, h, w]`` (each tile scored by the
-    probe of the other half), the z-scored version against each probe's good training maps,
-    and the number of labelled tiles used. ``pick(indices) -> indices`` chooses the labelled
-    defective tiles of a half."""
+    x_tr: np.ndarray, x_te: np.ndarray, frac: np.ndarray, fold: np.ndarray, labelled, grid, sigma
+) -> tuple[np.ndarray, np.ndarray]:
+    """Both halves' probes, half ``k``'s trained on the test tiles ``labelled[k]``: smoothed
+    test maps ``float32[N, h, w]`` (each tile scored by the probe of the other half) and the
+    z-scored version against each probe's good training maps."""
     c = x_tr.shape[-1]
     good = x_tr.reshape(-1, c)
     maps = np.zeros((len(x_te), *grid), np.float32)
     zmaps = np.zeros_like(maps)
-    used = 0
-    for k in range(FOLDS):
-        lab = pick(np.flatnonzero((fold == k) & (frac.max(1) > 0)))
-        used += len(lab)
+    for k, lab in enumerate(labelled):
         probe = fit_probe(good, x_te[lab].reshape(-1, c), frac[lab].ravel())
 
         def score(x: np.ndarray, probe=probe) -> np.ndarray:
@@ -105,7 +109,7 @@ def probe_maps(
         out = fold != k
         maps[out] = score(x_te[out])
         zmaps[out] = zscore(maps[out], score(x_tr))
-    return maps, zmaps, used
+    return maps, zmaps
 
 
 def main() -> None:
@@ -122,25 +126,20 @@ def main() -> None:
         counts = numbers(args.per_type, int, "--per-type")
     except ValueError as e:
         p.error(str(e))
-    b = beside_bank(args.work, STAGES)
-    test, grid, state, bank_te, x_tr, x_te = b.test, b.grid, b.state, b.bank_te, b.x_tr, b.x_te
+    test, grid, state, bank_te, x_tr, x_te = beside_bank(args.work, STAGES)
     bank_z = zscore(bank_te, state.loo_maps)
     frac, fold = cell_fractions(test, grid), halves(test.defects, args.seed)
 
     rows = [report("bank, raw distance (shipped build)", bank_te, test)]
     for n in [*counts, None]:
         rng = np.random.default_rng(args.seed)
-
-        def pick(idx: np.ndarray, n=n, rng=rng) -> np.ndarray:
-            if n is None:
-                return idx
-            types = test.defects[idx]
-            return np.concatenate(
-                [rng.permutation(idx[types == d])[:n] for d in sorted(set(types))]
-            )
-
+        masked = frac.max(1) > 0
+        labelled = [
+            choose(np.flatnonzero((fold == k) & masked), test.defects, n, rng) for k in range(FOLDS)
+        ]
+        used = sum(len(lab) for lab in labelled)
         t0 = time.perf_counter()
-        maps, zmaps, used = probe_maps(x_tr, x_te, frac, fold, pick, grid, state.sigma)
+        maps, zmaps = probe_maps(x_tr, x_te, frac, fold, labelled, grid, state.sigma)
         label = "every" if n is None else f"{n} per type"
         took = time.perf_counter() - t0
         name = f"linear probe, {label} ({used} labelled tiles in all, {took:.0f} s)"

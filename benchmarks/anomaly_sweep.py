@@ -19,6 +19,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -70,8 +71,7 @@ def lite0_224(work: Path) -> tuple[dict, dict, Test]:
     return tr, outputs("efficientnet_lite0", 224, test.paths, work, "test"), test
 
 
-@dataclasses.dataclass(frozen=True)
-class Beside:
+class Beside(NamedTuple):
     """The shipped bank and the standardised patch features a second scorer is measured
     beside (:func:`beside_bank`)."""
 
